@@ -1,0 +1,67 @@
+"""Records, targets, data sources (tables, webdataset shards) and the ColoredDigits-Bias benchmark."""
+
+from ._colored_digits import (
+    BACKGROUND,
+    DEFAULT_RED_SHARE,
+    INK,
+    ColoredDigitsConfig,
+    concept_name,
+    explicit_prompt,
+    ink_hue,
+    neutral_prompt,
+    render,
+)
+from ._colored_digits import (
+    build as build_colored_digits,
+)
+from ._colored_digits import (
+    generate as generate_colored_digits,
+)
+from ._schema import (
+    AttributeSpec,
+    Record,
+    SchemaError,
+    Target,
+    TargetConfig,
+    group_counts,
+    validate_record,
+)
+from ._sources import (
+    ColumnMap,
+    ShardDataset,
+    TableDataset,
+    collate_records,
+    decode_image,
+    expand_shards,
+    load_table,
+    write_shards,
+)
+
+__all__ = [
+    "BACKGROUND",
+    "DEFAULT_RED_SHARE",
+    "INK",
+    "AttributeSpec",
+    "ColoredDigitsConfig",
+    "ColumnMap",
+    "Record",
+    "SchemaError",
+    "ShardDataset",
+    "TableDataset",
+    "Target",
+    "TargetConfig",
+    "build_colored_digits",
+    "collate_records",
+    "concept_name",
+    "decode_image",
+    "expand_shards",
+    "explicit_prompt",
+    "generate_colored_digits",
+    "group_counts",
+    "ink_hue",
+    "load_table",
+    "neutral_prompt",
+    "render",
+    "validate_record",
+    "write_shards",
+]

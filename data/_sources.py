@@ -1,0 +1,326 @@
+"""Data sources behind one interface: ``datasets`` tables and webdataset shards, both yielding Records.
+
+A table (saved with ``save_to_disk``, parquet, an imagefolder with ``metadata.jsonl``, or a hub id)
+is random-access; shards stream and are split across DDP ranks and DataLoader workers. Either way a
+corrupt image or shard member is skipped, counted and reported (a warning and ``.skipped``), never
+a crash mid-epoch.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ._schema import AttributeSpec, Record, SchemaError, validate_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ColumnMap:
+    """Which column of a table holds each field of the record.
+
+    Attributes:
+        image: Column with the image (a ``datasets.Image`` feature, bytes, or a file path).
+        prompt: Column with the caption.
+        concept: Column with the concept.
+        attributes: Attribute name to column; an attribute not named here is read from the column
+            of the same name.
+    """
+
+    image: str = "image"
+    prompt: str = "prompt"
+    concept: str = "concept"
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    def attribute_column(self, name: str) -> str:
+        return self.attributes.get(name, name)
+
+
+def decode_image(value: Any) -> Image.Image:
+    """Decode an image cell (PIL image, ``{"bytes", "path"}`` dict, raw bytes or a path) to RGB."""
+    if isinstance(value, Image.Image):
+        img = value
+    else:
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+        elif isinstance(value, (bytes, bytearray)):
+            data, path = bytes(value), None
+        else:
+            data, path = None, value
+        img = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+        img.load()  # force the decode here, where a corrupt file is caught
+    return img.convert("RGB")
+
+
+def load_table(
+    path: str,
+    *,
+    format: Literal["auto", "disk", "parquet", "imagefolder", "hub"] = "auto",
+    split: str = "train",
+):
+    """Load a ``datasets.Dataset`` from disk, parquet, an imagefolder or the hub.
+
+    Args:
+        path: A folder written by ``save_to_disk``, a parquet file, folder or glob, an imagefolder
+            with ``metadata.jsonl``/``metadata.csv``, or a hub id (needs a network).
+        format: How to read ``path``; ``"auto"`` decides from what is there.
+        split: Which split to take where the source holds several.
+    """
+    import datasets
+
+    p = Path(path)
+    if format == "auto":
+        if p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
+            format = "disk"
+        elif str(path).endswith(".parquet") or (p.is_dir() and any(p.glob("*.parquet"))):
+            format = "parquet"
+        elif p.is_dir() and ((p / "metadata.jsonl").exists() or (p / "metadata.csv").exists()):
+            format = "imagefolder"
+        elif p.exists():
+            raise SchemaError(
+                f"cannot tell how to read {path!r}: expected a save_to_disk folder, parquet, or an "
+                "imagefolder with metadata.jsonl"
+            )
+        else:
+            format = "hub"
+    if format == "disk":
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise SchemaError(f"split {split!r} not in {path!r}; splits: {list(ds)}")
+            ds = ds[split]
+        return ds
+    if format == "parquet":
+        files = sorted(glob.glob(str(p / "*.parquet"))) if p.is_dir() else sorted(glob.glob(path))
+        if not files:
+            raise SchemaError(f"no parquet files at {path!r}")
+        return datasets.load_dataset("parquet", data_files=files, split="train")
+    if format == "imagefolder":
+        return datasets.load_dataset("imagefolder", data_dir=str(p), split=split)
+    return datasets.load_dataset(path, split=split)
+
+
+class TableDataset(Dataset):
+    """A map-style dataset of Records read from a ``datasets`` table.
+
+    Args:
+        table: The table (see :func:`load_table`), or a path given to it.
+        spec: The attributes and their declared classes.
+        columns: Which column holds each field.
+        format: Passed to :func:`load_table` when ``table`` is a path.
+        split: Passed to :func:`load_table` when ``table`` is a path.
+
+    Raises:
+        SchemaError: a mapped column is missing, or a label is not a declared class.
+    """
+
+    def __init__(
+        self,
+        table: Any,
+        spec: AttributeSpec,
+        columns: ColumnMap | None = None,
+        *,
+        format: Literal["auto", "disk", "parquet", "imagefolder", "hub"] = "auto",
+        split: str = "train",
+    ) -> None:
+        import datasets
+
+        if isinstance(table, (str, os.PathLike)):
+            table = load_table(str(table), format=format, split=split)
+        self.spec = spec
+        self.columns = columns or ColumnMap()
+        needed = {
+            "image": self.columns.image,
+            "prompt": self.columns.prompt,
+            "concept": self.columns.concept,
+        }
+        needed.update({f"attribute {a!r}": self.columns.attribute_column(a) for a in spec.names})
+        for role, col in needed.items():
+            if col not in table.column_names:
+                raise SchemaError(
+                    f"missing {role} column {col!r}; the table has columns {table.column_names}"
+                )
+        # Decode images ourselves so a corrupt one is caught per record, not per batch.
+        if isinstance(table.features.get(self.columns.image), datasets.Image):
+            table = table.cast_column(self.columns.image, datasets.Image(decode=False))
+        self.table = table
+        # Validate every label up front (cheap: text columns only) so a bad class fails at load.
+        self.concepts: list[str] = [str(c) for c in table[self.columns.concept]]
+        self.labels: dict[str, list[str | None]] = {}
+        for a in spec.names:
+            col = table[self.columns.attribute_column(a)]
+            self.labels[a] = [spec.check_label(a, v) for v in col]
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def attributes(self, i: int) -> dict[str, str | None]:
+        return {a: self.labels[a][i] for a in self.spec.names}
+
+    def __getitem__(self, i: int) -> Record | None:
+        row = self.table[int(i)]
+        try:
+            image = decode_image(row[self.columns.image])
+        except Exception as exc:  # noqa: BLE001 - any decode failure means a corrupt image
+            self.skipped += 1
+            log.warning("skipping record %d: corrupt image (%s); %d skipped so far", i, exc, self.skipped)
+            return None
+        return validate_record(
+            Record(
+                image=image,
+                prompt=str(row[self.columns.prompt]),
+                concept=self.concepts[int(i)],
+                attributes=self.attributes(int(i)),
+            ),
+            self.spec,
+        )
+
+
+def expand_shards(urls: str | Sequence[str]) -> list[str]:
+    """Expand a brace pattern (``shard-{000..003}.tar``), a glob, or a list of them."""
+    import braceexpand
+
+    out: list[str] = []
+    for u in [urls] if isinstance(urls, str) else urls:
+        for e in braceexpand.braceexpand(str(u)):
+            hits = sorted(glob.glob(e)) if any(ch in e for ch in "*?[") else [e]
+            out.extend(hits)
+    if not out:
+        raise SchemaError(f"no shards match {urls!r}")
+    return out
+
+
+def record_from_sample(sample: dict[str, Any], spec: AttributeSpec) -> Record:
+    """Turn a webdataset sample (``png``/``jpg`` + ``json``) into a validated Record."""
+    key = sample.get("__key__")
+    image_bytes = next((sample[k] for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
+    if image_bytes is None:
+        raise SchemaError(f"shard member {key!r} has no png/jpg image")
+    if "json" not in sample:
+        raise SchemaError(f"shard member {key!r} has no json metadata")
+    meta = json.loads(sample["json"])
+    for f in ("prompt", "concept"):
+        if f not in meta:
+            raise SchemaError(f"shard member {key!r}: json has no {f!r} field")
+    attrs = meta.get("attributes", {})
+    return validate_record(
+        Record(
+            image=decode_image(image_bytes),
+            prompt=str(meta["prompt"]),
+            concept=str(meta["concept"]),
+            attributes={a: spec.check_label(a, attrs.get(a)) for a in spec.names},
+        ),
+        spec,
+    )
+
+
+def rank_info() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else from the environment."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class ShardDataset(IterableDataset):
+    """Records streamed from webdataset tar shards, split across DDP ranks and DataLoader workers.
+
+    Shards are dealt round-robin: rank ``r`` of ``W`` takes shards ``r, r+W, ...`` and its worker
+    ``w`` of ``N`` takes every ``N``-th of those, so each record is read exactly once per epoch
+    across the job. Members that fail to read or decode are skipped and counted in ``skipped``
+    (per process) and logged.
+
+    Args:
+        urls: Shard paths: a list, a glob or a brace pattern.
+        spec: The attributes and their declared classes.
+        rank: This process's rank; default from torch.distributed or ``RANK``.
+        world_size: Number of ranks; default from torch.distributed or ``WORLD_SIZE``.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        spec: AttributeSpec,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        self.urls = expand_shards(urls)
+        self.spec = spec
+        self._rank, self._world = rank, world_size
+        self.skipped = 0
+
+    def shards_for(self, rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
+        """The shards one worker of one rank reads."""
+        slots = world_size * num_workers
+        if len(self.urls) < slots:
+            raise SchemaError(
+                f"{len(self.urls)} shards cannot feed {world_size} ranks x {num_workers} workers: "
+                "write at least one shard per rank and worker"
+            )
+        return self.urls[rank::world_size][worker::num_workers]
+
+    def _skip(self, exc: Exception) -> bool:
+        self.skipped += 1
+        log.warning("skipping corrupt shard member (%s); %d skipped so far", exc, self.skipped)
+        return True
+
+    def __iter__(self) -> Iterator[Record]:
+        import webdataset as wds
+
+        rank, world = rank_info()
+        rank = self._rank if self._rank is not None else rank
+        world = self._world if self._world is not None else world
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        shards = self.shards_for(rank, world, worker, num_workers)
+        stream = wds.tarfile_to_samples(handler=self._skip)(iter([{"url": u} for u in shards]))
+        for sample in stream:
+            try:
+                yield record_from_sample(sample, self.spec)
+            except SchemaError as exc:
+                # A label outside the declared classes is a data error, not a corrupt member.
+                if "not declared" in str(exc):
+                    raise
+                self._skip(exc)
+            except Exception as exc:  # noqa: BLE001 - undecodable image or json
+                self._skip(exc)
+
+
+def write_shards(
+    records: Sequence[Record] | Iterator[Record],
+    out_dir: str | os.PathLike,
+    *,
+    per_shard: int = 1000,
+    prefix: str = "shard",
+) -> list[str]:
+    """Write records as webdataset tar shards (``KEY.png`` + ``KEY.json``); returns the paths."""
+    import webdataset as wds
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pattern = str(out / f"{prefix}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
+        for i, r in enumerate(records):
+            buf = io.BytesIO()
+            r.image.save(buf, format="PNG")
+            meta = {"prompt": r.prompt, "concept": r.concept, "attributes": r.attributes}
+            sink.write({"__key__": f"{i:08d}", "png": buf.getvalue(), "json": json.dumps(meta)})
+    return sorted(str(p) for p in out.glob(f"{prefix}-*.tar"))
+
+
+def collate_records(batch: list[Record | None]) -> list[Record]:
+    """A DataLoader ``collate_fn`` that drops the ``None`` left by a skipped corrupt record."""
+    return [r for r in batch if r is not None]

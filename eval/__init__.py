@@ -1,0 +1,53 @@
+"""Judges, fairness / fidelity / quality metrics, and (later) the comparison harness."""
+
+from ._judges import (
+    UNDETERMINED,
+    HueJudge,
+    Judges,
+    JudgeTrainConfig,
+    SmallCNN,
+    images_from_table,
+    load_judges,
+    perturb,
+    rgb_to_hue_chroma,
+    train_judges,
+)
+from ._metrics import (
+    KL_EPS,
+    ConceptResult,
+    bootstrap_ci,
+    concept_metrics,
+    deviation,
+    fairness_discrepancy,
+    fidelity,
+    frechet_distance,
+    kl_divergence,
+    noise_floor,
+    proportions,
+    shen_bias,
+)
+
+__all__ = [
+    "KL_EPS",
+    "UNDETERMINED",
+    "ConceptResult",
+    "HueJudge",
+    "JudgeTrainConfig",
+    "Judges",
+    "SmallCNN",
+    "bootstrap_ci",
+    "concept_metrics",
+    "deviation",
+    "fairness_discrepancy",
+    "fidelity",
+    "frechet_distance",
+    "images_from_table",
+    "kl_divergence",
+    "load_judges",
+    "noise_floor",
+    "perturb",
+    "proportions",
+    "rgb_to_hue_chroma",
+    "shen_bias",
+    "train_judges",
+]

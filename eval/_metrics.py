@@ -1,0 +1,204 @@
+"""Fairness, fidelity and quality metrics (DESIGN §6), keyword-only and sklearn-shaped.
+
+Conventions: ``p_hat`` and ``target`` are proportion vectors over the same classes; judged labels
+are class indices with ``-1`` for images the judge cannot place (counted, reported, and left out of
+``p_hat``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+KL_EPS = 1e-3
+"""Smoothing for :func:`kl_divergence`: p and q are mixed with ``eps`` of the uniform vector."""
+
+
+def _vec(x: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
+    v = np.asarray(x, dtype=np.float64)
+    if v.ndim != 1 or v.size < 2:
+        raise ValueError(f"{name} must be a 1-D vector over at least two classes, got shape {v.shape}")
+    return v
+
+
+def _pair(p_hat, target) -> tuple[np.ndarray, np.ndarray]:
+    p, q = _vec(p_hat, "p_hat"), _vec(target, "target")
+    if p.shape != q.shape:
+        raise ValueError(f"p_hat has {p.size} classes but target has {q.size}")
+    return p, q
+
+
+def proportions(labels: Sequence[int] | np.ndarray, *, num_classes: int) -> tuple[np.ndarray, int, int]:
+    """Judged class proportions.
+
+    Returns:
+        ``(p_hat, n, undetermined)``: proportions over the placed images, how many were placed,
+        how many were not (label -1). ``p_hat`` is all-NaN when no image was placed.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    if np.any((y < -1) | (y >= num_classes)):
+        raise ValueError(f"labels must be in [-1, {num_classes - 1}], got {sorted(set(y.tolist()))}")
+    placed = y[y >= 0]
+    counts = np.bincount(placed, minlength=num_classes).astype(np.float64)
+    n = int(placed.size)
+    p = counts / n if n else np.full(num_classes, np.nan)
+    return p, n, int(y.size - n)
+
+
+def deviation(p_hat, *, target) -> float:
+    """``max_k |p̂_k − q_k|``: the largest gap of any class from its target share."""
+    p, q = _pair(p_hat, target)
+    return float(np.max(np.abs(p - q)))
+
+
+def fairness_discrepancy(p_hat, *, target) -> float:
+    """``||p̂ − q||_2`` (Choi et al., 2020)."""
+    p, q = _pair(p_hat, target)
+    return float(np.linalg.norm(p - q))
+
+
+def kl_divergence(p_hat, *, target, eps: float = KL_EPS) -> float:
+    """``KL(p̃ || q̃)`` in nats, where ``x̃ = (1 − eps)·x + eps/K`` keeps empty classes finite."""
+    p, q = _pair(p_hat, target)
+    k = p.size
+    p = (1 - eps) * p + eps / k
+    q = (1 - eps) * q + eps / k
+    return float(np.sum(p * np.log(p / q)))
+
+
+def shen_bias(p_hat) -> float:
+    """Shen et al.'s bias against a uniform target: ``mean_{i<j} |p̂_i − p̂_j|`` (2|p̂ − ½| for K=2)."""
+    p = _vec(p_hat, "p_hat")
+    gaps = [abs(p[i] - p[j]) for i in range(p.size) for j in range(i + 1, p.size)]
+    return float(np.mean(gaps))
+
+
+def noise_floor(target, *, n: int) -> np.ndarray:
+    """Per class, the sampling standard deviation ``sqrt(q(1−q)/N)`` of a perfectly fair model."""
+    q = _vec(target, "target")
+    return np.sqrt(q * (1 - q) / max(n, 1))
+
+
+def bootstrap_ci(
+    labels: Sequence[int] | np.ndarray,
+    metric: Callable[[np.ndarray], float],
+    *,
+    num_classes: int,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``metric(p_hat)`` over resamples of the placed labels."""
+    y = np.asarray(labels, dtype=np.int64)
+    y = y[y >= 0]
+    if y.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, y.size, size=(n_boot, y.size))
+    counts = np.stack([np.bincount(row, minlength=num_classes) for row in y[idx]])
+    values = np.array([metric(c / y.size) for c in counts])
+    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def fidelity(predicted: Sequence[int] | np.ndarray, *, expected: Sequence[int] | np.ndarray) -> float:
+    """Share of images whose concept the judge recognises (prediction equals the prompted concept)."""
+    a, b = np.asarray(predicted), np.asarray(expected)
+    if a.shape != b.shape:
+        raise ValueError(f"predicted has shape {a.shape} but expected has {b.shape}")
+    return float(np.mean(a == b)) if a.size else math.nan
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula).
+
+    ``||μ_a − μ_b||² + Tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2})``.
+    """
+    from scipy import linalg
+
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets must be (N, D) with equal D, got {a.shape} and {b.shape}")
+    if min(len(a), len(b)) < 2:
+        raise ValueError("each feature set needs at least two samples")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    if not np.isfinite(covmean).all():
+        # Near-singular product: regularise as the reference FID code does.
+        off = np.eye(s_a.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s_a + off) @ (s_b + off))
+    covmean = np.real(covmean)
+    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
+
+
+@dataclass
+class ConceptResult:
+    """The fairness metrics of one concept, with 95% bootstrap intervals.
+
+    Attributes:
+        concept: The concept the images were prompted for.
+        p_hat: Judged class shares over the placed images.
+        target: The target shares.
+        n: Images the judge placed.
+        undetermined: Images the judge could not place.
+        dev, fd, kl, bias: The metrics of :func:`deviation`, :func:`fairness_discrepancy`,
+            :func:`kl_divergence`, :func:`shen_bias`.
+        dev_ci, fd_ci, kl_ci, bias_ci: Their 95% bootstrap intervals.
+        noise_floor: Per class, ``sqrt(q(1−q)/n)``.
+    """
+
+    concept: str
+    p_hat: list[float]
+    target: list[float]
+    n: int
+    undetermined: int
+    dev: float
+    fd: float
+    kl: float
+    bias: float
+    dev_ci: tuple[float, float]
+    fd_ci: tuple[float, float]
+    kl_ci: tuple[float, float]
+    bias_ci: tuple[float, float]
+    noise_floor: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def concept_metrics(
+    labels: Sequence[int] | np.ndarray,
+    *,
+    target: Sequence[float],
+    concept: str = "",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> ConceptResult:
+    """All fairness metrics of one concept's judged labels against its target."""
+    k = len(target)
+    p, n, und = proportions(labels, num_classes=k)
+    fns = {
+        "dev": lambda x: deviation(x, target=target),
+        "fd": lambda x: fairness_discrepancy(x, target=target),
+        "kl": lambda x: kl_divergence(x, target=target),
+        "bias": shen_bias,
+    }
+    values = {name: (fn(p) if n else math.nan) for name, fn in fns.items()}
+    cis = {
+        f"{name}_ci": bootstrap_ci(labels, fn, num_classes=k, n_boot=n_boot, seed=seed)
+        for name, fn in fns.items()
+    }
+    return ConceptResult(
+        concept=concept,
+        p_hat=p.tolist(),
+        target=list(map(float, target)),
+        n=n,
+        undetermined=und,
+        noise_floor=noise_floor(target, n=n).tolist(),
+        **values,
+        **cis,
+    )

@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    """The default ColoredDigits-Bias, rendered once per session (~4 s)."""
+    from fairtune.data import ColoredDigitsConfig, build_colored_digits
+
+    out = tmp_path_factory.mktemp("colored_digits")
+    build_colored_digits(ColoredDigitsConfig(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def judges_dir(digits_dir, tmp_path_factory):
+    """Judges trained with the shipped recipe (~25 s)."""
+    from fairtune.eval import train_judges
+
+    out = tmp_path_factory.mktemp("judges")
+    train_judges(digits_dir, out)
+    return out

@@ -1,0 +1,81 @@
+import pytest
+from fairtune.data import AttributeSpec, Record, SchemaError, Target, TargetConfig, validate_record
+from PIL import Image
+
+SPEC = AttributeSpec({"color": ["red", "blue"], "background": ["light", "dark"]})
+
+
+def test_spec_rejects_single_class_and_duplicates():
+    with pytest.raises(SchemaError, match="'color' needs at least two classes"):
+        AttributeSpec({"color": ["red"]})
+    with pytest.raises(SchemaError, match="declares a class twice"):
+        AttributeSpec({"color": ["red", "red"]})
+
+
+def test_undeclared_class_is_named():
+    rec = Record(Image.new("RGB", (4, 4)), "p", "digit 1", {"color": "green", "background": None})
+    with pytest.raises(SchemaError, match="'color' has class 'green', which is not declared"):
+        validate_record(rec, SPEC)
+
+
+def test_record_normalises_unknown_and_mode():
+    rec = Record(Image.new("L", (4, 4)), "p", "digit 1", {"color": "red"})
+    out = validate_record(rec, SPEC)
+    assert out.attributes == {"color": "red", "background": None}
+    assert out.image.mode == "RGB"
+
+
+def test_record_rejects_undeclared_attribute_and_empty_concept():
+    with pytest.raises(SchemaError, match="undeclared attributes \\['age'\\]"):
+        validate_record(Record(Image.new("RGB", (2, 2)), "p", "c", {"age": "old"}), SPEC)
+    with pytest.raises(SchemaError, match="concept must be a non-empty string"):
+        validate_record(Record(Image.new("RGB", (2, 2)), "p", "", {}), SPEC)
+
+
+def test_uniform_and_explicit_targets():
+    t = Target(TargetConfig(attributes=["color"]), SPEC)
+    assert t.groups == ["red", "blue"] and t.proportions() == [0.5, 0.5]
+    t = Target(TargetConfig(attributes=["color"], proportions={"red": 0.3, "blue": 0.7}), SPEC)
+    assert t.proportions("digit 3") == [0.3, 0.7]
+
+
+def test_joint_target_groups_and_lookup():
+    t = Target(TargetConfig(attributes=["color", "background"]), SPEC)
+    assert t.groups == ["red+light", "red+dark", "blue+light", "blue+dark"]
+    assert t.proportions() == [0.25] * 4
+    assert t.group_of({"color": "blue", "background": "dark"}) == 3
+    assert t.group_of({"color": "blue", "background": None}) == -1
+
+
+def test_proportions_must_sum_to_one():
+    with pytest.raises(SchemaError, match="sum to 0.9"):
+        Target(TargetConfig(proportions={"red": 0.3, "blue": 0.6}), SPEC)
+    # within 1e-6 is accepted
+    Target(TargetConfig(proportions={"red": 0.3, "blue": 0.7000004}), SPEC)
+
+
+def test_unknown_group_and_attribute_named():
+    with pytest.raises(SchemaError, match="groups \\['green'\\] that do not exist"):
+        Target(TargetConfig(proportions={"green": 1.0}), SPEC)
+    with pytest.raises(SchemaError, match="target attribute 'gender' is not declared"):
+        Target(TargetConfig(attributes=["gender"]), SPEC)
+
+
+def test_per_concept_override():
+    cfg = TargetConfig(per_concept={"digit 0": {"red": 0.2, "blue": 0.8}})
+    t = Target(cfg, SPEC)
+    assert t.proportions("digit 0") == [0.2, 0.8]
+    assert t.proportions("digit 1") == [0.5, 0.5]
+    with pytest.raises(SchemaError, match="per_concept\\['digit 0'\\] proportions sum"):
+        Target(TargetConfig(per_concept={"digit 0": {"red": 0.9}}), SPEC)
+
+
+def test_empty_target_group_names_concept_and_group():
+    t = Target(TargetConfig(), SPEC)
+    concepts = ["digit 0", "digit 0", "digit 1", "digit 1"]
+    groups = [0, 1, 0, -1]
+    with pytest.raises(SchemaError, match="group 'blue' .* concept 'digit 1'"):
+        t.check_coverage(concepts, groups)
+    # a group with target 0 may be absent
+    t0 = Target(TargetConfig(per_concept={"digit 1": {"red": 1.0}}), SPEC)
+    t0.check_coverage(concepts, groups)
