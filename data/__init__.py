@@ -17,6 +17,8 @@ from ._colored_digits import (
 from ._colored_digits import (
     generate as generate_colored_digits,
 )
+from ._datamodule import AttributeDataModule, SourceConfig, to_pixels
+from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
 from ._schema import (
     AttributeSpec,
     Record,
@@ -38,6 +40,12 @@ from ._sources import (
 )
 
 __all__ = [
+    "AttributeDataModule",
+    "RebalanceConfig",
+    "SourceConfig",
+    "WeightedEpochSampler",
+    "rebalance_weights",
+    "to_pixels",
     "BACKGROUND",
     "DEFAULT_RED_SHARE",
     "INK",

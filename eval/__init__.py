@@ -1,5 +1,11 @@
 """Judges, fairness / fidelity / quality metrics, and (later) the comparison harness."""
 
+from ._harness import (
+    GenerationConfig,
+    evaluate_backbone_on_digits,
+    generate,
+    judge_digit_images,
+)
 from ._judges import (
     UNDETERMINED,
     HueJudge,
@@ -28,6 +34,10 @@ from ._metrics import (
 )
 
 __all__ = [
+    "GenerationConfig",
+    "evaluate_backbone_on_digits",
+    "generate",
+    "judge_digit_images",
     "KL_EPS",
     "UNDETERMINED",
     "ConceptResult",

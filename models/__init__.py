@@ -1,1 +1,41 @@
-"""fairtune.models."""
+"""Backbones (tiny text-to-image, Stable Diffusion), LoRA attach/export."""
+
+from ._backbones import (
+    BACKBONE_FILE,
+    Backbone,
+    BackboneConfig,
+    TinyTextToImagePipeline,
+    TinyUNetConfig,
+    default_text_encoder,
+)
+from ._lora import (
+    ATTENTION,
+    ATTENTION_AND_CONVS,
+    LORA_WEIGHT_NAME,
+    LoraConfig,
+    attach_lora,
+    load_adapter,
+    lora_state_dict,
+    save_lora,
+)
+
+__all__ = [
+    "ATTENTION",
+    "ATTENTION_AND_CONVS",
+    "BACKBONE_FILE",
+    "LORA_WEIGHT_NAME",
+    "Backbone",
+    "BackboneConfig",
+    "LoraConfig",
+    "TinyTextToImagePipeline",
+    "TinyUNetConfig",
+    "attach_lora",
+    "load_adapter",
+    "default_text_encoder",
+    "lora_state_dict",
+    "save_lora",
+]
+
+from ._tiny_sd import make_tiny_stable_diffusion  # noqa: E402
+
+__all__ += ["make_tiny_stable_diffusion"]

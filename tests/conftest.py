@@ -28,3 +28,11 @@ def judges_dir(digits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("judges")
     train_judges(digits_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    """A tiny Stable Diffusion folder in diffusers' layout, assembled from config."""
+    from fairtune.models import make_tiny_stable_diffusion
+
+    return make_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd") / "sd")

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+
 from fairtune.data import (
     DEFAULT_RED_SHARE,
     ColoredDigitsConfig,

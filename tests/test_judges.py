@@ -3,9 +3,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.datasets import load_digits
+
 from fairtune.data import BACKGROUND, INK, load_table, render
 from fairtune.eval import UNDETERMINED, HueJudge, images_from_table, load_judges, perturb
-from sklearn.datasets import load_digits
 
 
 def _renders(colors, background_rgb, seed=0, noise=0.0):

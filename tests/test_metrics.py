@@ -2,6 +2,8 @@ import math
 
 import numpy as np
 import pytest
+from scipy import linalg, stats
+
 from fairtune.eval import (
     KL_EPS,
     bootstrap_ci,
@@ -15,7 +17,6 @@ from fairtune.eval import (
     proportions,
     shen_bias,
 )
-from scipy import linalg, stats
 
 
 def test_proportions_count_undetermined():

@@ -1,6 +1,7 @@
 import pytest
-from fairtune.data import AttributeSpec, Record, SchemaError, Target, TargetConfig, validate_record
 from PIL import Image
+
+from fairtune.data import AttributeSpec, Record, SchemaError, Target, TargetConfig, validate_record
 
 SPEC = AttributeSpec({"color": ["red", "blue"], "background": ["light", "dark"]})
 

@@ -5,6 +5,9 @@ import tarfile
 import datasets
 import numpy as np
 import pytest
+from PIL import Image
+from torch.utils.data import DataLoader
+
 from fairtune.data import (
     AttributeSpec,
     ColumnMap,
@@ -15,8 +18,6 @@ from fairtune.data import (
     collate_records,
     write_shards,
 )
-from PIL import Image
-from torch.utils.data import DataLoader
 
 SPEC = AttributeSpec({"color": ["red", "blue"]})
 

@@ -2,6 +2,7 @@
 
 ``fairtune data colored-digits --out DIR``   render the ColoredDigits-Bias benchmark data
 ``fairtune judges train --data DIR --out DIR`` train and measure the benchmark's judges
+``fairtune fit --config A.yaml [--config B.yaml]`` train (LightningCLI; resumes a killed run)
 
 Every entry point is a typed function whose signature is its option schema (jsonargparse), so a
 misspelt option or a value of the wrong type fails before any work with a message naming it.
@@ -93,7 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fairtune`` console script."""
     from jsonargparse import CLI
 
+    from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("fit", "validate"):
+        from ._cli_fit import run_fit_cli
+
+        run_fit_cli(None if from_shell else argv)
+        return
     CLI(
         {"data": {"colored-digits": colored_digits}, "judges": {"train": judges_train}},
         args=argv,

@@ -1,0 +1,61 @@
+"""Shared set-up of the ColoredDigits-Bias benchmarks: data, judges, references, result files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DATA = ROOT / "runs" / "data" / "colored-digits-16"
+JUDGES = ROOT / "runs" / "judges" / "colored-digits-16"
+DATA_SKEW = [0.95, 0.90, 0.85, 0.80, 0.75, 0.25, 0.20, 0.15, 0.10, 0.05]
+
+
+def ensure_assets():
+    """Render the benchmark data and train the judges if they are not there yet; return the judges."""
+    from fairtune.data import ColoredDigitsConfig, build_colored_digits
+    from fairtune.eval import load_judges, train_judges
+
+    torch.set_num_threads(2)
+    if not (DATA / "stats.json").exists():
+        build_colored_digits(ColoredDigitsConfig(), DATA)
+    if not (JUDGES / "judges.json").exists():
+        train_judges(DATA, JUDGES)
+    return load_judges(JUDGES)
+
+
+def reference_images(n: int = 2000, seed: int = 0) -> torch.Tensor:
+    """Held-out real renders (never trained on) for the Fréchet distance."""
+    from fairtune.data import load_table
+    from fairtune.eval import images_from_table
+
+    held = load_table(str(DATA / "table"), split="heldout")
+    idx = np.random.default_rng(seed).permutation(len(held))[:n]
+    return images_from_table(held.select(sorted(idx.tolist())))
+
+
+def write_results(name: str, payload: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {RESULTS / name}.json and .md", file=sys.stderr)
+
+
+def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
+    """A PNG grid (nearest-neighbour upscaled 3x) to look at samples."""
+    from PIL import Image
+
+    x = (images.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
+    n, h, w, _ = x.shape
+    rows = -(-n // per_row)
+    grid = np.full((rows * h, per_row * w, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = x[i]
+    Image.fromarray(grid).resize((per_row * w * 3, rows * h * 3), Image.NEAREST).save(path)

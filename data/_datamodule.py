@@ -1,0 +1,166 @@
+"""The Lightning DataModule: a table of records, optionally rebalanced toward the target mix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
+from ._schema import AttributeSpec, Record, SchemaError, Target, TargetConfig
+from ._sources import ColumnMap, TableDataset
+
+
+@dataclass
+class SourceConfig:
+    """Where the training records come from.
+
+    Attributes:
+        path: A ``save_to_disk`` folder, parquet file/folder/glob, imagefolder with metadata, or hub id.
+        format: How to read ``path`` (``auto`` decides from what is there).
+        split: Split to read.
+        columns: Which column holds each record field.
+    """
+
+    path: str = "runs/data/colored-digits/table"
+    format: Literal["auto", "disk", "parquet", "imagefolder", "hub"] = "auto"
+    split: str = "train"
+    columns: ColumnMap = field(default_factory=ColumnMap)
+
+
+def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """PIL image to a ``(3, size, size)`` tensor in [-1, 1] (resized with bicubic where needed)."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+class _Subset(Dataset):
+    def __init__(self, base: TableDataset, indices: list[int]):
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Record | None:
+        return self.base[self.indices[i]]
+
+
+class AttributeDataModule(L.LightningDataModule):
+    """Training batches of records: pixels, prompts, concepts and target-group labels.
+
+    Each epoch draws ``samples_per_epoch`` records with replacement, as a function of (seed, epoch):
+    uniformly without the lever, or rebalanced toward ``target`` within each concept with it. Under
+    DDP each rank draws its own part (set ``trainer.use_distributed_sampler: false``).
+
+    Args:
+        source: Where the records come from.
+        attributes: Attribute name to declared classes.
+        target: The target mix (used by the sampler and by the other levers).
+        rebalance: The rebalanced sampler (lever 1); ``None`` draws uniformly.
+        concepts: Train only on these concepts (e.g. digits 0-7); ``None`` keeps all.
+        image_size: Side the images are resized to; ``None`` keeps the source's size.
+        batch_size: Batch size per device.
+        samples_per_epoch: Draws per epoch across all ranks; checkpoints are written at epoch ends.
+        num_workers: DataLoader workers.
+        seed: Seed of the draw.
+    """
+
+    def __init__(
+        self,
+        source: SourceConfig | None = None,
+        attributes: dict[str, list[str]] | None = None,
+        target: TargetConfig | None = None,
+        rebalance: RebalanceConfig | None = None,
+        concepts: list[str] | None = None,
+        image_size: int | None = None,
+        batch_size: int = 64,
+        samples_per_epoch: int = 3200,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.source = source or SourceConfig()
+        self.spec = AttributeSpec(attributes or {"color": ["red", "blue"]})
+        self.target = Target(target or TargetConfig(), self.spec)
+        self.rebalance = rebalance
+        self.concepts = concepts
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.samples_per_epoch = samples_per_epoch
+        self.num_workers = num_workers
+        self.seed = seed
+        self.dataset: _Subset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        table = TableDataset(
+            self.source.path,
+            self.spec,
+            self.source.columns,
+            format=self.source.format,
+            split=self.source.split,
+        )
+        keep = [i for i, c in enumerate(table.concepts) if self.concepts is None or c in self.concepts]
+        if not keep:
+            raise SchemaError(
+                f"no record has a concept in data.concepts={self.concepts}; "
+                f"the table's concepts: {sorted(set(table.concepts))}"
+            )
+        missing = set(self.concepts or []) - {table.concepts[i] for i in keep}
+        if missing:
+            raise SchemaError(f"data.concepts names concepts with no record: {sorted(missing)}")
+        self.table = table
+        self.dataset = _Subset(table, keep)
+        self.record_concepts = [table.concepts[i] for i in keep]
+        self.record_groups = [self.target.group_of(table.attributes(i)) for i in keep]
+        if self.rebalance is not None:
+            self.weights = rebalance_weights(
+                self.record_concepts, self.record_groups, self.target, unknown=self.rebalance.unknown
+            )
+        else:
+            self.weights = torch.ones(len(keep), dtype=torch.float64)
+        if self.image_size is None:
+            first = next(r for r in (self.dataset[i] for i in range(len(self.dataset))) if r is not None)
+            self.image_size = first.image.size[0]
+
+    def collate(self, batch: list[Record | None]) -> dict:
+        records = [r for r in batch if r is not None]  # a corrupt image was skipped and counted
+        return {
+            "pixels": torch.stack([to_pixels(r.image, self.image_size) for r in records]),
+            "prompts": [r.prompt for r in records],
+            "concepts": [r.concept for r in records],
+            "groups": torch.tensor([self.target.group_of(r.attributes) for r in records]),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = WeightedEpochSampler(self.weights, num_samples=self.samples_per_epoch, seed=self.seed)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            drop_last=True,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def expected_mix(self) -> dict[str, list[float]]:
+        """Per concept, the group mix the sampler draws in expectation (for logs and tests)."""
+        out: dict[str, list[float]] = {}
+        w = self.weights.numpy()
+        for c in sorted(set(self.record_concepts)):
+            idx = [i for i, rc in enumerate(self.record_concepts) if rc == c]
+            mix = np.zeros(len(self.target.groups))
+            for i in idx:
+                if self.record_groups[i] >= 0:
+                    mix[self.record_groups[i]] += w[i]
+            out[c] = (mix / max(mix.sum(), 1e-12)).tolist()
+        return out

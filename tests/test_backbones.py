@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from fairtune.models import Backbone, BackboneConfig, TinyUNetConfig
+
+TINY = TinyUNetConfig(sample_size=8, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return Backbone.from_config(BackboneConfig(kind="tiny", unet=TINY))
+
+
+def test_tiny_backbone_uses_the_packaged_text_encoder(tiny):
+    states = tiny.encode_prompts(["a handwritten digit 3", "a red handwritten digit 3", ""])
+    assert states.shape == (3, 16, 384)
+    # real, frozen text encoder: different prompts, different states; padding zeroed
+    assert not torch.allclose(states[0], states[1])
+    assert not any(p.requires_grad for p in tiny.text_encoder.parameters())
+    assert "a handwritten digit 3" in tiny._prompt_cache
+
+
+def test_tiny_sampling_is_a_function_of_the_seed(tiny):
+    a = tiny.sample(["a handwritten digit 1", "a handwritten digit 2"], seeds=[5, 6], steps=3)
+    b = tiny.sample(["a handwritten digit 2"], seeds=[6], steps=3)
+    assert a.shape == (2, 3, 8, 8) and 0 <= a.min() and a.max() <= 1
+    torch.testing.assert_close(a[1:], b)
+
+
+def test_tiny_save_and_load_round_trip(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    back = Backbone.from_config(BackboneConfig(kind="tiny", pretrained=str(tmp_path / "m")))
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([10, 500])
+    ctx = tiny.encode_prompts(["a", "b"])
+    torch.testing.assert_close(back.unet(x, t, ctx).sample, tiny.unet(x, t, ctx).sample)
+
+
+def test_missing_pretrained_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no fairtune_backbone.json"):
+        Backbone.from_config(BackboneConfig(kind="tiny", pretrained=str(tmp_path)))
+    with pytest.raises(ValueError, match="needs backbone.pretrained"):
+        Backbone.from_config(BackboneConfig(kind="sd"))
+
+
+def test_stable_diffusion_layout_loads_through_the_real_path(tiny_sd):
+    bb = Backbone.from_config(BackboneConfig(kind="sd", pretrained=str(tiny_sd)))
+    assert bb.vae is not None and bb.image_size == 16 and bb.latent_channels == 4
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    lat = bb.to_latents(pixels)
+    assert lat.shape == (2, 4, 8, 8)
+    img = bb.to_pixels(lat)
+    assert img.shape == (2, 3, 16, 16)
+    out = bb.sample(["a photo of a doctor"] * 2, seeds=[0, 1], steps=2)
+    assert out.shape == (2, 3, 16, 16)
+    assert not torch.allclose(out[0], out[1])

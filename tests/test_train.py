@@ -1,0 +1,180 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fairtune.data import AttributeDataModule, RebalanceConfig, SourceConfig
+from fairtune.models import LORA_WEIGHT_NAME, BackboneConfig, LoraConfig, TinyUNetConfig
+from fairtune.train import DebiasModule, EmaConfig, OptimConfig
+from fairtune.train.cli import main
+
+TINY = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
+
+
+def _config(digits_dir, root, **over):
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 4,
+            "default_root_dir": str(root),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+        },
+        "model": {
+            "backbone": {"kind": "tiny", "unet": TINY.__dict__},
+            "lora": {"rank": 4},
+            "optim": {"lr": 1e-3, "warmup_steps": 2},
+        },
+        "data": {
+            "source": {"path": str(digits_dir / "table")},
+            "batch_size": 8,
+            "samples_per_epoch": 16,
+            "concepts": [f"digit {d}" for d in range(8)],
+        },
+    }
+    for key, value in over.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    path = Path(root).parent / f"{Path(root).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_lora_step_trains_only_the_adapter(digits_dir):
+    torch.manual_seed(0)
+    module = DebiasModule(
+        backbone=BackboneConfig(kind="tiny", unet=TINY),
+        lora=LoraConfig(rank=4),
+        optim=OptimConfig(lr=1e-2, warmup_steps=1),
+        ema=EmaConfig(decay=0.5),
+    )
+    dm = AttributeDataModule(
+        source=SourceConfig(path=str(digits_dir / "table")),
+        rebalance=RebalanceConfig(),
+        batch_size=8,
+        samples_per_epoch=16,
+    )
+    before = {k: v.clone() for k, v in module.backbone.unet.state_dict().items()}
+    trainer = L.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(module, dm)
+    after = module.backbone.unet.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora" in k for k in changed)
+    assert any("lora_A" in k for k in changed) and any("lora_B" in k for k in changed)
+    # EMA differs from the live weights and is what ema_weights() swaps in
+    live = [p.clone() for p in module.trained_params()]
+    with module.ema_weights():
+        assert any(not torch.equal(a, b) for a, b in zip(live, module.trained_params()))
+    assert all(torch.equal(a, b) for a, b in zip(live, module.trained_params()))
+    # the rebalanced sampler was in use: every seen concept's draw leans toward 50/50
+    mix = dm.expected_mix()
+    assert all(abs(m[0] - 0.5) < 1e-9 for m in mix.values())
+
+
+def test_fit_cli_writes_run_folder_and_adapter(digits_dir, tmp_path):
+    cfg = _config(digits_dir, tmp_path / "run")
+    main(["fit", "--config", str(cfg), "--data.rebalance", "{}"])
+    run = tmp_path / "run"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["model"]["lora"]["rank"] == 4
+    assert resolved["data"]["rebalance"] == {"unknown": "keep"}
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    weights = load_file(str(run / "adapter" / LORA_WEIGHT_NAME))
+    assert weights and all(k.startswith("unet.") for k in weights)
+    assert "train/diffusion_loss" in (run / "metrics.csv").read_text()
+
+
+def test_full_finetune_exports_a_loadable_model(digits_dir, tmp_path):
+    cfg = _config(digits_dir, tmp_path / "full", **{"model.lora": None, "trainer.max_steps": 2})
+    main(["fit", "--config", str(cfg)])
+    from fairtune.models import Backbone
+
+    bb = Backbone.from_config(BackboneConfig(kind="tiny", pretrained=str(tmp_path / "full" / "model")))
+    assert list(bb.unet.config.block_out_channels) == [8, 16]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model.lora.rnk", "4"], "rnk"),
+        (["--model.optim.lr", "fast"], "lr"),
+        (["--model.backbone.kind", "xl"], "kind"),
+        (["--data.batch_sise", "3"], "batch_sise"),
+    ],
+)
+def test_bad_config_fails_before_training_naming_the_key(digits_dir, tmp_path, capsys, args, needle):
+    cfg = _config(digits_dir, tmp_path / "bad")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(cfg), *args])
+    assert e.value.code != 0
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_empty_target_group_fails_before_training(digits_dir, tmp_path):
+    cfg = _config(
+        digits_dir,
+        tmp_path / "empty",
+        **{"data.attributes": {"color": ["red", "blue", "green"]}, "data.rebalance": {}},
+    )
+    with pytest.raises(Exception, match="group 'green' .* no record"):
+        main(["fit", "--config", str(cfg)])
+
+
+def _fit_cmd(cfg):
+    return [sys.executable, "-m", "fairtune.train.cli", "fit", "--config", str(cfg)]
+
+
+def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):
+    over = {
+        "trainer.max_steps": 40,
+        "data.samples_per_epoch": 160,  # 10 steps per epoch: a checkpoint every 10 steps
+        "data.batch_size": 16,
+        "model.ema": {"decay": 0.9},
+        "data.rebalance": {},
+    }
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ref_cfg = _config(digits_dir, tmp_path / "ref", **over)
+    subprocess.run(_fit_cmd(ref_cfg), check=True, env=env, capture_output=True)
+
+    cfg = _config(digits_dir, tmp_path / "killed", **over)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(_fit_cmd(cfg), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    adapter = tmp_path / "killed" / "adapter" / LORA_WEIGHT_NAME
+    assert last.exists() and not adapter.exists(), "the run was not killed mid-way"
+    step_at_kill = torch.load(last, weights_only=True)["global_step"]
+    assert step_at_kill < 40
+
+    subprocess.run(_fit_cmd(cfg), check=True, env=env, capture_output=True)  # the same command
+    ref = load_file(str(tmp_path / "ref" / "adapter" / LORA_WEIGHT_NAME))
+    got = load_file(str(adapter))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5)
+    assert torch.load(last, weights_only=True)["global_step"] == 40

@@ -1,0 +1,63 @@
+"""Callbacks: export of the trained weights (LoRA adapter or full model), rank zero only, atomically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from fairtune.models import save_lora
+
+
+class ExportWeights(L.Callback):
+    """Writes what a user keeps: ``DIR/adapter/pytorch_lora_weights.safetensors`` (diffusers' format,
+    ``pipe.load_lora_weights(DIR/adapter)``) for a LoRA run, or ``DIR/model/`` for a full fine-tune.
+
+    Args:
+        dirpath: Output folder; default the trainer's ``default_root_dir``.
+        every_n_steps: Also export every n optimizer steps (``None``: only at the end).
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_steps: int | None = None) -> None:
+        self.dirpath = dirpath
+        self.every_n_steps = every_n_steps
+
+    def _root(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or trainer.default_root_dir)
+
+    def export(self, trainer: L.Trainer, module) -> Path | None:
+        if not trainer.is_global_zero:
+            return None
+        root = self._root(trainer)
+        with module.ema_weights():
+            if module.lora is not None:
+                return save_lora(module.backbone.unet, root / "adapter").parent
+            module.backbone.save_pretrained(root / "model")
+            return root / "model"
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.export(trainer, module)
+
+    def on_train_end(self, trainer, module) -> None:
+        self.export(trainer, module)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed into place, so a run killed mid-write
+    leaves the previous checkpoint intact rather than a truncated one. Loads with ``weights_only``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
