@@ -16,6 +16,7 @@ from ._judges import (
     load_judges,
     perturb,
     rgb_to_hue_chroma,
+    train_attribute_classifier,
     train_judges,
 )
 from ._metrics import (
@@ -59,5 +60,6 @@ __all__ = [
     "proportions",
     "rgb_to_hue_chroma",
     "shen_bias",
+    "train_attribute_classifier",
     "train_judges",
 ]

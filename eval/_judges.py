@@ -108,6 +108,14 @@ class HueJudge:
         return torch.where(share >= self.min_agreement, label, torch.full_like(label, UNDETERMINED))
 
 
+def ink_map(x: torch.Tensor) -> torch.Tensor:
+    """How far each pixel is from the image's background colour (its median), scaled to [0, 1] per
+    image: ``(B, 1, H, W)``. Colour, tint and background brightness drop out; the stroke stays."""
+    bg = x.flatten(2).median(dim=2).values[..., None, None]
+    d = (x - bg).norm(dim=1, keepdim=True)
+    return d / d.flatten(1).amax(1).clamp_min(1e-6)[:, None, None, None]
+
+
 class SmallCNN(nn.Module):
     """A small convolutional classifier for 16x16 or 32x32 RGB; ``features`` is its penultimate layer.
 
@@ -115,10 +123,13 @@ class SmallCNN(nn.Module):
         num_classes: Output classes.
         width: Channels of the first block (doubled twice).
         feature_dim: Width of the penultimate layer (the Fréchet-distance features).
+        ink_only: Read the ink map (:func:`ink_map`) instead of RGB, so ink colour and background
+            tint cannot leak into the decision (the digit judge).
     """
 
-    def __init__(self, num_classes: int, width: int = 32, feature_dim: int = 64) -> None:
+    def __init__(self, num_classes: int, width: int = 32, feature_dim: int = 64, ink_only: bool = False) -> None:
         super().__init__()
+        self.ink_only = ink_only
         w = width
         self.body = nn.Sequential(
             nn.Conv2d(3, w, 3, padding=1), nn.ReLU(),
@@ -135,6 +146,8 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ink_only:
+            x = ink_map(x).expand(-1, 3, -1, -1)
         return self.body(x * 2.0 - 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -317,7 +330,7 @@ def train_judges(data_dir: str | Path, out: str | Path, cfg: JudgeTrainConfig | 
 
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    digit_cnn = SmallCNN(10, cfg.width, cfg.feature_dim)
+    digit_cnn = SmallCNN(10, cfg.width, cfg.feature_dim, ink_only=True)
     _train_cnn(digit_cnn, x[tr], digit[tr], epochs=cfg.digit_epochs, cfg=cfg, generator=g)
     color_cnn = SmallCNN(len(colors), cfg.width // 2, cfg.feature_dim // 2)
     _train_cnn(color_cnn, x[tr], color[tr], epochs=cfg.color_epochs, cfg=cfg, generator=g)
@@ -368,7 +381,7 @@ def load_judges(path: str | Path) -> Judges:
     report = json.loads((path / "judges.json").read_text())
     cfg = JudgeTrainConfig(**report["config"])
     colors = report["colors"]
-    digit_cnn = SmallCNN(10, cfg.width, cfg.feature_dim)
+    digit_cnn = SmallCNN(10, cfg.width, cfg.feature_dim, ink_only=True)
     digit_cnn.load_state_dict(load_file(str(path / "digit_cnn.safetensors")))
     color_cnn = SmallCNN(len(colors), cfg.width // 2, cfg.feature_dim // 2)
     color_cnn.load_state_dict(load_file(str(path / "color_cnn.safetensors")))
@@ -379,3 +392,52 @@ def load_judges(path: str | Path) -> Judges:
         digit_cnn=digit_cnn.eval(),
         report=report,
     )
+
+
+def train_attribute_classifier(
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    attribute: str = "color",
+    width: int = 8,
+    feature_dim: int = 16,
+    epochs: int = 3,
+    seed: int = 1,
+) -> dict:
+    """Train the *training-time* attribute classifier of the fairness loss (lever 3).
+
+    Deliberately not a judge: another architecture (a narrower SmallCNN), another seed, and the
+    training split rather than the held-out split the judges learn from. Writes
+    ``classifier.safetensors`` and ``classifier.json`` (its ``ClassifierConfig`` fields and its
+    accuracy on held-out renders) to ``out``.
+    """
+    from fairtune.data import load_table
+
+    data_dir, out = Path(data_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = json.loads((data_dir / "stats.json").read_text())["attributes"][attribute]
+    train = load_table(str(data_dir / "table"), split="train")
+    held = load_table(str(data_dir / "table"), split="heldout")
+    x, y = images_from_table(train), torch.tensor([classes.index(c) for c in train[attribute]])
+    torch.manual_seed(seed)
+    cfg = JudgeTrainConfig(seed=seed, width=width, feature_dim=feature_dim)
+    model = SmallCNN(len(classes), width, feature_dim)
+    _train_cnn(model, x, y, epochs=epochs, cfg=cfg, generator=torch.Generator().manual_seed(seed))
+    xh, yh = images_from_table(held), torch.tensor([classes.index(c) for c in held[attribute]])
+    xp = perturb(xh, torch.Generator().manual_seed(seed + 1))
+    report = {
+        "module": "fairtune.eval.SmallCNN",
+        "init_args": {"num_classes": len(classes), "width": width, "feature_dim": feature_dim},
+        "weights": str((out / "classifier.safetensors").resolve()),
+        "classes": classes,
+        "attribute": attribute,
+        "heldout_accuracy": float((predict_batched(model, xh) == yh).float().mean()),
+        "heldout_accuracy_perturbed": float((predict_batched(model, xp) == yh).float().mean()),
+        "seed": seed,
+        "epochs": epochs,
+    }
+    _atomic_save(model.state_dict(), out / "classifier.safetensors")
+    tmp = out / "classifier.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out / "classifier.json")
+    return report

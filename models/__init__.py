@@ -1,5 +1,12 @@
 """Backbones (tiny text-to-image, Stable Diffusion), LoRA attach/export."""
 
+from ._adversary import (
+    AdversaryConfig,
+    AttributeHead,
+    MidBlockFeatures,
+    adversary_losses,
+    grad_reverse,
+)
 from ._backbones import (
     BACKBONE_FILE,
     Backbone,
@@ -20,6 +27,11 @@ from ._lora import (
 )
 
 __all__ = [
+    "AdversaryConfig",
+    "AttributeHead",
+    "MidBlockFeatures",
+    "adversary_losses",
+    "grad_reverse",
     "ATTENTION",
     "ATTENTION_AND_CONVS",
     "BACKBONE_FILE",

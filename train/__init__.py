@@ -1,6 +1,25 @@
 """LightningModules, callbacks and the ``fairtune`` CLI."""
 
 from ._callbacks import ExportWeights
+from ._fairness import (
+    ClassifierConfig,
+    FairnessConfig,
+    FairnessLoss,
+    alignment_loss,
+    load_classifier,
+    ot_assignment,
+)
 from ._module import DebiasModule, EmaConfig, OptimConfig
 
-__all__ = ["DebiasModule", "EmaConfig", "ExportWeights", "OptimConfig"]
+__all__ = [
+    "ClassifierConfig",
+    "DebiasModule",
+    "EmaConfig",
+    "ExportWeights",
+    "FairnessConfig",
+    "FairnessLoss",
+    "OptimConfig",
+    "alignment_loss",
+    "load_classifier",
+    "ot_assignment",
+]

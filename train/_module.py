@@ -11,7 +11,18 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from fairtune.models import Backbone, BackboneConfig, LoraConfig, attach_lora
+from fairtune.models import (
+    AdversaryConfig,
+    AttributeHead,
+    Backbone,
+    BackboneConfig,
+    LoraConfig,
+    MidBlockFeatures,
+    adversary_losses,
+    attach_lora,
+)
+
+from ._fairness import FairnessConfig, FairnessLoss
 
 
 @dataclass
@@ -57,6 +68,8 @@ class DebiasModule(L.LightningModule):
         prompt_dropout: Share of prompts replaced by "" so classifier-free guidance keeps working.
         min_snr_gamma: Min-SNR loss weighting (Hang et al., 2023); ``None`` weighs all steps equally.
         ema: EMA of the trained weights; ``None`` for none.
+        adversary: Lever 2, the adversarial attribute head; ``None``: absent (no hook, no head).
+        fairness: Lever 3, the fairness-penalised loss; ``None``: absent (no generation pass).
         seed: Seed of the per-step noise, timesteps and prompt dropout (a function of seed and step,
             so a resumed run draws exactly what an uninterrupted one would).
     """
@@ -69,6 +82,8 @@ class DebiasModule(L.LightningModule):
         prompt_dropout: float = 0.1,
         min_snr_gamma: float | None = None,
         ema: EmaConfig | None = None,
+        adversary: AdversaryConfig | None = None,
+        fairness: FairnessConfig | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -80,6 +95,8 @@ class DebiasModule(L.LightningModule):
         self.prompt_dropout = prompt_dropout
         self.min_snr_gamma = min_snr_gamma
         self.ema_config = ema
+        self.adversary = adversary
+        self.fairness = fairness
         self.seed = seed
         self.backbone = Backbone.from_config(self.backbone_config)
         if lora is not None:
@@ -90,6 +107,34 @@ class DebiasModule(L.LightningModule):
         self._ema: list[torch.Tensor] | None = None
         if ema is not None:
             self._ema = [p.detach().clone() for p in self.trained_params()]
+        self.target = None  # the data's Target, attached in setup()
+        self.head: AttributeHead | None = None
+        self._features: MidBlockFeatures | None = None
+        self.fairness_loss: FairnessLoss | None = None
+        if fairness is not None:
+            self.fairness_loss = FairnessLoss(fairness)
+        if adversary is not None:
+            if adversary.loss not in ("confusion", "reversal"):
+                raise ValueError(
+                    f"model.adversary.loss must be confusion or reversal, got {adversary.loss!r}"
+                )
+            self._features = MidBlockFeatures(self.backbone.unet)
+
+    def attach_target(self, target) -> None:
+        """Give the levers the data's target (called from ``setup`` with the data module's)."""
+        self.target = target
+        if self.adversary is not None and self.head is None:
+            width = self.backbone.unet.config.block_out_channels[-1]
+            self.head = AttributeHead(width, len(target.groups), self.adversary.hidden)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and getattr(dm, "target", None) is not None:
+            self.attach_target(dm.target)
+            if self.fairness is not None and self.fairness.concepts is None:
+                self.fairness.concepts = (
+                    sorted(set(dm.record_concepts)) if hasattr(dm, "record_concepts") else None
+                )
 
     # ----------------------------------------------------------------- parameters
     def trained_params(self) -> list[torch.nn.Parameter]:
@@ -117,7 +162,7 @@ class DebiasModule(L.LightningModule):
     def step_generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
 
-    def diffusion_loss(self, batch: dict, g: torch.Generator) -> torch.Tensor:
+    def diffusion_loss(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         bb = self.backbone
         sched = bb.noise_scheduler
         latents = bb.to_latents(batch["pixels"])
@@ -141,14 +186,80 @@ class DebiasModule(L.LightningModule):
             w = torch.clamp(snr, max=self.min_snr_gamma)
             w = w / (snr + 1) if sched.config.prediction_type == "v_prediction" else w / snr
             per_sample = per_sample * w
-        return per_sample.mean()
+        return per_sample.mean(), {"t": t, "dropped": drop.to(t.device), "noisy": noisy}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         g = self.step_generator()
-        loss = self.diffusion_loss(batch, g)
+        # 1. the diffusion loss on (rebalanced) real data: always on, it anchors quality
+        loss, aux = self.diffusion_loss(batch, g)
         self.log("train/diffusion_loss", loss, prog_bar=True, sync_dist=True)
+        # 2. the adversary reads the mid-block features the hook caught in that same forward pass
+        if self.adversary is not None:
+            loss = loss + self.adversary_step(batch, aux)
+        # 3. the fairness loss generates its own images every k steps
+        if self.fairness is not None and self.fairness.active(self.global_step):
+            loss = loss + self.fairness_step(g)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        self.log("train/loss", loss, sync_dist=True)
         return loss
+
+    def _targets_for(self, concepts: list[str]) -> torch.Tensor:
+        return torch.tensor([self.target.proportions(c) for c in concepts], dtype=torch.float32)
+
+    def adversary_step(self, batch: dict, aux: dict) -> torch.Tensor:
+        cfg = self.adversary
+        feats = self._features.pop()
+        if cfg.features == "prompt_induced":
+            ctx = self.backbone.encode_prompts([""] * feats.shape[0])
+            feats = feats - self._features.run_until_mid(aux["noisy"], aux["t"], encoder_hidden_states=ctx)
+        groups = batch["groups"].to(feats.device).clone()
+        lo, hi = cfg.timesteps
+        # Unknown labels, out-of-range timesteps and prompt-dropped examples don't train the head.
+        groups[(aux["t"] < lo) | (aux["t"] >= hi) | aux["dropped"]] = -1
+        out = adversary_losses(
+            self.head,
+            feats,
+            groups,
+            self._targets_for(batch["concepts"]).to(feats.device),
+            loss=cfg.loss,
+            lam=cfg.lam(self.global_step),
+        )
+        self.log_dict(
+            {
+                "adversary/head_loss": out["head_loss"],
+                "adversary/accuracy": out["accuracy"],
+                "adversary/majority_rate": out["majority"],
+                "adversary/lora_loss": out["lora_loss"],
+                "adversary/lambda": cfg.lam(self.global_step),
+            },
+            sync_dist=True,
+        )
+        return out["total"]
+
+    def fairness_step(self, g: torch.Generator) -> torch.Tensor:
+        cfg = self.fairness
+        pool = cfg.concepts or []
+        if not pool:
+            raise ValueError("model.fairness.concepts is empty and the data module gave none")
+        pick = torch.randperm(len(pool), generator=g)[: cfg.concepts_per_step].tolist()
+        concepts = [pool[i] for i in pick]
+        targets = self._targets_for(concepts)
+        out = self.fairness_loss(self.backbone, concepts, targets, g)
+        lam = cfg.lam(self.global_step)
+        self.log_dict(
+            {
+                "fairness/align": out["align"],
+                "fairness/preserve": out["preserve"],
+                "fairness/lambda": lam,
+                # the generated batch's first-group share vs its target, averaged over concepts
+                "fairness/share_gap": (out["share"] - self._targets_for(concepts))
+                .abs()
+                .max(-1)
+                .values.mean(),
+            },
+            sync_dist=True,
+        )
+        return lam * out["align"] + cfg.preservation_weight * out["preserve"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self._ema is None:
@@ -166,8 +277,11 @@ class DebiasModule(L.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
+        groups = [{"params": self.trained_params()}]
+        if self.head is not None:
+            groups.append({"params": list(self.head.parameters()), "lr": self.adversary.lr})
         opt = torch.optim.AdamW(
-            self.trained_params(),
+            groups,
             lr=self.optim.lr,
             weight_decay=self.optim.weight_decay,
             betas=tuple(self.optim.betas),
@@ -188,7 +302,8 @@ class DebiasModule(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Keep checkpoints small and complete: trained weights (not the frozen text encoder), EMA.
+        # Keep checkpoints small and complete: trained weights (not the frozen text encoder, not the
+        # fairness classifier), the adversary head, EMA.
         sd = checkpoint["state_dict"]
         trained = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in sd.items() if k in trained}

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fairtune.data import DEFAULT_RED_SHARE, ColoredDigitsConfig, build_colored_digits
-from fairtune.eval import JudgeTrainConfig, train_judges
+from fairtune.eval import JudgeTrainConfig, train_attribute_classifier, train_judges
 
 
 def colored_digits(
@@ -90,6 +90,33 @@ def judges_train(
     print(json.dumps(shown, indent=2))
 
 
+def classifier_train(
+    *,
+    data: Path,
+    out: Path,
+    attribute: str = "color",
+    width: int = 8,
+    feature_dim: int = 16,
+    epochs: int = 3,
+    seed: int = 1,
+) -> None:
+    """Train the fairness loss's attribute classifier (not a judge: other architecture, seed and split).
+
+    Args:
+        data: A folder written by ``fairtune data colored-digits``.
+        out: Output folder for ``classifier.safetensors`` and ``classifier.json``.
+        attribute: The attribute it predicts.
+        width: First-block channels.
+        feature_dim: Penultimate width.
+        epochs: Training epochs.
+        seed: Random seed.
+    """
+    report = train_attribute_classifier(
+        data, out, attribute=attribute, width=width, feature_dim=feature_dim, epochs=epochs, seed=seed
+    )
+    print(json.dumps({k: report[k] for k in ("heldout_accuracy", "heldout_accuracy_perturbed")}, indent=2))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fairtune`` console script."""
     from jsonargparse import CLI
@@ -102,7 +129,11 @@ def main(argv: list[str] | None = None) -> None:
         run_fit_cli(None if from_shell else argv)
         return
     CLI(
-        {"data": {"colored-digits": colored_digits}, "judges": {"train": judges_train}},
+        {
+            "data": {"colored-digits": colored_digits},
+            "judges": {"train": judges_train},
+            "classifier": {"train": classifier_train},
+        },
         args=argv,
         prog="fairtune",
     )

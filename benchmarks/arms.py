@@ -1,9 +1,12 @@
-"""The rebalanced sampler against the naive LoRA control on the shipped base model (issue 3).
+"""Ablation arms of the LoRA fine-tune on the shipped base model, same budget and seed.
 
-    python benchmarks/sampler.py [--steps 1000] [--n 128]
+    python benchmarks/arms.py --name sampler --arms naive sampler          # issue 3
+    python benchmarks/arms.py --name levers --arms naive sampler adversary fairness \
+        sampler_adversary sampler_fairness all [--target red30_blue70]      # issue 4
 
-Trains both arms with the same budget and seed on digits 0-7 (uniform target), judges N images per
-digit for digits 0-9, and writes benchmarks/results/sampler.{json,md}.
+Each arm is ``configs/colored_digits/lora.yaml`` + ``configs/ablations/<arm>.yaml`` (+ a target
+overlay), trained on digits 0-7; N images per digit are judged for digits 0-9 (guidance 2, hue
+judge). Writes benchmarks/results/<name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -55,25 +58,34 @@ def train_arm(arm: str, steps: int, out_root) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--name", default="sampler")
+    ap.add_argument("--arms", nargs="+", default=["naive", "sampler"])
+    ap.add_argument("--target", default=None, help="a configs/targets/ overlay, e.g. red30_blue70")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "sampler"))
     args = ap.parse_args()
     from pathlib import Path
 
-    out_root = Path(args.out)
+    out_root = ROOT / "runs" / "bench" / args.name
     judges = ensure_assets()
     ref = reference_images()
     gen = GenerationConfig(n_per_prompt=args.n)
+    q = [0.5, 0.5]
+    if args.target:
+        import yaml
+
+        props = yaml.safe_load((ROOT / f"configs/targets/{args.target}.yaml").read_text())
+        props = props["data"]["target"]["proportions"]
+        q = [props[c] for c in judges.colors]
     results = {}
-    for arm in ["base", "naive", "sampler"]:
+    for arm in ["base", *args.arms]:
         bb = Backbone.from_config(BackboneConfig(kind="tiny", pretrained="colored-digits-16"))
         info = {}
         if arm != "base":
-            info = train_arm(arm, args.steps, out_root)
+            info = train_arm(arm, args.steps, out_root, args.target)
             load_adapter(bb, Path(info["run"]) / "adapter", fuse=True)
-        ev = evaluate_backbone_on_digits(bb, judges, generation=gen, reference=ref)
-        save_grid(ev["images"][:: args.n // 8][:80], RESULTS / f"sampler_{arm}_samples.png", per_row=8)
+        ev = evaluate_backbone_on_digits(bb, judges, generation=gen, reference=ref, target=q)
+        save_grid(ev["images"][:: args.n // 8][:80], RESULTS / f"{args.name}_{arm}_samples.png", per_row=8)
         results[arm] = {
             **info,
             "red_share": [ev["per_concept"][f"digit {d}"]["p_hat"][0] for d in range(10)],
@@ -86,14 +98,18 @@ def main() -> None:
         print(
             arm, json.dumps({k: results[arm][k] for k in ("mean_dev_seen", "mean_dev_heldout", "fidelity")})
         )
+    naive_s = results.get("naive", {}).get("train_seconds")
+    for r in results.values():
+        if naive_s and r.get("train_seconds"):
+            r["time_ratio_vs_naive"] = r["train_seconds"] / naive_s
     lines = [
-        f"# Rebalanced sampler vs naive LoRA ({args.steps} steps, rank 8, lr 2e-3 cosine, batch 64, "
-        f"digits 0-7; N={args.n} per digit, guidance 2, hue judge)",
+        f"# {args.name}: LoRA arms ({args.steps} steps, rank 8, lr 2e-3 cosine, batch 64, digits 0-7; "
+        f"target red {q[0]:.2f}; N={args.n} per digit, guidance 2, hue judge)",
         "",
         "| arm | "
         + " | ".join(f"d{d}" for d in range(10))
-        + " | mean dev 0-7 | worst 0-7 | mean dev 8-9 | fidelity | FD | train s | peak MB |",
-        "|---|" + "---|" * 10 + "---|---|---|---|---|---|---|",
+        + " | mean dev 0-7 | worst 0-7 | mean dev 8-9 | fidelity | FD | train s | × naive | peak MB |",
+        "|---|" + "---|" * 10 + "---|---|---|---|---|---|---|---|",
     ]
     for arm, r in results.items():
         lines.append(
@@ -101,14 +117,17 @@ def main() -> None:
             + " | ".join(f"{s:.2f}" for s in r["red_share"])
             + f" | {r['mean_dev_seen']:.3f} | {r['worst_dev_seen']:.3f} | {r['mean_dev_heldout']:.3f}"
             + f" | {r['fidelity']:.3f} | {r['frechet']:.2f}"
-            + f" | {r.get('train_seconds', 0):.0f} | {r.get('peak_rss_mb') or 0:.0f} |"
+            + f" | {r.get('train_seconds', 0):.0f} | {r.get('time_ratio_vs_naive', 0):.2f}"
+            + f" | {r.get('peak_rss_mb') or 0:.0f} |"
         )
     lines += [
         "",
-        "Red share per digit; dev = |red share − 0.5| (uniform target). Goal: sampler mean dev "
-        "on seen digits ≤ 0.10 with fidelity within 2 points of base.",
+        "Columns d0-d9: red share per digit. dev = max over colours of |share − target| (for two "
+        "colours |red share − target red|). Train seconds: wall time of the whole `fairtune fit` "
+        "process (the same start-up cost in every arm).",
     ]
-    write_results("sampler", {"steps": args.steps, "n": args.n, "arms": results}, "\n".join(lines) + "\n")
+    payload = {"steps": args.steps, "n": args.n, "target": q, "arms": results}
+    write_results(args.name, payload, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

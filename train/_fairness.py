@@ -1,0 +1,282 @@
+"""Lever 3: the fairness-penalised loss (DESIGN §4.3).
+
+Every k steps the model generates images for neutral prompts of the training concepts through a
+short differentiable sampling path, a frozen attribute classifier scores them, and the loss pulls
+each concept's attribute distribution toward its target, plus a preservation term that keeps the
+output close to the frozen base model (the same UNet with the adapter disabled).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ClassifierConfig:
+    """The frozen, differentiable attribute classifier the fairness loss uses (never the judge).
+
+    Attributes:
+        module: Import path of a ``torch.nn.Module`` class.
+        init_args: Its constructor arguments.
+        weights: A safetensors file with its state dict.
+        input: ``pixels`` (images in [0, 1]) or ``latents`` (what the UNet denoises).
+        temperature: Logits are divided by this before the softmax; > 1 keeps outputs soft.
+    """
+
+    module: str = "fairtune.eval.SmallCNN"
+    init_args: dict = field(default_factory=lambda: {"num_classes": 2, "width": 8, "feature_dim": 16})
+    weights: str = "runs/classifiers/color-train-16/classifier.safetensors"
+    input: Literal["pixels", "latents"] = "pixels"
+    temperature: float = 1.0
+
+
+def load_classifier(cfg: ClassifierConfig) -> nn.Module:
+    """Instantiate ``cfg.module`` and load its safetensors weights; frozen and in eval mode."""
+    mod_name, _, cls_name = cfg.module.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"fairness.classifier.module={cfg.module!r} cannot be imported: {exc}") from exc
+    model = cls(**cfg.init_args)
+    try:
+        state = load_file(cfg.weights)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"fairness.classifier.weights={cfg.weights!r} does not exist "
+            "(for ColoredDigits-Bias: `fairtune classifier train`)"
+        ) from exc
+    model.load_state_dict(state)
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class FairnessConfig:
+    """The fairness-penalised loss (lever 3).
+
+    Attributes:
+        weight: λ after the ramp.
+        start_step: No fairness loss before this step (let the adapter settle on the data first).
+        ramp_steps: λ then ramps linearly from 0 to ``weight`` over these steps.
+        every_k_steps: Compute it every k optimizer steps (its cost is amortised over k).
+        concepts: Concepts to generate for; ``None``: the data module's concepts.
+        prompt: Neutral prompt template, ``{concept}`` filled in (``a handwritten digit 3``).
+        concepts_per_step: Concepts drawn per fairness step.
+        samples_per_concept: Images per concept per fairness step (align per concept, and with
+            enough samples that a concept's mean is not just 0, ½ or 1).
+        path: ``ddim``: ``ddim_steps`` differentiable DDIM steps; ``full_chain``: every step of a
+            ``full_chain_steps`` chain differentiable (Shen et al.); ``one_step``: no-grad DDIM down
+            to ``one_step_t``, then one differentiable x0 estimate.
+        ddim_steps: Steps of the short path.
+        full_chain_steps: Steps of the full chain.
+        one_step_t: Timestep of the one-step x0 estimate.
+        detach_inputs: Feed each step's input detached (Shen et al.'s adjusted direct fine-tuning):
+            the gradient reaches the UNet through each step's own output only.
+        gradient_checkpointing: Recompute UNet activations in the backward pass (memory for time).
+        guidance_scale: Classifier-free guidance of the generated batch (as at judging).
+        alignment: ``ot``: optimal-transport assignment of each concept's samples to target classes
+            and cross-entropy to them (Shen et al., ICLR 2024); ``kl``: KL from the concept's mean
+            prediction to the target.
+        ot_threshold: ``ot`` only: a sample already in its assigned class with this confidence adds
+            no loss.
+        preservation_weight: Weight of the pixel MSE to the adapter-disabled output (same noise).
+        classifier: The frozen classifier.
+    """
+
+    weight: float = 0.5
+    start_step: int = 100
+    ramp_steps: int = 200
+    every_k_steps: int = 4
+    concepts: list[str] | None = None
+    prompt: str = "a handwritten {concept}"
+    concepts_per_step: int = 4
+    samples_per_concept: int = 16
+    path: Literal["ddim", "full_chain", "one_step"] = "ddim"
+    ddim_steps: int = 4
+    full_chain_steps: int = 25
+    one_step_t: int = 500
+    detach_inputs: bool = True
+    gradient_checkpointing: bool = False
+    guidance_scale: float = 2.0
+    alignment: Literal["ot", "kl"] = "ot"
+    ot_threshold: float = 0.8
+    preservation_weight: float = 1.0
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+    def lam(self, step: int) -> float:
+        if step < self.start_step:
+            return 0.0
+        if self.ramp_steps <= 0:
+            return self.weight
+        return self.weight * min(1.0, (step - self.start_step + 1) / self.ramp_steps)
+
+    def active(self, step: int) -> bool:
+        return step >= self.start_step and step % self.every_k_steps == 0
+
+
+def ot_assignment(probs: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Assign each sample to a target class so class counts follow ``target`` (largest-remainder
+    rounding) and the total −log-probability is minimal (an exact OT / assignment problem).
+
+    Args:
+        probs: ``(n, K)`` predicted class probabilities.
+        target: ``(K,)`` target proportions.
+
+    Returns:
+        ``(n,)`` assigned class per sample.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    n, k = probs.shape
+    exact = np.asarray(target, dtype=np.float64) * n
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(-(exact - counts))[: n - counts.sum()]] += 1
+    slots = np.repeat(np.arange(k), counts)  # n class slots
+    cost = -np.log(np.clip(probs, 1e-8, 1.0))[:, slots]
+    rows, cols = linear_sum_assignment(cost)
+    out = np.empty(n, dtype=np.int64)
+    out[rows] = slots[cols]
+    return out
+
+
+def alignment_loss(
+    probs: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    method: Literal["ot", "kl"],
+    threshold: float = 0.8,
+) -> torch.Tensor:
+    """Distributional alignment of one concept's samples to its target mix."""
+    if method == "kl":
+        mean = probs.mean(0).clamp_min(1e-8)
+        return (mean * (mean.log() - target.clamp_min(1e-8).log())).sum()
+    assigned = torch.from_numpy(ot_assignment(probs.detach().cpu().numpy(), target.cpu().numpy())).to(
+        probs.device
+    )
+    conf = probs.gather(1, assigned[:, None])[:, 0]
+    settled = (probs.argmax(1) == assigned) & (conf >= threshold)
+    ce = F.cross_entropy(logits, assigned, reduction="none")
+    return (ce * (~settled)).sum() / len(ce)
+
+
+def _ddim_step(
+    sched, eps: torch.Tensor, t: int, t_prev: int, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One deterministic DDIM step (eta 0) written out so it stays differentiable; returns (x_prev, x0)."""
+    ac = sched.alphas_cumprod.to(x.device)
+    a_t = ac[t]
+    a_prev = ac[t_prev] if t_prev >= 0 else torch.tensor(1.0, device=x.device)
+    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
+
+
+class FairnessLoss(nn.Module):
+    """Computes lever 3's loss terms for a step, given the backbone (whose UNet carries the LoRA)."""
+
+    def __init__(self, cfg: FairnessConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.classifier = load_classifier(cfg.classifier)
+
+    def _eps(self, unet, x, t, ctx, guidance):
+        inp = torch.cat([x, x])
+        tt = torch.full((inp.shape[0],), int(t), device=x.device, dtype=torch.long)
+
+        def call(inp, tt, ctx):
+            return unet(inp, tt, encoder_hidden_states=ctx).sample
+
+        if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
+            out = checkpoint(call, inp, tt, ctx, use_reentrant=False)
+        else:
+            out = call(inp, tt, ctx)
+        e_u, e_c = out.chunk(2)
+        return e_u + guidance * (e_c - e_u)
+
+    def generate(self, backbone, prompts: list[str], noise: torch.Tensor) -> torch.Tensor:
+        """x0 estimates (UNet space) through the configured differentiable path."""
+        cfg = self.cfg
+        sched = backbone.noise_scheduler
+        T = sched.config.num_train_timesteps
+        ctx = torch.cat([backbone.encode_prompts([""] * len(prompts)), backbone.encode_prompts(prompts)])
+        unet = backbone.unet
+        n_steps = cfg.full_chain_steps if cfg.path == "full_chain" else cfg.ddim_steps
+        if cfg.path == "one_step":
+            n_steps = cfg.ddim_steps
+        ts = np.linspace(T - 1, 0, n_steps + 1).round().astype(int)[:-1].tolist()
+        x = noise
+        if cfg.path == "one_step":
+            with torch.no_grad():
+                for t, t_prev in zip(ts, ts[1:] + [-1]):
+                    if t <= cfg.one_step_t:
+                        break
+                    eps = self._eps(unet, x, t, ctx, cfg.guidance_scale)
+                    x, _ = _ddim_step(sched, eps, t, max(t_prev, cfg.one_step_t), x)
+            eps = self._eps(unet, x, cfg.one_step_t, ctx, cfg.guidance_scale)
+            _, x0 = _ddim_step(sched, eps, cfg.one_step_t, -1, x)
+            return x0
+        x0 = x
+        for t, t_prev in zip(ts, ts[1:] + [-1]):
+            inp = x.detach() if cfg.detach_inputs else x
+            eps = self._eps(unet, inp, t, ctx, cfg.guidance_scale)
+            x, x0 = _ddim_step(sched, eps, t, t_prev, inp)
+        return x0
+
+    def forward(
+        self, backbone, concepts: list[str], targets: torch.Tensor, generator: torch.Generator
+    ) -> dict:
+        """Loss terms for ``concepts`` (each with ``samples_per_concept`` images) and their targets
+        ``(len(concepts), K)``."""
+        cfg = self.cfg
+        m = cfg.samples_per_concept
+        prompts = [cfg.prompt.format(concept=c) for c in concepts for _ in range(m)]
+        shape = (len(prompts), backbone.latent_channels, backbone.latent_size, backbone.latent_size)
+        device = next(backbone.unet.parameters()).device
+        noise = torch.randn(shape, generator=generator).to(device)
+        x0 = self.generate(backbone, prompts, noise)
+        x_in = backbone.to_pixels(x0) if cfg.classifier.input == "pixels" else x0
+        logits = self.classifier(x_in) / cfg.classifier.temperature
+        probs = logits.softmax(-1)
+        align = torch.stack(
+            [
+                alignment_loss(
+                    probs[i * m : (i + 1) * m],
+                    logits[i * m : (i + 1) * m],
+                    targets[i].to(device),
+                    method=cfg.alignment,
+                    threshold=cfg.ot_threshold,
+                )
+                for i in range(len(concepts))
+            ]
+        ).mean()
+        preserve = x0.sum() * 0.0
+        if cfg.preservation_weight > 0:
+            with torch.no_grad(), _adapters_disabled(backbone.unet):
+                ref = self.generate(backbone, prompts, noise)
+            preserve = F.mse_loss(x0.float(), ref.float())
+        share = probs.detach().view(len(concepts), m, -1).mean(1)
+        return {"align": align, "preserve": preserve, "share": share}
+
+
+class _adapters_disabled:
+    """Run the UNet as the frozen base model (peft adapters off), without a second copy."""
+
+    def __init__(self, unet) -> None:
+        self.unet = unet
+        self.has = bool(getattr(unet, "_hf_peft_config_loaded", False))
+
+    def __enter__(self):
+        if self.has:
+            self.unet.disable_adapters()
+
+    def __exit__(self, *exc):
+        if self.has:
+            self.unet.enable_adapters()
