@@ -27,26 +27,20 @@ RUNNER = (
 )
 
 
-def train_arm(arm: str, steps: int, out_root) -> dict:
+def train_arm(arm: str, steps: int, out_root, target: str | None) -> dict:
     run = out_root / arm
-    cmd = [
-        sys.executable,
-        "-c",
-        RUNNER,
-        "fit",
-        "--config",
-        str(ROOT / "configs/colored_digits/lora.yaml"),
-        "--config",
-        str(ROOT / f"configs/ablations/{arm}.yaml"),
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.default_root_dir",
-        str(run),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--data.source.path",
-        str(DATA / "table"),
-    ]
+    overlays = [ROOT / f"configs/ablations/{arm}.yaml"]
+    if target:
+        overlays.append(ROOT / f"configs/targets/{target}.yaml")
+    cmd = [sys.executable, "-c", RUNNER, "fit", "--config", str(ROOT / "configs/colored_digits/lora.yaml")]
+    for o in overlays:
+        cmd += ["--config", str(o)]
+    cmd += [
+        "--trainer.max_steps", str(steps),
+        "--trainer.default_root_dir", str(run),
+        "--trainer.enable_progress_bar", "false",
+        "--data.source.path", str(DATA / "table"),
+    ]  # fmt: skip
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - t0
@@ -79,6 +73,11 @@ def main() -> None:
         q = [props[c] for c in judges.colors]
     results = {}
     for arm in ["base", *args.arms]:
+        # A finished arm is kept in runs/bench/<name>/<arm>.json, so an interrupted run resumes.
+        cache = out_root / f"{arm}.json"
+        if cache.exists():
+            results[arm] = json.loads(cache.read_text())
+            continue
         bb = Backbone.from_config(BackboneConfig(kind="tiny", pretrained="colored-digits-16"))
         info = {}
         if arm != "base":
@@ -95,6 +94,8 @@ def main() -> None:
             },
             **ev["summary"],
         }
+        out_root.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(results[arm]))
         print(
             arm, json.dumps({k: results[arm][k] for k in ("mean_dev_seen", "mean_dev_heldout", "fidelity")})
         )

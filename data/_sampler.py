@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -108,9 +109,10 @@ class WeightedEpochSampler(Sampler[int]):
         self.epoch = epoch
 
     def epoch_draw(self) -> torch.Tensor:
-        """The whole epoch's draw, before it is dealt to ranks."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.multinomial(self.weights, self.total, replacement=True, generator=g)
+        """The whole epoch's draw, before it is dealt to ranks (numpy: no limit on the record count)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        p = self.weights.numpy()
+        return torch.from_numpy(rng.choice(len(p), size=self.total, replace=True, p=p / p.sum()))
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.epoch_draw()[self.rank :: self.world_size].tolist())

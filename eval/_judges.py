@@ -127,7 +127,9 @@ class SmallCNN(nn.Module):
             tint cannot leak into the decision (the digit judge).
     """
 
-    def __init__(self, num_classes: int, width: int = 32, feature_dim: int = 64, ink_only: bool = False) -> None:
+    def __init__(
+        self, num_classes: int, width: int = 32, feature_dim: int = 64, ink_only: bool = False
+    ) -> None:
         super().__init__()
         self.ink_only = ink_only
         w = width

@@ -147,7 +147,9 @@ def adversary_losses(
         LoRA's own term, for logging), ``accuracy`` and ``majority`` (the majority-class rate).
     """
     known = groups >= 0
-    zero = features.sum() * 0.0
+    # A zero that still touches every head weight, so DDP reduces their (zero) gradients on a rank
+    # whose batch has no usable example instead of waiting for them.
+    zero = features.sum() * 0.0 + sum(p.sum() for p in head.parameters()) * 0.0
     if not known.any():
         return {k: zero for k in ("total", "head_loss", "lora_loss", "accuracy", "majority")}
     f, y, q = features[known], groups[known], target[known]

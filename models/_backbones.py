@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -133,10 +134,10 @@ class TinyTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin)
         """Images in [0, 1], ``(B, 3, H, W)``."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        noise = torch.randn(
-            (len(prompts), 3, self.unet.config.sample_size, self.unet.config.sample_size),
-            generator=generator,
-        )
+        from diffusers.utils.torch_utils import randn_tensor
+
+        size = self.unet.config.sample_size
+        noise = randn_tensor((len(prompts), 3, size, size), generator=generator, device=self.unet.device)
         return self._backbone.denoise(
             prompts, noise, steps=num_inference_steps, guidance_scale=guidance_scale, scheduler=self.scheduler
         )
@@ -164,7 +165,7 @@ class Backbone(nn.Module):
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.tokenizer = tokenizer
         self.noise_scheduler = noise_scheduler
-        self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -207,7 +208,7 @@ class Backbone(nn.Module):
                 prediction_type=config.prediction_type,
                 clip_sample=True,
             )
-        config.text_encoder = str(te_path) if config.text_encoder else None
+        config.text_encoder = str(te_path) if (config.text_encoder or meta.get("text_encoder")) else None
         return cls(config, unet, text_encoder, tokenizer, scheduler)
 
     @classmethod
@@ -289,24 +290,33 @@ class Backbone(nn.Module):
         ).to(device)
         return self.text_encoder(tok["input_ids"])[0]
 
+    PROMPT_CACHE_SIZE = 4096
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Token states ``(B, L, D)`` of the frozen text encoder; each distinct prompt is encoded once."""
-        missing = sorted({p for p in prompts if p not in self._prompt_cache})
-        if missing:
-            states = self._encode_uncached(missing)
-            for p, s in zip(missing, states):
-                self._prompt_cache[p] = s
+        """Token states ``(B, L, D)`` of the frozen text encoder.
+
+        Distinct prompts are encoded one at a time (so a prompt's states never depend on what it was
+        batched with) and kept on the CPU in a bounded LRU cache.
+        """
+        cache = self._prompt_cache
+        for p in dict.fromkeys(prompts):
+            if p in cache:
+                cache.move_to_end(p)
+            else:
+                cache[p] = self._encode_uncached([p])[0].cpu()
+                if len(cache) > self.PROMPT_CACHE_SIZE:
+                    cache.popitem(last=False)
         device = next(self.unet.parameters()).device
-        return torch.stack([self._prompt_cache[p] for p in prompts]).to(device)
+        return torch.stack([cache[p] for p in prompts]).to(device)
 
     # ----------------------------------------------------------------- image space
-    def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Training pixels in [-1, 1] to what the UNet denoises."""
+    def to_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training pixels in [-1, 1] to what the UNet denoises (the VAE's draw from ``generator``)."""
         if self.vae is None:
             return pixels
         with torch.no_grad():
-            lat = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
+            lat = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample(generator=generator)
         return lat * self.vae.config.scaling_factor
 
     def to_pixels(self, latents: torch.Tensor) -> torch.Tensor:

@@ -23,37 +23,76 @@ FULL = [p for p in ALL if _is_full(p)]
 OVERLAYS = [p for p in ALL if not _is_full(p)]
 
 
-def _instantiate(*paths, tmp_path):
+@pytest.fixture(scope="module")
+def classifier_weights(tmp_path_factory):
+    """Stand-in weights for lever 3's classifier (the real ones come from `fairtune classifier train`)."""
+    from safetensors.torch import save_file
+
+    from fairtune.eval import SmallCNN
+
+    path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
+    save_file(SmallCNN(2, 8, 16).state_dict(), str(path))
+    return path
+
+
+def _uses_fairness(paths) -> bool:
+    return any((yaml.safe_load(p.read_text()) or {}).get("model", {}).get("fairness") for p in paths)
+
+
+def _instantiate(*paths, tmp_path, classifier=None):
     args = []
     for p in paths:
         args += ["--config", str(p)]
     args += ["--trainer.default_root_dir", str(tmp_path)]
+    if _uses_fairness(paths):
+        args += ["--model.fairness.classifier.weights", str(classifier)]
     return FairtuneCLI(DebiasModule, AttributeDataModule, args=args, run=False)
 
 
 @pytest.mark.parametrize("path", FULL, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_full_config_instantiates(path, tmp_path):
-    cli = _instantiate(path, tmp_path=tmp_path)
+def test_full_config_instantiates(path, tmp_path, classifier_weights):
+    cli = _instantiate(path, tmp_path=tmp_path, classifier=classifier_weights)
     assert isinstance(cli.model, DebiasModule)
     assert cli.trainer.max_steps > 0
 
 
 @pytest.mark.parametrize("path", OVERLAYS, ids=lambda p: str(p.relative_to(CONFIGS)))
-def test_overlay_instantiates_on_the_lora_base(path, tmp_path):
-    cli = _instantiate(LORA_BASE, path, tmp_path=tmp_path)
+def test_overlay_instantiates_on_the_lora_base(path, tmp_path, classifier_weights):
+    cli = _instantiate(LORA_BASE, path, tmp_path=tmp_path, classifier=classifier_weights)
     assert cli.model.lora is not None
 
 
-# arm -> levers it must build (the other two levers are issue 4's)
-ARMS = {"naive": set(), "sampler": {"sampler"}}
+# arm -> levers it must build
+ARMS = {
+    "naive": set(),
+    "sampler": {"sampler"},
+    "adversary": {"adversary"},
+    "fairness": {"fairness"},
+    "sampler_adversary": {"sampler", "adversary"},
+    "sampler_fairness": {"sampler", "fairness"},
+    "all": {"sampler", "adversary", "fairness"},
+}
+
+
+def test_every_arm_has_an_overlay():
+    assert {p.stem for p in (CONFIGS / "ablations").glob("*.yaml")} == set(ARMS)
 
 
 @pytest.mark.parametrize("arm", sorted(ARMS))
-def test_ablation_arm_builds_exactly_its_levers(arm, tmp_path):
-    cli = _instantiate(LORA_BASE, CONFIGS / "ablations" / f"{arm}.yaml", tmp_path=tmp_path)
+def test_ablation_arm_builds_exactly_its_levers(arm, tmp_path, classifier_weights):
+    cli = _instantiate(
+        LORA_BASE, CONFIGS / "ablations" / f"{arm}.yaml", tmp_path=tmp_path, classifier=classifier_weights
+    )
     built = set()
     if cli.datamodule.rebalance is not None:
         built.add("sampler")
+    if cli.model.adversary is not None:
+        assert cli.model._features is not None  # its hook is on the mid block
+        built.add("adversary")
+    else:
+        assert not cli.model.backbone.unet.mid_block._forward_hooks
+    if cli.model.fairness_loss is not None:
+        built.add("fairness")
     assert built == ARMS[arm]
 
 

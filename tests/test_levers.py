@@ -201,24 +201,71 @@ def test_all_levers_train_on_both_backbones(kind, classifier_file, digits_dir, t
         lora=LoraConfig(rank=4),
         adversary=AdversaryConfig(warmup_steps=0, lr=1e-2),
         fairness=FairnessConfig(
-            classifier=classifier_file, start_step=0, ramp_steps=0, every_k_steps=2,
-            samples_per_concept=4, concepts_per_step=2, ddim_steps=2,
+            classifier=classifier_file,
+            start_step=0,
+            ramp_steps=0,
+            every_k_steps=2,
+            samples_per_concept=4,
+            concepts_per_step=2,
+            ddim_steps=2,
         ),
     )
     dm = AttributeDataModule(
-        source=SourceConfig(path=str(digits_dir / "table")), rebalance=RebalanceConfig(),
-        concepts=["digit 0", "digit 1"], batch_size=8, samples_per_epoch=32,
+        source=SourceConfig(path=str(digits_dir / "table")),
+        rebalance=RebalanceConfig(),
+        concepts=["digit 0", "digit 1"],
+        batch_size=8,
+        samples_per_epoch=32,
     )
     trainer = L.Trainer(
-        max_steps=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, use_distributed_sampler=False, log_every_n_steps=1,
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        log_every_n_steps=1,
     )
     trainer.fit(module, dm)
     assert module.head is not None
     assert module.fairness.concepts == ["digit 0", "digit 1"]  # taken from the data module
     logged = trainer.logged_metrics
-    for key in ("adversary/head_loss", "adversary/accuracy", "adversary/majority_rate",
-                "fairness/align", "fairness/preserve"):
+    for key in (
+        "adversary/head_loss",
+        "adversary/accuracy",
+        "adversary/majority_rate",
+        "fairness/align",
+        "fairness/preserve",
+    ):
         assert key in logged, key
     assert torch.isfinite(logged["train/loss"])
     assert logged["fairness/preserve"] >= 0
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_ddim_step_recovers_x0_for_both_prediction_types(kind):
+    from diffusers import DDPMScheduler
+
+    from fairtune.train._fairness import _ddim_step
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    sched = DDPMScheduler(prediction_type=kind)
+    t = 500
+    a = sched.alphas_cumprod[t]
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    out = eps if kind == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+    x_prev, got = _ddim_step(sched, out, t, 250, xt)
+    torch.testing.assert_close(got, x0, atol=1e-4, rtol=1e-4)
+    a_prev = sched.alphas_cumprod[250]
+    torch.testing.assert_close(x_prev, a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, atol=1e-4, rtol=1e-4)
+
+
+def test_adversary_zero_loss_still_touches_the_head():
+    head = AttributeHead(4, 2, hidden=4)
+    f = torch.randn(3, 4, requires_grad=True)
+    out = adversary_losses(
+        head, f, torch.tensor([-1, -1, -1]), torch.full((3, 2), 0.5), loss="confusion", lam=1.0
+    )
+    out["total"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in head.parameters())

@@ -102,7 +102,7 @@ def test_fit_cli_writes_run_folder_and_adapter(digits_dir, tmp_path):
     assert (run / "checkpoints" / "last.ckpt").exists()
     weights = load_file(str(run / "adapter" / LORA_WEIGHT_NAME))
     assert weights and all(k.startswith("unet.") for k in weights)
-    assert "train/diffusion_loss" in (run / "metrics.csv").read_text()
+    assert "train/diffusion_loss" in (run / "logs" / "version_0" / "metrics.csv").read_text()
 
 
 def test_full_finetune_exports_a_loadable_model(digits_dir, tmp_path):
@@ -172,6 +172,13 @@ def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):
     assert step_at_kill < 40
 
     subprocess.run(_fit_cmd(cfg), check=True, env=env, capture_output=True)  # the same command
+    # it resumed: the second launch's log starts where the checkpoint left off, not at step 0
+    import csv
+
+    with open(tmp_path / "killed" / "logs" / "version_1" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert min(steps) >= step_at_kill > 0
+    assert (tmp_path / "killed" / "logs" / "version_0" / "metrics.csv").exists()  # history kept
     ref = load_file(str(tmp_path / "ref" / "adapter" / LORA_WEIGHT_NAME))
     got = load_file(str(adapter))
     assert ref.keys() == got.keys()

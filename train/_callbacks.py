@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from fairtune.models import save_lora
@@ -40,7 +41,8 @@ class ExportWeights(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if self.every_n_steps and stepped and step > 0 and step % self.every_n_steps == 0:
             self.export(trainer, module)
 
     def on_train_end(self, trainer, module) -> None:
@@ -56,8 +58,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(checkpoint, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict:
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint that saves on the *last batch* of every epoch (``on_train_batch_end``).
+
+    Saved there, a resumed run starts the next epoch cleanly. Saved in ``on_train_epoch_end`` (the
+    stock behaviour), Lightning resumes by running one more batch of the finished epoch, drawn from
+    the next epoch's sampler, and then starts that epoch again: the data order shifts and the resumed
+    run no longer matches an uninterrupted one.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last = batch_idx + 1 == trainer.num_training_batches
+        if last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass

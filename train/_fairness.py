@@ -87,7 +87,9 @@ class FairnessConfig:
             prediction to the target.
         ot_threshold: ``ot`` only: a sample already in its assigned class with this confidence adds
             no loss.
-        preservation_weight: Weight of the pixel MSE to the adapter-disabled output (same noise).
+        preservation_weight: Weight of the MSE between the ink maps (attribute-free: distance to the
+            background colour) of the output and of the adapter-disabled output from the same noise
+            and prompt; it ramps with λ.
         classifier: The frozen classifier.
     """
 
@@ -168,14 +170,23 @@ def alignment_loss(
     return (ce * (~settled)).sum() / len(ce)
 
 
-def _ddim_step(
-    sched, eps: torch.Tensor, t: int, t_prev: int, x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One deterministic DDIM step (eta 0) written out so it stays differentiable; returns (x_prev, x0)."""
+def _ddim_step(sched, out: torch.Tensor, t: int, t_prev: int, x: torch.Tensor):
+    """One deterministic DDIM step (eta 0), written out so it stays differentiable: (x_prev, x0).
+
+    ``out`` is the UNet's (guided) prediction: noise, or velocity for a v-prediction model.
+    """
     ac = sched.alphas_cumprod.to(x.device)
     a_t = ac[t]
     a_prev = ac[t_prev] if t_prev >= 0 else torch.tensor(1.0, device=x.device)
-    x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    kind = sched.config.prediction_type
+    if kind == "v_prediction":
+        x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+        eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
+    elif kind == "epsilon":
+        eps = out
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    else:
+        raise ValueError(f"the fairness path supports epsilon and v_prediction, not {kind!r}")
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
 
 
@@ -261,7 +272,11 @@ class FairnessLoss(nn.Module):
         if cfg.preservation_weight > 0:
             with torch.no_grad(), _adapters_disabled(backbone.unet):
                 ref = self.generate(backbone, prompts, noise)
-            preserve = F.mse_loss(x0.float(), ref.float())
+            # Compared on the ink map (distance to the background colour): shape, placement and
+            # contrast are kept, while the attribute (the ink's colour) is free to change.
+            from fairtune.eval import ink_map
+
+            preserve = F.mse_loss(ink_map(backbone.to_pixels(x0)), ink_map(backbone.to_pixels(ref)))
         share = probs.detach().view(len(concepts), m, -1).mean(1)
         return {"align": align, "preserve": preserve, "share": share}
 

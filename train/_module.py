@@ -112,6 +112,11 @@ class DebiasModule(L.LightningModule):
         self._features: MidBlockFeatures | None = None
         self.fairness_loss: FairnessLoss | None = None
         if fairness is not None:
+            if lora is None and fairness.preservation_weight > 0:
+                raise ValueError(
+                    "model.fairness.preservation_weight > 0 needs model.lora: the reference is the same "
+                    "UNet with its adapter disabled"
+                )
             self.fairness_loss = FairnessLoss(fairness)
         if adversary is not None:
             if adversary.loss not in ("confusion", "reversal"):
@@ -159,13 +164,24 @@ class DebiasModule(L.LightningModule):
                     p.copy_(s)
 
     # ----------------------------------------------------------------- the step
-    def step_generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
+    def step_generator(self, batch_idx: int = 0) -> torch.Generator:
+        """The randomness of one micro-batch: a function of (seed, optimizer step, micro-batch, rank)
+        alone, so a resumed run draws what an uninterrupted one would and DDP ranks differ."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        rank = self.global_rank if self._trainer is not None else 0
+        micro = batch_idx % accumulate
+        key = ((self.seed * 1_000_003 + self.global_step) * 64 + micro) * 4096 + rank
+        return torch.Generator().manual_seed(key)
+
+    def _optimizer_steps_now(self, batch_idx: int) -> bool:
+        if self._trainer is None:
+            return True
+        return (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
 
     def diffusion_loss(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         bb = self.backbone
         sched = bb.noise_scheduler
-        latents = bb.to_latents(batch["pixels"])
+        latents = bb.to_latents(batch["pixels"], generator=g)
         n = latents.shape[0]
         noise = torch.randn(latents.shape, generator=g).to(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=g).to(latents.device)
@@ -189,7 +205,7 @@ class DebiasModule(L.LightningModule):
         return per_sample.mean(), {"t": t, "dropped": drop.to(t.device), "noisy": noisy}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        g = self.step_generator()
+        g = self.step_generator(batch_idx)
         # 1. the diffusion loss on (rebalanced) real data: always on, it anchors quality
         loss, aux = self.diffusion_loss(batch, g)
         self.log("train/diffusion_loss", loss, prog_bar=True, sync_dist=True)
@@ -197,7 +213,11 @@ class DebiasModule(L.LightningModule):
         if self.adversary is not None:
             loss = loss + self.adversary_step(batch, aux)
         # 3. the fairness loss generates its own images every k steps
-        if self.fairness is not None and self.fairness.active(self.global_step):
+        if (
+            self.fairness is not None
+            and self.fairness.active(self.global_step)
+            and self._optimizer_steps_now(batch_idx)
+        ):
             loss = loss + self.fairness_step(g)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("train/loss", loss, sync_dist=True)
@@ -243,7 +263,7 @@ class DebiasModule(L.LightningModule):
             raise ValueError("model.fairness.concepts is empty and the data module gave none")
         pick = torch.randperm(len(pool), generator=g)[: cfg.concepts_per_step].tolist()
         concepts = [pool[i] for i in pick]
-        targets = self._targets_for(concepts)
+        targets = self._targets_for(concepts).to(self.device)
         out = self.fairness_loss(self.backbone, concepts, targets, g)
         lam = cfg.lam(self.global_step)
         self.log_dict(
@@ -259,10 +279,12 @@ class DebiasModule(L.LightningModule):
             },
             sync_dist=True,
         )
-        return lam * out["align"] + cfg.preservation_weight * out["preserve"]
+        # The preservation term ramps with λ: before the alignment pushes, there is nothing to hold.
+        ramp = lam / cfg.weight if cfg.weight > 0 else 1.0
+        return lam * out["align"] + ramp * cfg.preservation_weight * out["preserve"]
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self._ema is None:
+        if self._ema is None or not self._optimizer_steps_now(batch_idx):
             return
         step = self.global_step
         decay = self.ema_config.decay
@@ -286,7 +308,12 @@ class DebiasModule(L.LightningModule):
             weight_decay=self.optim.weight_decay,
             betas=tuple(self.optim.betas),
         )
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else None
+        total = None
+        if self._trainer is not None:
+            total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+            if total is None:
+                est = self.trainer.estimated_stepping_batches
+                total = int(est) if est != float("inf") else None
         warm = max(0, self.optim.warmup_steps)
 
         def factor(step: int) -> float:
