@@ -50,6 +50,40 @@ def train_arm(arm: str, steps: int, out_root, target: str | None) -> dict:
     return {"run": str(run), "train_seconds": seconds, "peak_rss_mb": peak[-1] / 1024 if peak else None}
 
 
+def report(args, q, results) -> None:
+    """Write the table so far (after every arm, so an interrupted run still leaves its numbers)."""
+    naive_s = results.get("naive", {}).get("train_seconds")
+    for r in results.values():
+        if naive_s and r.get("train_seconds"):
+            r["time_ratio_vs_naive"] = r["train_seconds"] / naive_s
+    lines = [
+        f"# {args.name}: LoRA arms ({args.steps} steps, rank 8, lr 2e-3 cosine, batch 64, digits 0-7; "
+        f"target red {q[0]:.2f}; N={args.n} per digit, guidance 2, hue judge)",
+        "",
+        "| arm | "
+        + " | ".join(f"d{d}" for d in range(10))
+        + " | mean dev 0-7 | worst 0-7 | mean dev 8-9 | fidelity | FD | train s | × naive | peak MB |",
+        "|---|" + "---|" * 10 + "---|---|---|---|---|---|---|---|",
+    ]
+    for arm, r in results.items():
+        lines.append(
+            f"| {arm} | "
+            + " | ".join(f"{s:.2f}" for s in r["red_share"])
+            + f" | {r['mean_dev_seen']:.3f} | {r['worst_dev_seen']:.3f} | {r['mean_dev_heldout']:.3f}"
+            + f" | {r['fidelity']:.3f} | {r['frechet']:.2f}"
+            + f" | {r.get('train_seconds', 0):.0f} | {r.get('time_ratio_vs_naive', 0):.2f}"
+            + f" | {r.get('peak_rss_mb') or 0:.0f} |"
+        )
+    lines += [
+        "",
+        "Columns d0-d9: red share per digit. dev = max over colours of |share − target| (for two "
+        "colours |red share − target red|). Train seconds: wall time of the whole `fairtune fit` "
+        "process (the same start-up cost in every arm).",
+    ]
+    payload = {"steps": args.steps, "n": args.n, "target": q, "arms": results}
+    write_results(args.name, payload, "\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="sampler")
@@ -99,36 +133,8 @@ def main() -> None:
         print(
             arm, json.dumps({k: results[arm][k] for k in ("mean_dev_seen", "mean_dev_heldout", "fidelity")})
         )
-    naive_s = results.get("naive", {}).get("train_seconds")
-    for r in results.values():
-        if naive_s and r.get("train_seconds"):
-            r["time_ratio_vs_naive"] = r["train_seconds"] / naive_s
-    lines = [
-        f"# {args.name}: LoRA arms ({args.steps} steps, rank 8, lr 2e-3 cosine, batch 64, digits 0-7; "
-        f"target red {q[0]:.2f}; N={args.n} per digit, guidance 2, hue judge)",
-        "",
-        "| arm | "
-        + " | ".join(f"d{d}" for d in range(10))
-        + " | mean dev 0-7 | worst 0-7 | mean dev 8-9 | fidelity | FD | train s | × naive | peak MB |",
-        "|---|" + "---|" * 10 + "---|---|---|---|---|---|---|---|",
-    ]
-    for arm, r in results.items():
-        lines.append(
-            f"| {arm} | "
-            + " | ".join(f"{s:.2f}" for s in r["red_share"])
-            + f" | {r['mean_dev_seen']:.3f} | {r['worst_dev_seen']:.3f} | {r['mean_dev_heldout']:.3f}"
-            + f" | {r['fidelity']:.3f} | {r['frechet']:.2f}"
-            + f" | {r.get('train_seconds', 0):.0f} | {r.get('time_ratio_vs_naive', 0):.2f}"
-            + f" | {r.get('peak_rss_mb') or 0:.0f} |"
-        )
-    lines += [
-        "",
-        "Columns d0-d9: red share per digit. dev = max over colours of |share − target| (for two "
-        "colours |red share − target red|). Train seconds: wall time of the whole `fairtune fit` "
-        "process (the same start-up cost in every arm).",
-    ]
-    payload = {"steps": args.steps, "n": args.n, "target": q, "arms": results}
-    write_results(args.name, payload, "\n".join(lines) + "\n")
+        report(args, q, results)
+    report(args, q, results)
 
 
 if __name__ == "__main__":
