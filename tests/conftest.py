@@ -36,3 +36,18 @@ def tiny_sd(tmp_path_factory):
     from fairtune.models import make_tiny_stable_diffusion
 
     return make_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd") / "sd")
+
+
+def smoke_trainer(max_steps: int = 3):
+    """A Lightning Trainer for smoke runs: CPU, no logger, no checkpoints, our sampler kept."""
+    import lightning as L
+
+    return L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        log_every_n_steps=1,
+    )

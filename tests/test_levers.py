@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import smoke_trainer
 
 from fairtune.data import AttributeSpec, Target, TargetConfig
 from fairtune.models import (
@@ -186,7 +187,6 @@ def test_mid_block_hook_works_on_stable_diffusion_unet(tiny_sd):
 
 @pytest.mark.parametrize("kind", ["tiny", "sd"])
 def test_all_levers_train_on_both_backbones(kind, classifier_file, digits_dir, tiny_sd):
-    import lightning as L
 
     from fairtune.data import AttributeDataModule, RebalanceConfig, SourceConfig
 
@@ -217,15 +217,7 @@ def test_all_levers_train_on_both_backbones(kind, classifier_file, digits_dir, t
         batch_size=8,
         samples_per_epoch=32,
     )
-    trainer = L.Trainer(
-        max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        log_every_n_steps=1,
-    )
+    trainer = smoke_trainer(max_steps=3)
     trainer.fit(module, dm)
     assert module.head is not None
     assert module.fairness.concepts == ["digit 0", "digit 1"]  # taken from the data module

@@ -5,10 +5,10 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import smoke_trainer
 from safetensors.torch import load_file
 
 from fairtune.data import AttributeDataModule, RebalanceConfig, SourceConfig
@@ -69,14 +69,7 @@ def test_lora_step_trains_only_the_adapter(digits_dir):
         samples_per_epoch=16,
     )
     before = {k: v.clone() for k, v in module.backbone.unet.state_dict().items()}
-    trainer = L.Trainer(
-        max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
+    trainer = smoke_trainer(max_steps=3)
     trainer.fit(module, dm)
     after = module.backbone.unet.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
