@@ -178,3 +178,25 @@ def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5)
     assert torch.load(last, weights_only=True)["global_step"] == 40
+
+
+def test_stable_diffusion_trains_and_exports_through_the_same_module(digits_dir, tiny_sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    cfg = _config(
+        digits_dir,
+        tmp_path / "sd",
+        **{
+            "model.backbone": {"kind": "sd", "pretrained": str(tiny_sd)},
+            "data.image_size": 16,
+            "data.rebalance": {},
+            "trainer.max_steps": 2,
+        },
+    )
+    main(["fit", "--config", str(cfg)])
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(tmp_path / "sd" / "adapter"))
+    assert pipe.unet.peft_config  # the run's adapter is on the user's pipeline
+    out = pipe("a handwritten digit 3", num_inference_steps=2, output_type="pt").images
+    assert out.shape == (1, 3, 16, 16)
