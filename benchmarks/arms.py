@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--target", default=None, help="a configs/targets/ overlay, e.g. red30_blue70")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--report-only", action="store_true", help="tabulate the finished arms, train nothing")
     args = ap.parse_args()
     from pathlib import Path
 
@@ -111,6 +112,8 @@ def main() -> None:
         cache = out_root / f"{arm}.json"
         if cache.exists():
             results[arm] = json.loads(cache.read_text())
+            continue
+        if args.report_only:
             continue
         bb = Backbone.from_config(BackboneConfig(kind="tiny", pretrained="colored-digits-16"))
         info = {}
