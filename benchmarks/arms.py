@@ -27,7 +27,7 @@ RUNNER = (
 )
 
 
-def train_arm(arm: str, steps: int, out_root, target: str | None) -> dict:
+def train_arm(arm: str, steps: int, out_root, target: str | None, overrides: list[str] = ()) -> dict:
     run = out_root / arm
     overlays = [ROOT / f"configs/ablations/{arm}.yaml"]
     if target:
@@ -41,6 +41,9 @@ def train_arm(arm: str, steps: int, out_root, target: str | None) -> dict:
         "--trainer.enable_progress_bar", "false",
         "--data.source.path", str(DATA / "table"),
     ]  # fmt: skip
+    for kv in overrides:  # --set model.fairness.weight=2 -> --model.fairness.weight 2
+        key, _, value = kv.partition("=")
+        cmd += [f"--{key}", value]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     seconds = time.perf_counter() - t0
@@ -91,6 +94,7 @@ def main() -> None:
     ap.add_argument("--target", default=None, help="a configs/targets/ overlay, e.g. red30_blue70")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--n", type=int, default=128)
+    ap.add_argument("--set", nargs="*", default=[], help="overrides for every arm: key=value")
     ap.add_argument("--report-only", action="store_true", help="tabulate the finished arms, train nothing")
     args = ap.parse_args()
     from pathlib import Path
@@ -118,7 +122,7 @@ def main() -> None:
         bb = Backbone.from_config(BackboneConfig(kind="tiny", pretrained="colored-digits-16"))
         info = {}
         if arm != "base":
-            info = train_arm(arm, args.steps, out_root, args.target)
+            info = train_arm(arm, args.steps, out_root, args.target, args.set)
             load_adapter(bb, Path(info["run"]) / "adapter", fuse=True)
         ev = evaluate_backbone_on_digits(bb, judges, generation=gen, reference=ref, target=q)
         save_grid(ev["images"][:: args.n // 8][:80], RESULTS / f"{args.name}_{arm}_samples.png", per_row=8)

@@ -78,8 +78,9 @@ class FairnessConfig:
         ddim_steps: Steps of the short path.
         full_chain_steps: Steps of the full chain.
         one_step_t: Timestep of the one-step x0 estimate.
-        detach_inputs: Feed each step's input detached (Shen et al.'s adjusted direct fine-tuning):
-            the gradient reaches the UNet through each step's own output only.
+        detach_inputs: Feed the UNet each step's input detached (Shen et al.'s adjusted direct
+            fine-tuning): no gradient through the UNet's Jacobian, while the linear DDIM update keeps
+            every step's output on the loss's gradient path.
         gradient_checkpointing: Recompute UNet activations in the backward pass (memory for time).
         guidance_scale: Classifier-free guidance of the generated batch (as at judging).
         alignment: ``ot``: optimal-transport assignment of each concept's samples to target classes
@@ -173,7 +174,9 @@ def alignment_loss(
 def _ddim_step(sched, out: torch.Tensor, t: int, t_prev: int, x: torch.Tensor):
     """One deterministic DDIM step (eta 0), written out so it stays differentiable: (x_prev, x0).
 
-    ``out`` is the UNet's (guided) prediction: noise, or velocity for a v-prediction model.
+    ``out`` is the UNet's (guided) prediction: noise, or velocity for a v-prediction model. As in
+    diffusers' ``DDIMScheduler.step`` (defaults): with ``clip_sample`` the x0 estimate is clipped (the
+    noise estimate is kept), and ``t_prev < 0`` means the final step (alpha 1).
     """
     ac = sched.alphas_cumprod.to(x.device)
     a_t = ac[t]
@@ -187,7 +190,19 @@ def _ddim_step(sched, out: torch.Tensor, t: int, t_prev: int, x: torch.Tensor):
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     else:
         raise ValueError(f"the fairness path supports epsilon and v_prediction, not {kind!r}")
+    if getattr(sched.config, "clip_sample", False):
+        r = sched.config.clip_sample_range
+        x0 = x0.clamp(-r, r)
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
+
+
+def sampling_timesteps(sched, n_steps: int) -> list[int]:
+    """The timesteps diffusers' DDIM sampler visits in ``n_steps`` steps (same spacing as judging)."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(sched.config)
+    ddim.set_timesteps(n_steps)
+    return [int(t) for t in ddim.timesteps]
 
 
 class FairnessLoss(nn.Module):
@@ -216,17 +231,17 @@ class FairnessLoss(nn.Module):
         """x0 estimates (UNet space) through the configured differentiable path."""
         cfg = self.cfg
         sched = backbone.noise_scheduler
-        T = sched.config.num_train_timesteps
         ctx = torch.cat([backbone.encode_prompts([""] * len(prompts)), backbone.encode_prompts(prompts)])
         unet = backbone.unet
         n_steps = cfg.full_chain_steps if cfg.path == "full_chain" else cfg.ddim_steps
-        if cfg.path == "one_step":
-            n_steps = cfg.ddim_steps
-        ts = np.linspace(T - 1, 0, n_steps + 1).round().astype(int)[:-1].tolist()
+        # The sampler's own timesteps: starting at t=999 instead (alpha_bar ~ 1e-9 on a cosine
+        # schedule) blows the x0 estimate up by ~1e4 and the clamped images carry no gradient.
+        ts = sampling_timesteps(sched, n_steps)
+        prev = ts[1:] + [-1]
         x = noise
         if cfg.path == "one_step":
             with torch.no_grad():
-                for t, t_prev in zip(ts, ts[1:] + [-1]):
+                for t, t_prev in zip(ts, prev):
                     if t <= cfg.one_step_t:
                         break
                     eps = self._eps(unet, x, t, ctx, cfg.guidance_scale)
@@ -235,10 +250,24 @@ class FairnessLoss(nn.Module):
             _, x0 = _ddim_step(sched, eps, cfg.one_step_t, -1, x)
             return x0
         x0 = x
-        for t, t_prev in zip(ts, ts[1:] + [-1]):
+        for t, t_prev in zip(ts, prev):
+            # Adjusted direct fine-tuning (Shen et al.): the UNet reads a detached input, so no
+            # gradient flows through its Jacobian, but the DDIM update stays linear in x, so the
+            # loss still reaches every step's output, including the high-noise steps where the
+            # attribute is decided. (Detaching x itself would leave only the last step trained.)
             inp = x.detach() if cfg.detach_inputs else x
             eps = self._eps(unet, inp, t, ctx, cfg.guidance_scale)
-            x, x0 = _ddim_step(sched, eps, t, t_prev, inp)
+            x, x0 = _ddim_step(sched, eps, t, t_prev, x)
+        return x0
+        x0 = x
+        for t, t_prev in zip(ts, ts[1:] + [-1]):
+            # Adjusted direct fine-tuning (Shen et al.): the UNet reads a detached input, so no
+            # gradient flows through its Jacobian, but the DDIM update stays linear in x, so the
+            # loss still reaches every step's output, including the high-noise steps where the
+            # attribute is decided. (Detaching x itself would leave only the last step trained.)
+            inp = x.detach() if cfg.detach_inputs else x
+            eps = self._eps(unet, inp, t, ctx, cfg.guidance_scale)
+            x, x0 = _ddim_step(sched, eps, t, t_prev, x)
         return x0
 
     def forward(
