@@ -51,3 +51,25 @@ __all__ = [
 from ._tiny_sd import make_tiny_stable_diffusion  # noqa: E402
 
 __all__ += ["make_tiny_stable_diffusion"]
+
+from ._baselines import (  # noqa: E402
+    FairDiffusionConfig,
+    FairDiffusionPipeline,
+    PromptAugmentationConfig,
+    SemanticGuidance,
+    augment_prompts,
+    draw_classes,
+    fair_diffusion_sample,
+    unet_evals_per_image,
+)
+
+__all__ += [
+    "FairDiffusionConfig",
+    "FairDiffusionPipeline",
+    "PromptAugmentationConfig",
+    "SemanticGuidance",
+    "augment_prompts",
+    "draw_classes",
+    "fair_diffusion_sample",
+    "unet_evals_per_image",
+]
