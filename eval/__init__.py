@@ -65,3 +65,34 @@ __all__ = [
     "train_attribute_classifier",
     "train_judges",
 ]
+
+# The comparison (``fairtune compare`` / ``fairtune audit``) needs diffusers, the baselines and the
+# training package's classifier loader: imported on first use, so ``import fairtune.eval`` stays light.
+_COMPARE_EXPORTS = {
+    "CompareConfig": "._compare",
+    "JudgeConfig": "._compare",
+    "JudgePanel": "._compare",
+    "MethodConfig": "._compare",
+    "PromptEntry": "._compare",
+    "PromptGroup": "._compare",
+    "audit": "._compare",
+    "build_judges": "._compare",
+    "compare_methods": "._compare",
+    "colored_digits_prompts": "._compare",
+    "load_prompt_file": "._compare",
+    "load_reference_images": "._compare",
+    "mean_deviation_interval": "._compare",
+    "run_comparison": "._compare",
+    "write_metrics": "._compare",
+    "summary_markdown": "._report",
+    "write_report": "._report",
+}
+__all__ += list(_COMPARE_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _COMPARE_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_COMPARE_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
