@@ -19,16 +19,11 @@ DATA_SKEW = [0.95, 0.90, 0.85, 0.80, 0.75, 0.25, 0.20, 0.15, 0.10, 0.05]
 
 def ensure_assets():
     """Render the benchmark data and train the judges if they are not there yet; return the judges."""
-    from fairtune.data import ColoredDigitsConfig, build_colored_digits
-    from fairtune.eval import load_judges, train_attribute_classifier, train_judges
+    from fairtune.eval import load_judges
+    from fairtune.train._demo import prepare_assets
 
     torch.set_num_threads(2)
-    if not (DATA / "stats.json").exists():
-        build_colored_digits(ColoredDigitsConfig(), DATA)
-    if not (JUDGES / "judges.json").exists():
-        train_judges(DATA, JUDGES)
-    if not (CLASSIFIER / "classifier.json").exists():  # lever 3's classifier, not a judge
-        train_attribute_classifier(DATA, CLASSIFIER)
+    prepare_assets(DATA, JUDGES, CLASSIFIER)
     return load_judges(JUDGES)
 
 

@@ -151,7 +151,9 @@ def test_every_ddim_step_of_the_short_path_gets_gradient(classifier_file, detach
             outputs.append(output.sample)
 
     h = m.backbone.unet.register_forward_hook(keep, with_kwargs=True)
-    out = m.fairness_loss(m.backbone, ["digit 1", "digit 2"], torch.tensor([[1.0, 0.0]] * 2), torch.Generator())
+    out = m.fairness_loss(
+        m.backbone, ["digit 1", "digit 2"], torch.tensor([[1.0, 0.0]] * 2), torch.Generator()
+    )
     h.remove()
     assert len(outputs) == 3
     (out["align"] + out["share"].sum() * 0).backward()

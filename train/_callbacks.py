@@ -29,7 +29,24 @@ class ExportWeights(L.Callback):
     def _root(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath or trainer.default_root_dir)
 
+    def setup(self, trainer: L.Trainer, module, stage: str) -> None:
+        if _shards_parameters(trainer.strategy):
+            if module.lora is None:
+                raise ValueError(
+                    "a full fine-tune (model.lora: null) cannot be exported under a sharded strategy "
+                    f"({type(trainer.strategy).__name__}) yet; train with DDP, or with a LoRA adapter"
+                )
+            if getattr(module, "_ema", None) is not None:
+                raise ValueError(
+                    f"model.ema is not supported under {type(trainer.strategy).__name__}: the EMA copy "
+                    "would hold unsharded weights; set model.ema: null or train with DDP"
+                )
+
     def export(self, trainer: L.Trainer, module) -> Path | None:
+        """Write the export; called on every rank (a sharded strategy gathers the weights collectively),
+        rank zero writes. Returns the folder written, ``None`` on the other ranks."""
+        if _shards_parameters(trainer.strategy):
+            return self._export_sharded(trainer, module)
         if not trainer.is_global_zero:
             return None
         root = self._root(trainer)
@@ -38,6 +55,24 @@ class ExportWeights(L.Callback):
                 return save_lora(module.backbone.unet, root / "adapter").parent
             module.backbone.save_pretrained(root / "model")
             return root / "model"
+
+    def _export_sharded(self, trainer: L.Trainer, module) -> Path | None:
+        # FSDP: gather the full state dict (every rank takes part; rank zero receives it), then write
+        # the adapter from it. Names are cleaned of FSDP's wrapper prefixes.
+        from peft.utils import get_peft_model_state_dict
+
+        full = trainer.strategy.lightning_module_state_dict()
+        if not trainer.is_global_zero:
+            return None
+        prefix = "backbone.unet."
+        unet_sd = {}
+        for key, value in full.items():
+            key = key.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            if key.startswith(prefix) and "lora_" in key:
+                unet_sd[key[len(prefix) :]] = value
+        sd = get_peft_model_state_dict(module.backbone.unet, state_dict=unet_sd)
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+        return save_lora(module.backbone.unet, self._root(trainer) / "adapter", state_dict=sd).parent
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -85,3 +120,32 @@ class EpochCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pass
+
+
+def _shards_parameters(strategy) -> bool:
+    """Whether the strategy splits parameters across ranks (FSDP, DeepSpeed), so an export needs a
+    collective gather rather than rank zero reading its own copy."""
+    names = {cls.__name__ for cls in type(strategy).__mro__}
+    return bool(names & {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy"})
+
+
+class GradientCheckpointing(L.Callback):
+    """Recompute the UNet's activations in the backward pass instead of keeping them (diffusers'
+    ``enable_gradient_checkpointing``): much less activation memory for a large UNet (Stable
+    Diffusion at 512-1024 px), at the cost of about one more forward pass per step. The gradients are
+    the same. Turned on before the strategy wraps the model, so it composes with DDP and FSDP.
+
+    Args:
+        enabled: Turn it on.
+    """
+
+    def __init__(self, enabled: bool = False) -> None:
+        self.enabled = enabled
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if not self.enabled:
+            return
+        unet = pl_module.backbone.unet
+        if not getattr(unet, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"gradient_checkpointing.enabled: {type(unet).__name__} does not support it")
+        unet.enable_gradient_checkpointing()

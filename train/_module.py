@@ -332,7 +332,12 @@ class DebiasModule(L.LightningModule):
         # Keep checkpoints small and complete: trained weights (not the frozen text encoder, not the
         # fairness classifier), the adversary head, EMA.
         sd = checkpoint["state_dict"]
-        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        # (FSDP / activation-checkpointing wrappers prefix the names the state dict does not carry)
+        trained = {
+            n.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            for n, p in self.named_parameters()
+            if p.requires_grad
+        }
         checkpoint["state_dict"] = {k: v for k, v in sd.items() if k in trained}
         if self._ema is not None:
             checkpoint["ema"] = [e.clone() for e in self._ema]

@@ -3,6 +3,10 @@
 ``fairtune data colored-digits --out DIR``   render the ColoredDigits-Bias benchmark data
 ``fairtune judges train --data DIR --out DIR`` train and measure the benchmark's judges
 ``fairtune fit --config A.yaml [--config B.yaml]`` train (LightningCLI; resumes a killed run)
+``fairtune demo --out runs/demo``  the main job: train the debiased adapter, compare, report
+``fairtune compare --config C.yaml --out DIR``  every method on the same prompts, seeds and judges
+``fairtune audit --model PATH --prompts FILE --out DIR``  one model's judged attribute mix
+``fairtune sweep SPEC.yaml --out DIR [--workers N | --slurm true]``  ablation grid, resumable
 
 Every entry point is a typed function whose signature is its option schema (jsonargparse), so a
 misspelt option or a value of the wrong type fails before any work with a message naming it.
@@ -16,6 +20,9 @@ from pathlib import Path
 
 from fairtune.data import DEFAULT_RED_SHARE, ColoredDigitsConfig, build_colored_digits
 from fairtune.eval import JudgeTrainConfig, train_attribute_classifier, train_judges
+
+from ._demo import demo
+from ._sweep import sweep
 
 
 def colored_digits(
@@ -128,11 +135,17 @@ def main(argv: list[str] | None = None) -> None:
 
         run_fit_cli(None if from_shell else argv)
         return
+    from fairtune.eval._compare import audit_command, compare_command
+
     CLI(
         {
+            "demo": demo,
+            "compare": compare_command,
+            "audit": audit_command,
             "data": {"colored-digits": colored_digits},
             "judges": {"train": judges_train},
             "classifier": {"train": classifier_train},
+            "sweep": sweep,
         },
         args=argv,
         prog="fairtune",

@@ -1,0 +1,225 @@
+"""Ablation sweeps (issue 6): `fairtune sweep` trains every arm x seed with `fairtune fit`, judges it,
+resumes after an interruption without redoing finished runs, records a failed run without stopping,
+and aggregates per arm (mean and 95% t-interval over seeds)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy import stats
+from test_distributed import tiny_base, tiny_config  # noqa: F401 - tiny_base is a fixture
+
+from fairtune.models import LORA_WEIGHT_NAME
+from fairtune.train._sweep import SweepError, _error_summary, load_spec, run_sweep, t_interval
+from fairtune.train.cli import main
+
+ABLATIONS = Path(__file__).resolve().parent.parent / "configs" / "ablations"
+
+
+@pytest.fixture(scope="session")
+def quick_judges(digits_dir, tmp_path_factory):
+    """Judges trained for one epoch (seconds, not minutes): the sweep tests check the plumbing and the
+    aggregation, not the judges' accuracy (tests/test_judges.py does that with the full recipe)."""
+    from fairtune.eval import JudgeTrainConfig, train_judges
+
+    out = tmp_path_factory.mktemp("quick_judges")
+    train_judges(digits_dir, out, JudgeTrainConfig(digit_epochs=1, color_epochs=1, width=8, feature_dim=16))
+    return out
+
+
+def _spec(tmp_path, base, quick_judges, **extra) -> Path:
+    spec = {
+        "name": "tiny",
+        "base": [str(base)],
+        "arms": {
+            "naive": [str(ABLATIONS / "naive.yaml")],
+            # a misspelt key: fairtune fit refuses it before training
+            "broken": {
+                "configs": [str(ABLATIONS / "naive.yaml")],
+                "values": {"model.lora.rnk": 4},
+                "seeds": [0],
+            },
+            "sampler": [str(ABLATIONS / "sampler.yaml")],
+        },
+        "seeds": [0, 1],
+        "judge": {
+            "options": {
+                "judges": str(quick_judges),
+                "n_per_prompt": 2,
+                "steps": 2,
+                "digits": [0, 1, 8],
+                "color_judge": "cnn",  # the tiny random base draws noise: the hue judge abstains
+            },
+        },
+        "report": {"metrics": ["mean_dev_seen", "fidelity"]},
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _mtimes(run: Path) -> dict:
+    files = [run / "status.json", run / "fit.log", run / "adapter" / LORA_WEIGHT_NAME]
+    return {p: p.stat().st_mtime_ns for p in files}
+
+
+def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges, tiny_base, tmp_path):  # noqa: F811
+    base = tiny_config(digits_dir, tiny_base, tmp_path / "tiny.yaml", **{"trainer.max_steps": 2})
+    spec_path = _spec(tmp_path, base, quick_judges)
+    out = tmp_path / "sweep"
+    spec = load_spec(spec_path)
+    assert [(r.arm, r.seed) for r in spec.runs] == [
+        ("naive", 0), ("naive", 1), ("broken", 0), ("sampler", 0), ("sampler", 1),
+    ]  # fmt: skip
+    assert len({r.hash for r in spec.runs}) == 5
+
+    # --- interrupted half-way: only the first two runs get done
+    first = run_sweep(spec_path, out, max_runs=2, workers=2)
+    naive = [out / "runs" / r.hash for r in spec.runs[:2]]
+    assert sorted(first["ran"]) == sorted(p.name for p in naive)
+    assert len(first["done"]) == 2 and len(first["pending"]) == 3 and not first["failed"]
+    for run in naive:
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "done" and 0 <= status["metrics"]["mean_dev_seen"] <= 1
+        assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    assert "| naive | 2 |" in (out / "ablation.md").read_text()
+    before = {run: _mtimes(run) for run in naive}
+
+    # --- restarted: only the missing runs train; the bad override fails alone
+    second = run_sweep(spec_path, out, workers=2)
+    broken, sampler = spec.runs[2], spec.runs[3:]
+    assert sorted(second["ran"]) == sorted([broken.hash] + [r.hash for r in sampler])
+    assert len(second["done"]) == 4 and second["failed"] == [broken.hash] and not second["pending"]
+    for run in naive:  # finished runs untouched: not retrained, not re-judged
+        assert _mtimes(run) == before[run]
+        assert (run / "fit.log").read_text().count("\n$ ") == 1
+    failed = json.loads((out / "runs" / broken.hash / "status.json").read_text())
+    assert failed["state"] == "failed" and failed["stage"] == "train" and "rnk" in failed["error"]
+    events = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
+    states = [e["state"] for e in events]
+    assert states.count("done") == 4 and states.count("failed") == 1
+
+    # --- started again without retrying failures: nothing to do
+    assert run_sweep(spec_path, out, retry_failed=False)["ran"] == []
+
+    # --- the aggregate: one row per arm, mean and t-interval over the seeds' metrics
+    with open(out / "ablation.csv") as f:
+        rows = {r["arm"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["naive", "broken", "sampler"]
+    assert rows["broken"]["n"] == "0" and rows["broken"]["n_failed"] == "1"
+    for arm, runs in (("naive", spec.runs[:2]), ("sampler", sampler)):
+        vals = [json.loads((out / "runs" / r.hash / "status.json").read_text())["metrics"] for r in runs]
+        devs = [v["mean_dev_seen"] for v in vals]
+        mean = sum(devs) / 2
+        half = stats.t.ppf(0.975, 1) * stats.tstd(devs) / math.sqrt(2)
+        assert rows[arm]["n"] == "2"
+        assert float(rows[arm]["mean_dev_seen_mean"]) == pytest.approx(mean)
+        assert float(rows[arm]["mean_dev_seen_ci_high"]) == pytest.approx(mean + half)
+        assert float(rows[arm]["fidelity_mean"]) == pytest.approx(sum(v["fidelity"] for v in vals) / 2)
+        assert "train_seconds_mean" in rows[arm] and "red_share_d8_mean" in rows[arm]
+    md = (out / "ablation.md").read_text()
+    assert "| arm | n | mean_dev_seen | fidelity |" in md
+    assert f"{float(rows['sampler']['mean_dev_seen_mean']):.4g} ±" in md
+    assert "## Failed runs" in md and broken.hash in md
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --- the CLI: the report alone, and a SLURM job array instead of running
+    (out / "ablation.md").unlink()
+    main(["sweep", str(spec_path), "--out", str(out), "--aggregate_only", "true"])
+    assert "| sampler | 2 |" in (out / "ablation.md").read_text()
+    main(["sweep", str(spec_path), "--out", str(out), "--slurm", "true"])
+    sbatch = (out / "sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-4" in sbatch and '--index "$SLURM_ARRAY_TASK_ID"' in sbatch
+    assert "--aggregate_only true" in (out / "submit.sh").read_text()
+    # an array task whose run is done does nothing
+    assert run_sweep(spec_path, out, index=0)["ran"] == []
+
+    # --- other judge settings: every done run is judged again, none is trained again
+    done = [out / "runs" / r.hash for r in spec.runs if r.arm != "broken"]
+    ckpts = {run: (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns for run in done}
+    raw = yaml.safe_load(spec_path.read_text())
+    raw["judge"]["options"]["n_per_prompt"] = 3
+    spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    third = run_sweep(spec_path, out, retry_failed=False)
+    assert sorted(third["ran"]) == sorted(run.name for run in done) and len(third["done"]) == 4
+    for run in done:
+        assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == ckpts[run]
+        assert (run / "fit.log").read_text().count("\n$ ") == 1
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ({"arms": {"a": []}, "sede": [0]}, "unknown keys ['sede']"),
+        ({"arms": {"a": ["no/such/overlay.yaml"]}}, "no/such/overlay.yaml"),
+        ({"arms": {"a": []}, "grid": {"model.lora.rank": []}}, "grid.model.lora.rank"),
+        ({"arms": {"a": []}, "seeds": ["x"]}, "seed is an integer"),
+        ({"arms": {"a": {"config": []}}}, "arms.a has unknown keys ['config']"),
+        ({"arms": {"a": []}, "judge": {"function": "fairtune.nothing:here"}}, "cannot be imported"),
+    ],
+)
+def test_bad_spec_fails_before_any_run_naming_the_problem(tmp_path, spec, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    with pytest.raises(SweepError, match=None) as e:
+        run_sweep(path, tmp_path / "out")
+    assert needle in str(e.value)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_grid_and_seeds_expand_with_stable_hashes(tmp_path):
+    spec = {
+        "arms": {"naive": [str(ABLATIONS / "naive.yaml")], "sampler": [str(ABLATIONS / "sampler.yaml")]},
+        "grid": {"model.lora.rank": [4, 8], "model.optim.lr": [1e-3]},
+        "seeds": [0, 1, 2],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    a, b = load_spec(path), load_spec(path)
+    assert len(a.runs) == 2 * 2 * 3 and [r.hash for r in a.runs] == [r.hash for r in b.runs]
+    assert len({r.hash for r in a.runs}) == 12
+    assert a.runs[0].label == "naive rank=4 lr=0.001" and a.runs[3].label == "naive rank=8 lr=0.001"
+    cmd = a.runs[4].fit_command(tmp_path / "r")
+    assert "--model.lora.rank=8" in cmd and "--model.seed=1" in cmd and "--seed_everything=1" in cmd
+    assert cmd[-1] == f"--trainer.default_root_dir={tmp_path / 'r'}"
+    # a comment in an overlay does not change a run's identity; a value does
+    overlay = tmp_path / "naive.yaml"
+    overlay.write_text((ABLATIONS / "naive.yaml").read_text())
+    spec["arms"] = {"naive": [str(overlay)]}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    h1 = load_spec(path).runs[0].hash
+    overlay.write_text("# a new comment\n" + overlay.read_text())
+    assert load_spec(path).runs[0].hash == h1 == a.runs[0].hash
+    overlay.write_text(overlay.read_text() + "trainer:\n  max_steps: 7\n")
+    assert load_spec(path).runs[0].hash != h1
+
+
+def test_t_interval_and_error_summary():
+    mean, lo, hi = t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and hi - mean == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
+    assert math.isnan(t_interval([1.0])[1]) and t_interval([1.0])[0] == 1.0
+    log = "Traceback (most recent call last):\n  File x\nValueError: model.prompt_dropout must be in [0, 1)\n"
+    assert _error_summary(log) == "ValueError: model.prompt_dropout must be in [0, 1)"
+    log = 'usage: fairtune ...\nerror: Parser key "model.lora":\n  rnk is not expected\n'
+    assert _error_summary(log).startswith('error: Parser key "model.lora"') and "rnk" in _error_summary(log)
+
+
+def test_the_shipped_ablation_spec_expands_to_commands_fit_accepts():
+    """configs/sweeps/ablation.yaml: 7 arms x 3 seeds, and every arm's command parses with the real
+    fit CLI (nothing trained)."""
+    from test_distributed import parse
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "configs" / "sweeps" / "ablation.yaml")
+    assert len(spec.runs) == 21 and len({r.hash for r in spec.runs}) == 21
+    assert [r.arm for r in spec.runs[::3]] == [Path(r.configs[-1]).stem for r in spec.runs[::3]]
+    for run in spec.runs[::3]:
+        args = run.fit_command(Path("/tmp/never-written"))[4:]
+        cfg = parse(args=args)
+        assert cfg.seed_everything == cfg.model.seed == cfg.data.seed == run.seed
+        assert cfg.trainer.default_root_dir == "/tmp/never-written"

@@ -1,0 +1,357 @@
+"""Experiment tracking (DESIGN §9): loggers from config, wandb offline without a key, and the callbacks
+that log what a debiasing run needs watched: the learning rate, the batch's attribute mix against the
+target, and a grid of samples every k steps.
+
+Loggers are chosen with ``--trainer.logger`` (``configs/launch/wandb.yaml``, ``tensorboard.yaml``); the
+CSV log (``DIR/logs/version_N/metrics.csv``) is always kept beside them. A logger left without a
+``save_dir`` writes into the run folder. A wandb logger runs offline unless ``WANDB_API_KEY`` is set (or
+``WANDB_MODE=online`` is set explicitly, for a ``wandb login`` in ``~/.netrc``): no network is tried, and
+the run stays under ``DIR/wandb/offline-run-*`` for a later ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+WANDB_LOGGERS = ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
+
+# Environment variables whose values are secrets: never written to a config, log or report.
+_SECRET_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD)$", re.IGNORECASE)
+
+
+class TensorBoardLogger(_TensorBoardLogger):
+    """Lightning's TensorBoardLogger with ``save_dir`` optional: left out, it is the run folder
+    (``trainer.default_root_dir``), so ``configs/launch/tensorboard.yaml`` composes with any run.
+
+    Args:
+        save_dir: Folder of the event files; ``None``: the run folder (filled in by ``fairtune fit``).
+        name: Sub-folder under ``save_dir``.
+        **kwargs: Any other argument of ``lightning.pytorch.loggers.TensorBoardLogger``.
+    """
+
+    def __init__(self, save_dir: str | None = None, name: str | None = "tensorboard", **kwargs: Any) -> None:
+        super().__init__(save_dir if save_dir is not None else ".", name=name, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- secrets
+def secret_values(min_length: int = 8) -> list[str]:
+    """Values of the environment's secret-looking variables (``*_API_KEY``, ``*TOKEN``, ...)."""
+    return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and v and len(v) >= min_length]
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret value from the environment replaced by ``***``."""
+    for value in secret_values():
+        text = text.replace(value, "***")
+    return text
+
+
+# --------------------------------------------------------------------------------------------- loggers
+def wandb_offline_reason() -> str | None:
+    """Why a wandb logger must run offline (``None``: online is allowed).
+
+    Online only with ``WANDB_API_KEY`` set, or ``WANDB_MODE=online`` set explicitly; an explicit
+    ``WANDB_MODE`` of ``offline``/``dryrun``/``disabled`` is kept as it is.
+    """
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return f"WANDB_MODE={mode}"
+    if mode == "online":
+        return None
+    if not os.environ.get("WANDB_API_KEY"):
+        return "WANDB_API_KEY is not set"
+    return None
+
+
+def _class_path(node: Any) -> str | None:
+    return getattr(node, "class_path", None) if node is not None else None
+
+
+def _is_wandb(class_path: str | None) -> bool:
+    if class_path is None:
+        return False
+    if class_path in WANDB_LOGGERS:
+        return True
+    try:
+        from jsonargparse import import_object
+        from lightning.pytorch.loggers import WandbLogger
+
+        cls = import_object(class_path)
+        return isinstance(cls, type) and issubclass(cls, WandbLogger)
+    except Exception:
+        return False
+
+
+def prepare_logger_config(logger: Any, root: str) -> Any:
+    """Fill in the logger section of a parsed (not yet instantiated) trainer config, in place.
+
+    - a logger with a ``save_dir`` left out (``None``, or wandb's default ``.``) writes into ``root``;
+    - a wandb logger runs offline when :func:`wandb_offline_reason` says so (no network is tried), and
+      never uploads checkpoints unless ``log_model`` was asked for with a key.
+
+    Args:
+        logger: ``trainer.logger`` as parsed: ``None``/bool, a ``class_path``/``init_args`` namespace
+            or a list of them.
+        root: The run folder.
+    """
+    nodes = logger if isinstance(logger, list) else [logger]
+    for node in nodes:
+        init = getattr(node, "init_args", None)
+        if init is None:
+            continue
+        if "save_dir" in init and init.save_dir in (None, "."):
+            init.save_dir = root
+        if _is_wandb(_class_path(node)):
+            if init.get("dir") is None and init.save_dir in (None, "."):
+                init.save_dir = root
+            reason = wandb_offline_reason()
+            if reason is not None and not init.get("offline"):
+                init.offline = True
+                if init.get("mode") not in (None, "offline", "disabled"):
+                    init.mode = "offline"
+                # no crash reports either: offline means no network at all
+                os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+                rank_zero_info(
+                    f"wandb: logging offline ({reason}); the run is kept under {root}/wandb/ "
+                    "for a later `wandb sync`"
+                )
+            if init.get("offline"):
+                init.log_model = False
+    return logger
+
+
+# --------------------------------------------------------------------------------------------- callbacks
+class LearningRateLog(LearningRateMonitor):
+    """Lightning's LearningRateMonitor (one curve per optimizer parameter group: the LoRA and, with
+    lever 2, the adversary head), quietly off when the run has no logger.
+
+    Args:
+        enabled: Log the learning rates.
+        logging_interval: ``step`` or ``epoch``.
+        log_momentum: Also log momentum (AdamW's beta1).
+        log_weight_decay: Also log weight decay.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        logging_interval: str | None = "step",
+        log_momentum: bool = False,
+        log_weight_decay: bool = False,
+    ) -> None:
+        super().__init__(logging_interval, log_momentum, log_weight_decay)
+        self.enabled = enabled
+        self._active = False
+
+    def on_train_start(self, trainer, *args, **kwargs) -> None:
+        self._active = self.enabled and bool(trainer.loggers)
+        if self._active:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if self._active:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if self._active:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+class BatchMixMonitor(L.Callback):
+    """Logs the attribute mix of each training batch beside the target mix for the same concepts.
+
+    Counted over the whole step (all DDP ranks together: the counts are summed across ranks before
+    logging), from the batch's target-group labels (``batch["groups"]``, -1 where unknown) and the data
+    module's target:
+
+    - ``mix/<group>``: the group's share among the batch's records with a known label;
+    - ``mix/<group>_target``: the target's share of that group, averaged over the same records' concepts;
+    - ``mix/gap``: the largest |share − target| over groups;
+    - ``mix/unknown``: the share of records whose label is unknown.
+
+    With the rebalanced sampler the shares hover around the target; without it they show the data's skew.
+
+    Args:
+        enabled: Log the mix.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    @staticmethod
+    def _target(trainer, pl_module):
+        dm = getattr(trainer, "datamodule", None)
+        return getattr(dm, "target", None) or getattr(pl_module, "target", None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.enabled or not isinstance(batch, Mapping) or "groups" not in batch:
+            return
+        target = self._target(trainer, pl_module)
+        if target is None:
+            return
+        k = len(target.groups)
+        # [count per group | target mass per group | unknown | records]
+        counts = torch.zeros(2 * k + 2, dtype=torch.float64)
+        for g, concept in zip(batch["groups"].tolist(), batch["concepts"]):
+            if g < 0:
+                counts[2 * k] += 1
+            else:
+                counts[g] += 1
+                counts[k : 2 * k] += torch.tensor(target.proportions(concept), dtype=torch.float64)
+        counts[2 * k + 1] = len(batch["concepts"])
+        counts = trainer.strategy.reduce(counts.to(pl_module.device), reduce_op="sum").cpu()
+        known = float(counts[:k].sum())
+        metrics = {"mix/unknown": float(counts[2 * k] / max(float(counts[2 * k + 1]), 1.0))}
+        if known > 0:
+            share = counts[:k] / known
+            tgt = counts[k : 2 * k] / known
+            for i, name in enumerate(target.groups):
+                metrics[f"mix/{name}"] = float(share[i])
+                metrics[f"mix/{name}_target"] = float(tgt[i])
+            metrics["mix/gap"] = float((share - tgt).abs().max())
+        # Already summed over ranks: every rank logs the same values, no second reduction needed.
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
+
+
+def image_grid(images: torch.Tensor, per_row: int) -> np.ndarray:
+    """``(N, 3, H, W)`` images in [0, 1] to one ``(rows*H, per_row*W, 3)`` uint8 grid (white padding)."""
+    x = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    n, h, w, _ = x.shape
+    rows = -(-n // per_row)
+    grid = np.full((rows * h, per_row * w, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, per_row)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = x[i]
+    return grid
+
+
+class SampleGrid(L.Callback):
+    """Every k optimizer steps, samples a few prompts from fixed seeds (the weights that would be
+    exported: EMA when on) and keeps the grid: ``DIR/samples/step_NNNNNN.png`` always, and in the logger
+    where it takes images (wandb: ``samples``; TensorBoard: ``samples``). One row per prompt.
+
+    Every rank samples (so sharded strategies work); rank zero writes and logs.
+
+    Args:
+        every_n_steps: Sample every n optimizer steps (and after the last); ``None``: never.
+        prompts: The prompts; ``None``: ``template`` filled with the data module's concepts.
+        template: Prompt for a concept, e.g. ``"a handwritten {concept}"`` (concept ``digit 3``).
+        max_prompts: At most this many prompts (concepts taken in sorted order).
+        n_per_prompt: Images per prompt (image i from seed ``seed + i``).
+        steps: DDIM steps.
+        guidance_scale: Classifier-free guidance scale.
+        seed: First seed.
+        upscale: Nearest-neighbour upscaling of the saved PNG (tiny images are hard to see).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        prompts: list[str] | None = None,
+        template: str = "{concept}",
+        max_prompts: int = 8,
+        n_per_prompt: int = 4,
+        steps: int = 20,
+        guidance_scale: float = 2.0,
+        seed: int = 0,
+        upscale: int = 1,
+    ) -> None:
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"samples.every_n_steps must be >= 1 or null, got {every_n_steps}")
+        if n_per_prompt < 1 or max_prompts < 1 or steps < 1 or upscale < 1:
+            raise ValueError("samples.n_per_prompt, max_prompts, steps and upscale must be >= 1")
+        self.every_n_steps = every_n_steps
+        self.prompts = prompts
+        self.template = template
+        self.max_prompts = max_prompts
+        self.n_per_prompt = n_per_prompt
+        self.steps = steps
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self.upscale = upscale
+        self._last_step: int | None = None
+
+    def _prompts(self, trainer) -> list[str]:
+        if self.prompts:
+            return list(self.prompts)[: self.max_prompts]
+        dm = getattr(trainer, "datamodule", None)
+        concepts = sorted(set(getattr(dm, "record_concepts", None) or []))
+        if not concepts:
+            return [self.template.format(concept="")]
+        return [self.template.format(concept=c) for c in concepts[: self.max_prompts]]
+
+    def sample(self, trainer, pl_module) -> Path | None:
+        """Sample the grid now (on every rank); rank zero writes and logs it. Returns the PNG's path."""
+        step = trainer.global_step
+        self._last_step = step
+        prompts = self._prompts(trainer)
+        all_prompts = [p for p in prompts for _ in range(self.n_per_prompt)]
+        seeds = [self.seed + i for _ in prompts for i in range(self.n_per_prompt)]
+        ema = getattr(pl_module, "ema_weights", None)
+        with ema() if callable(ema) else nullcontext():
+            images = pl_module.backbone.sample(
+                all_prompts, seeds=seeds, steps=self.steps, guidance_scale=self.guidance_scale
+            )
+        if not trainer.is_global_zero:
+            return None
+        grid = image_grid(images, per_row=self.n_per_prompt)
+        from PIL import Image
+
+        out = Path(trainer.default_root_dir) / "samples" / f"step_{step:06d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(grid)
+        if self.upscale > 1:
+            img = img.resize((img.width * self.upscale, img.height * self.upscale), Image.NEAREST)
+        tmp = out.with_name(f".{out.name}.tmp")
+        img.save(tmp, format="PNG")
+        os.replace(tmp, out)
+        self._log_image(trainer, img, grid, prompts, step)
+        return out
+
+    @staticmethod
+    def _log_image(trainer, img, grid: np.ndarray, prompts: list[str], step: int) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger as TB
+        from lightning.pytorch.loggers import WandbLogger
+
+        caption = " | ".join(prompts)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=[img], step=step, caption=[caption])
+            elif isinstance(logger, TB):
+                logger.experiment.add_image("samples", grid, global_step=step, dataformats="HWC")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self.every_n_steps:
+            return
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        step = trainer.global_step
+        if stepped and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.sample(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.every_n_steps and trainer.global_step != self._last_step:
+            self.sample(trainer, pl_module)
+
+
+def finish_wandb(trainer) -> None:
+    """End the wandb run of a finished fit (rank zero), so its files are complete on disk (offline:
+    ready for ``wandb sync``) and a later fit in the same process starts a new run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if trainer is None or not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
