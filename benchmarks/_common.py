@@ -49,11 +49,8 @@ def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
     """A PNG grid (nearest-neighbour upscaled 3x) to look at samples."""
     from PIL import Image
 
-    x = (images.clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
-    n, h, w, _ = x.shape
-    rows = -(-n // per_row)
-    grid = np.full((rows * h, per_row * w, 3), 255, np.uint8)
-    for i in range(n):
-        r, c = divmod(i, per_row)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = x[i]
-    Image.fromarray(grid).resize((per_row * w * 3, rows * h * 3), Image.NEAREST).save(path)
+    from fairtune.train._tracking import image_grid
+
+    grid = image_grid(images, per_row)
+    h, w = grid.shape[:2]
+    Image.fromarray(grid).resize((w * 3, h * 3), Image.NEAREST).save(path)
