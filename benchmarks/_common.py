@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def ensure_assets():
     from fairtune.eval import load_judges
     from fairtune.train._demo import prepare_assets
 
-    torch.set_num_threads(2)
+    # OMP_NUM_THREADS lets two benchmark queues share the 2 cores, one each.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     prepare_assets(DATA, JUDGES, CLASSIFIER)
     return load_judges(JUDGES)
 

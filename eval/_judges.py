@@ -201,6 +201,11 @@ class JudgeTrainConfig:
         augment_prob: Probability a training image gets tint, noise and speckles.
         width: First-block channels of each CNN.
         feature_dim: Penultimate width (Fréchet-distance features).
+        mixed_ink_prob: Probability a training image is recoloured with two classes' inks (a blend or
+            a split stroke) and labelled softly by each ink's share (see :func:`mixed_ink`); 0 for the
+            judges. For lever 3's classifier it closes a loophole: a classifier that never saw mixed
+            ink calls a purple digit confidently red or blue, and the fairness loss learns to draw
+            purple digits instead of changing the colour.
     """
 
     seed: int = 0
@@ -212,6 +217,57 @@ class JudgeTrainConfig:
     augment_prob: float = 0.8
     width: int = 32
     feature_dim: int = 64
+    mixed_ink_prob: float = 0.0
+
+
+def mixed_ink(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recolour each image's ink with its own class's ink and another class's, with soft labels.
+
+    The ink is found as in :func:`perturb` (distance to the image's median colour); a class's ink
+    colour is the mean of the inkiest pixels of the batch's images of that class. Each image gets a
+    field ``a`` in [0, 1]: half of them a constant blend (``a ~ U(0, 1)``, a purple-like mix), the
+    other half a split stroke (``a`` = 1 on one side of a random line through the centre, 0 on the
+    other). Pixel ink becomes ``a·own + (1 − a)·other``; the label is the ink-weighted mean of ``a`` for
+    the own class and the rest for the other class.
+
+    Args:
+        images: ``(B, 3, H, W)`` in [0, 1].
+        labels: ``(B,)`` class indices.
+        num_classes: Number of classes.
+        generator: Random source.
+
+    Returns:
+        The recoloured images and their ``(B, num_classes)`` soft labels; unchanged images and
+        one-hot labels when the batch holds a single class.
+    """
+    b, _, h, w = images.shape
+    bg = images.flatten(2).median(dim=2).values[..., None, None]
+    alpha = ((images - bg).abs().amax(1, keepdim=True) / 0.6).clamp(0, 1)  # (B, 1, H, W)
+    inky = (alpha > 0.5).float()
+    colour = (images * inky).sum((2, 3)) / inky.sum((2, 3)).clamp_min(1)  # (B, 3) per image
+    soft = F.one_hot(labels, num_classes).float()
+    present = [c for c in range(num_classes) if (labels == c).any()]
+    if len(present) < 2:
+        return images, soft
+    class_ink = {c: colour[labels == c].mean(0) for c in present}
+    # the other class: uniform over the batch's classes but the image's own
+    pres = torch.tensor(present)
+    r = torch.randint(0, len(present) - 1, (b,), generator=generator)
+    own_pos = torch.searchsorted(pres, labels)
+    others = pres[r + (r >= own_pos).long()]
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    theta = torch.rand(b, generator=generator) * 2 * math.pi
+    split = ((xx * theta.cos()[:, None, None] + yy * theta.sin()[:, None, None]) > 0).float()
+    blend = torch.rand(b, 1, 1, generator=generator).expand(b, h, w)
+    use_split = (torch.rand(b, generator=generator) < 0.5)[:, None, None]
+    a = torch.where(use_split, split, blend)[:, None]  # (B, 1, H, W)
+    other_ink = torch.stack([class_ink[int(c)] for c in others])
+    out = images + alpha * (1 - a) * (other_ink - colour)[..., None, None]
+    share = (alpha * a).sum((1, 2, 3)) / alpha.sum((1, 2, 3)).clamp_min(1e-6)  # own ink's share
+    soft = soft * share[:, None] + F.one_hot(others, num_classes).float() * (1 - share[:, None])
+    return out.clamp(0, 1), soft
 
 
 def _train_cnn(
@@ -232,10 +288,15 @@ def _train_cnn(
         for i in range(0, len(x), cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             xb = random_shift(x[idx], generator)
+            yb = F.one_hot(y[idx], model.head.out_features).float()
+            if cfg.mixed_ink_prob > 0:
+                mix = torch.rand(len(idx), generator=generator) < cfg.mixed_ink_prob
+                xm, ym = mixed_ink(xb, y[idx], yb.shape[1], generator)
+                xb, yb = torch.where(mix[:, None, None, None], xm, xb), torch.where(mix[:, None], ym, yb)
             aug = torch.rand(len(idx), generator=generator) < cfg.augment_prob
             if aug.any():
                 xb[aug] = perturb(xb[aug], generator)
-            loss = F.cross_entropy(model(xb), y[idx])
+            loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -405,13 +466,15 @@ def train_attribute_classifier(
     feature_dim: int = 16,
     epochs: int = 3,
     seed: int = 1,
+    mixed_ink_prob: float = 0.0,
 ) -> dict:
     """Train the *training-time* attribute classifier of the fairness loss (lever 3).
 
     Deliberately not a judge: another architecture (a narrower SmallCNN), another seed, and the
     training split rather than the held-out split the judges learn from. Writes
     ``classifier.safetensors`` and ``classifier.json`` (its ``ClassifierConfig`` fields and its
-    accuracy on held-out renders) to ``out``.
+    accuracy on held-out renders) to ``out``. ``mixed_ink_prob`` > 0 trains it on mixed-ink images
+    with soft labels too (:func:`mixed_ink`), so it is not fooled by purple or two-ink digits.
     """
     from fairtune.data import load_table
 
@@ -422,7 +485,7 @@ def train_attribute_classifier(
     held = load_table(str(data_dir / "table"), split="heldout")
     x, y = images_from_table(train), torch.tensor([classes.index(c) for c in train[attribute]])
     torch.manual_seed(seed)
-    cfg = JudgeTrainConfig(seed=seed, width=width, feature_dim=feature_dim)
+    cfg = JudgeTrainConfig(seed=seed, width=width, feature_dim=feature_dim, mixed_ink_prob=mixed_ink_prob)
     model = SmallCNN(len(classes), width, feature_dim)
     _train_cnn(model, x, y, epochs=epochs, cfg=cfg, generator=torch.Generator().manual_seed(seed))
     xh, yh = images_from_table(held), torch.tensor([classes.index(c) for c in held[attribute]])
@@ -437,6 +500,7 @@ def train_attribute_classifier(
         "heldout_accuracy_perturbed": float((predict_batched(model, xp) == yh).float().mean()),
         "seed": seed,
         "epochs": epochs,
+        "mixed_ink_prob": mixed_ink_prob,
     }
     _atomic_save(model.state_dict(), out / "classifier.safetensors")
     tmp = out / "classifier.json.tmp"

@@ -84,3 +84,47 @@ def report_dim(judges_dir):
 def test_missing_judges_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no judges.json"):
         load_judges(tmp_path)
+
+
+def test_mixed_ink_labels_follow_each_inks_share():
+    from fairtune.eval._judges import mixed_ink
+
+    x = torch.cat([_renders(["red"] * 32, (1.0, 1.0, 1.0)), _renders(["blue"] * 32, (1.0, 1.0, 1.0), seed=1)])
+    y = torch.tensor([0] * 32 + [1] * 32)
+    xm, soft = mixed_ink(x, y, 2, torch.Generator().manual_seed(0))
+    assert torch.allclose(soft.sum(1), torch.ones(64)) and (soft >= 0).all()
+    assert (soft.max(1).values < 0.9).sum() > 16  # most images really are mixed
+    # the share of red ink measured in the pixels: un-blend each inky pixel from the background and
+    # project its ink colour onto the segment from the blue ink to the red ink
+    red, blue = torch.tensor(INK["red"]), torch.tensor(INK["blue"])
+    bg = torch.ones(3)
+    alpha = ((x - bg[:, None, None]).abs().amax(1) / 0.6).clamp(0, 1)  # the input's ink, unchanged by mixing
+    ink = (xm - (1 - alpha[:, None]) * bg[:, None, None]) / alpha[:, None].clamp_min(1e-6)
+    t = ((ink - blue[:, None, None]) * (red - blue)[:, None, None]).sum(1) / ((red - blue) ** 2).sum()
+    w = (alpha > 0.5).float()
+    measured_red = (t.clamp(0, 1) * w).sum((1, 2)) / w.sum((1, 2))
+    assert (measured_red - soft[:, 0]).abs().mean() < 0.1
+
+
+def test_mixed_ink_training_stops_the_classifier_calling_purple_confidently(digits_dir, tmp_path):
+    """A classifier that never saw mixed ink calls mixed digits confidently one colour (the loophole the
+    fairness loss exploited); with mixed-ink training it reports the ink share."""
+    from safetensors.torch import load_file
+
+    from fairtune.eval import SmallCNN, train_attribute_classifier
+    from fairtune.eval._judges import mixed_ink
+
+    held = load_table(str(digits_dir / "table"), split="heldout").select(range(256))
+    x, y = images_from_table(held), torch.tensor([["red", "blue"].index(c) for c in held["color"]])
+    xm, soft = mixed_ink(x, y, 2, torch.Generator().manual_seed(3))
+    mixed = soft.max(1).values < 0.8
+    errors = {}
+    for prob in (0.0, 0.5):
+        report = train_attribute_classifier(digits_dir, tmp_path / str(prob), epochs=2, mixed_ink_prob=prob)
+        assert report["heldout_accuracy"] > 0.97
+        m = SmallCNN(**report["init_args"])
+        m.load_state_dict(load_file(report["weights"]))
+        with torch.no_grad():
+            p = m.eval()(xm).softmax(1)
+        errors[prob] = (p[mixed, 0] - soft[mixed, 0]).abs().mean().item()
+    assert errors[0.5] < 0.2 < errors[0.0]

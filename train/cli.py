@@ -106,6 +106,7 @@ def classifier_train(
     feature_dim: int = 16,
     epochs: int = 3,
     seed: int = 1,
+    mixed_ink_prob: float = 0.0,
 ) -> None:
     """Train the fairness loss's attribute classifier (not a judge: other architecture, seed and split).
 
@@ -117,9 +118,18 @@ def classifier_train(
         feature_dim: Penultimate width.
         epochs: Training epochs.
         seed: Random seed.
+        mixed_ink_prob: Share of training images recoloured with two classes' inks and labelled by
+            each ink's share, so the fairness loss cannot satisfy it with purple or two-ink digits.
     """
     report = train_attribute_classifier(
-        data, out, attribute=attribute, width=width, feature_dim=feature_dim, epochs=epochs, seed=seed
+        data,
+        out,
+        attribute=attribute,
+        width=width,
+        feature_dim=feature_dim,
+        epochs=epochs,
+        seed=seed,
+        mixed_ink_prob=mixed_ink_prob,
     )
     print(json.dumps({k: report[k] for k in ("heldout_accuracy", "heldout_accuracy_perturbed")}, indent=2))
 
