@@ -466,7 +466,7 @@ def train_attribute_classifier(
     feature_dim: int = 16,
     epochs: int = 3,
     seed: int = 1,
-    mixed_ink_prob: float = 0.0,
+    mixed_ink_prob: float = 0.5,
 ) -> dict:
     """Train the *training-time* attribute classifier of the fairness loss (lever 3).
 

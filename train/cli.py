@@ -106,7 +106,7 @@ def classifier_train(
     feature_dim: int = 16,
     epochs: int = 3,
     seed: int = 1,
-    mixed_ink_prob: float = 0.0,
+    mixed_ink_prob: float = 0.5,
 ) -> None:
     """Train the fairness loss's attribute classifier (not a judge: other architecture, seed and split).
 
