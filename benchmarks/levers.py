@@ -56,7 +56,7 @@ def goal_check(r: dict, base: dict) -> list[str]:
     return out
 
 
-def table(results: dict, columns: bool = True) -> list[str]:
+def table(results: dict) -> list[str]:
     lines = [
         "| arm | mean dev seen (0-7) | worst seen | mean dev held-out (8-9) | fidelity | Fréchet | "
         "undetermined | train s | × naive |",
