@@ -1,8 +1,9 @@
 """Ablation arms of the LoRA fine-tune on the shipped base model, same budget and seed.
 
     python benchmarks/arms.py --name sampler --arms naive sampler          # issue 3
-    python benchmarks/arms.py --name levers --arms naive sampler adversary fairness \
-        sampler_adversary sampler_fairness all [--target red30_blue70]      # issue 4
+    python benchmarks/arms.py --name levers_uniform --arms naive sampler adversary fairness \
+        sampler_adversary sampler_fairness all [--target red30_blue70]      # one group of issue 4
+    python benchmarks/levers.py                                             # every group + summary
 
 Each arm is ``configs/colored_digits/lora.yaml`` + ``configs/ablations/<arm>.yaml`` (+ a target
 overlay), trained on digits 0-7; N images per digit are judged for digits 0-9 (guidance 2, hue
