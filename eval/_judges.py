@@ -156,6 +156,12 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+def _ink_alpha(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, H, W)`` ink opacity: distance to the image's median (background) colour, 0.6 = full ink."""
+    bg = images.flatten(2).median(dim=2).values[..., None, None]  # (B, 3, 1, 1)
+    return ((images - bg).abs().amax(1, keepdim=True) / 0.6).clamp(0, 1)
+
+
 def perturb(
     images: torch.Tensor,
     generator: torch.Generator,
@@ -171,8 +177,7 @@ def perturb(
     """
     b = images.shape[0]
     x = images.clone()
-    bg = x.flatten(2).median(dim=2).values[..., None, None]  # (B, 3, 1, 1)
-    ink_alpha = ((x - bg).abs().amax(1, keepdim=True) / 0.6).clamp(0, 1)
+    ink_alpha = _ink_alpha(x)
     t = (torch.rand(b, 3, 1, 1, generator=generator) * 2 - 1) * tint
     x = x + (1 - ink_alpha) * t
     sigma = torch.rand(b, 1, 1, 1, generator=generator) * noise
@@ -243,15 +248,16 @@ def mixed_ink(
         one-hot labels when the batch holds a single class.
     """
     b, _, h, w = images.shape
-    bg = images.flatten(2).median(dim=2).values[..., None, None]
-    alpha = ((images - bg).abs().amax(1, keepdim=True) / 0.6).clamp(0, 1)  # (B, 1, H, W)
+    alpha = _ink_alpha(images)
     inky = (alpha > 0.5).float()
     colour = (images * inky).sum((2, 3)) / inky.sum((2, 3)).clamp_min(1)  # (B, 3) per image
     soft = F.one_hot(labels, num_classes).float()
     present = [c for c in range(num_classes) if (labels == c).any()]
     if len(present) < 2:
         return images, soft
-    class_ink = {c: colour[labels == c].mean(0) for c in present}
+    class_ink = torch.stack(
+        [colour[labels == c].mean(0) if c in present else colour.new_zeros(3) for c in range(num_classes)]
+    )
     # the other class: uniform over the batch's classes but the image's own
     pres = torch.tensor(present)
     r = torch.randint(0, len(present) - 1, (b,), generator=generator)
@@ -263,8 +269,7 @@ def mixed_ink(
     blend = torch.rand(b, 1, 1, generator=generator).expand(b, h, w)
     use_split = (torch.rand(b, generator=generator) < 0.5)[:, None, None]
     a = torch.where(use_split, split, blend)[:, None]  # (B, 1, H, W)
-    other_ink = torch.stack([class_ink[int(c)] for c in others])
-    out = images + alpha * (1 - a) * (other_ink - colour)[..., None, None]
+    out = images + alpha * (1 - a) * (class_ink[others] - colour)[..., None, None]
     share = (alpha * a).sum((1, 2, 3)) / alpha.sum((1, 2, 3)).clamp_min(1e-6)  # own ink's share
     soft = soft * share[:, None] + F.one_hot(others, num_classes).float() * (1 - share[:, None])
     return out.clamp(0, 1), soft
