@@ -222,16 +222,6 @@ class FairnessLoss(nn.Module):
             eps = self._eps(unet, inp, t, ctx, cfg.guidance_scale)
             x, x0 = _ddim_step(sched, eps, t, t_prev, x)
         return x0
-        x0 = x
-        for t, t_prev in zip(ts, ts[1:] + [-1]):
-            # Adjusted direct fine-tuning (Shen et al.): the UNet reads a detached input, so no
-            # gradient flows through its Jacobian, but the DDIM update stays linear in x, so the
-            # loss still reaches every step's output, including the high-noise steps where the
-            # attribute is decided. (Detaching x itself would leave only the last step trained.)
-            inp = x.detach() if cfg.detach_inputs else x
-            eps = self._eps(unet, inp, t, ctx, cfg.guidance_scale)
-            x, x0 = _ddim_step(sched, eps, t, t_prev, x)
-        return x0
 
     def forward(
         self, backbone, concepts: list[str], targets: torch.Tensor, generator: torch.Generator
