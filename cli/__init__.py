@@ -15,6 +15,7 @@ misspelt option or a value of the wrong type fails before any work with a messag
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -168,15 +169,52 @@ def fit() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``fairtune`` console script."""
+    """Entry point of the ``fairtune`` console script.
+
+    Expected errors (a bad config or schema, a missing or unreadable file, a failed run) print one
+    line naming what is wrong and exit 2 (bad input) or 1 (a failure while running); ``--debug`` (or
+    ``FAIRTUNE_DEBUG=1``) shows the traceback instead.
+    """
+    from_shell = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("FAIRTUNE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if from_shell:  # what LightningCLI (and DDP's relaunch of this command) read
+        sys.argv = [sys.argv[0], *argv]
+    if debug or not from_shell:  # called from Python (tests, notebooks): exceptions propagate
+        _run(argv)
+        return
+    try:
+        _run(argv)
+    except KeyboardInterrupt:
+        print("fairtune: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, KeyError, TypeError) as e:  # bad input: configs, schemas, file contents
+        print(f"fairtune: error: {_one_line(e)}{_HINT}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (OSError, RuntimeError, ImportError) as e:  # missing files, failed runs
+        print(f"fairtune: error: {_one_line(e)}{_HINT}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+_HINT = "  (--debug shows the traceback)"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError):
+        text = f"missing key {text}"
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}" if len(lines) <= 40 else lines[0]
+
+
+def _run(argv: list[str]) -> None:
     from jsonargparse import CLI
 
-    from_shell = argv is None
-    argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("fit", "validate"):
         from ._fit import run_fit_cli
 
-        run_fit_cli(None if from_shell else argv)
+        run_fit_cli(None if argv == sys.argv[1:] else argv)
         return
     CLI(
         {

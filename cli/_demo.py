@@ -71,8 +71,8 @@ def demo(
     run's adapters.
 
     Args:
-        out: Run folder: ``runs/<hash>/`` (the two training runs, ``plan.json`` says which arm is
-            which), ``compare/`` (``metrics.json``, ``report.md``, ``report.html``), ``demo.json``.
+        out: Run folder: ``runs/<hash>/`` (the two training runs; ``naive`` and ``all`` link to
+            them), ``compare/`` (``metrics.json``, ``report.md``, ``report.html``), ``demo.json``.
         steps: Training steps of each adapter (both arms get the same budget and seed).
         n_per_prompt: Images per prompt and method.
         sampling_steps: DDIM steps of every method at comparison time.
@@ -120,6 +120,11 @@ def demo(
             f"training arm {s.get('arm')!r} failed: {s.get('error')} (see {out}/runs/{s['hash']}/fit.log)"
         )
     runs = {r.arm: out / "runs" / r.hash for r in spec.runs}
+    for arm, d in runs.items():  # out/naive, out/all: what configs/compare/colored_digits.yaml names
+        link = out / arm
+        if link.is_symlink() or not link.exists():
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path("runs") / d.name, target_is_directory=True)
     for arm, d in runs.items():
         timings[f"train_{arm}_s"] = float(summary["runs"][d.name].get("train_seconds") or 0.0)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -29,6 +31,43 @@ from fairtune.train import (
 )
 
 PEAK_RSS = "[fit] peak RSS"
+# Config keys whose change does not change what a run computes: resuming with them changed is allowed
+# (and recorded). Everything else must match the run folder's config.yaml.
+NO_RESULT_KEYS = (
+    "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+    "trainer.log_every_n_steps", "trainer.callbacks", "trainer.devices", "trainer.num_nodes",
+    "trainer.strategy", "trainer.default_root_dir", "trainer.profiler", "ckpt_path", "lr_monitor",
+    "batch_mix", "samples", "allow_config_change", "config",
+)  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A config that cannot run as asked (reported in one line by the ``fairtune`` command)."""
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_budget(cfg) -> None:
+    """No run that trains nothing: ``max_steps`` of 0 (or below -1), or an epoch smaller than a batch."""
+    steps = cfg.trainer.get("max_steps")
+    if steps is not None and (steps == 0 or steps < -1):
+        raise ConfigError(f"trainer.max_steps={steps}: a run needs at least one step (-1: no step limit)")
+    data = cfg.get("data") or {}
+    per_epoch, batch = data.get("samples_per_epoch"), data.get("batch_size")
+    if isinstance(per_epoch, int) and isinstance(batch, int) and per_epoch < batch:
+        raise ConfigError(
+            f"data.samples_per_epoch={per_epoch} is smaller than data.batch_size={batch}: an epoch would "
+            "hold no full batch"
+        )
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -79,6 +118,13 @@ class FairtuneCLI(LightningCLI):
         parser.add_lightning_class_args(BatchMixMonitor, "batch_mix")
         parser.add_lightning_class_args(SampleGrid, "samples")
         parser.add_lightning_class_args(GradientCheckpointing, "gradient_checkpointing")
+        parser.add_argument(
+            "--allow_config_change",
+            type=bool,
+            default=False,
+            help="Resume a run folder whose last config differs in what changes the result (the change "
+            "is recorded in config_changes.jsonl); without it such a resume is refused.",
+        )
         parser.set_defaults(
             {
                 # One file, overwritten at every epoch end (atomically): checkpoints/last.ckpt.
@@ -104,7 +150,41 @@ class FairtuneCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         cfg = self._run_config()
         root = cfg.trainer.get("default_root_dir") or "runs/fit"
+        _check_budget(cfg)
+        if self.subcommand == "fit":
+            self._check_resume(cfg, Path(root))
         cfg.trainer.logger = prepare_logger_config(cfg.trainer.get("logger"), root)
+
+    def _check_resume(self, cfg, root: Path) -> None:
+        """A run folder belongs to one config: resuming with one that changes the result is refused
+        (naming the keys), unless ``--allow_config_change``; every change is recorded."""
+        old_path, ckpt = root / "config.yaml", root / "checkpoints" / "last.ckpt"
+        if cfg.get("ckpt_path") != "last" or not ckpt.is_file() or not old_path.is_file():
+            return
+        parser = self._subcommand_parsers[self.subcommand]
+        new = _flatten(yaml.safe_load(redact(parser.dump(cfg, skip_none=False))) or {})
+        old = _flatten(yaml.safe_load(old_path.read_text()) or {})
+        changed = {
+            k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+        }
+        if not changed:
+            return
+        result = {k: v for k, v in changed.items() if not k.startswith(NO_RESULT_KEYS)}
+        if result and not cfg.get("allow_config_change"):
+            shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(result.items())[:8])
+            more = f" (and {len(result) - 8} more)" if len(result) > 8 else ""
+            raise ConfigError(
+                f"{root} holds a run trained with another config; changed: {shown}{more}. Use a new run "
+                "folder (--trainer.default_root_dir DIR), or resume anyway with --allow_config_change true"
+            )
+        if int(os.environ.get("RANK", "0")) == 0:
+            record = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "changed": changed,
+                "affects_result": sorted(result),
+            }
+            with open(root / "config_changes.jsonl", "a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
 
     def after_fit(self) -> None:
         finish_wandb(self.trainer)

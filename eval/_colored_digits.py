@@ -237,6 +237,15 @@ def train_judges(data_dir: str | Path, out: str | Path, cfg: JudgeTrainConfig | 
     return report
 
 
+def _load_weights(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"judge weights {str(path)!r} are missing: run `fairtune judges train` again")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types on a truncated or foreign file
+        raise ValueError(f"judge weights {str(path)!r} are not a readable safetensors file: {e}") from e
+
+
 def load_judges(path: str | Path) -> Judges:
     """Load judges written by :func:`train_judges` (safetensors weights, no pickle)."""
     path = Path(path)
@@ -246,9 +255,9 @@ def load_judges(path: str | Path) -> Judges:
     cfg = JudgeTrainConfig(**report["config"])
     colors = report["colors"]
     digit_cnn = SmallCNN(10, cfg.width, cfg.feature_dim, ink_only=True)
-    digit_cnn.load_state_dict(load_file(str(path / "digit_cnn.safetensors")))
+    digit_cnn.load_state_dict(_load_weights(path / "digit_cnn.safetensors"))
     color_cnn = SmallCNN(len(colors), cfg.width // 2, cfg.feature_dim // 2)
-    color_cnn.load_state_dict(load_file(str(path / "color_cnn.safetensors")))
+    color_cnn.load_state_dict(_load_weights(path / "color_cnn.safetensors"))
     return Judges(
         colors=colors,
         hue=HueJudge.for_colors(colors),

@@ -13,6 +13,7 @@ metrics and report.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from fairtune.data import Target, TargetConfig
-from fairtune.models import BACKBONE_FILE, Backbone, BackboneConfig, resolve_shipped
+from fairtune.models import BACKBONE_FILE, LORA_WEIGHT_NAME, Backbone, BackboneConfig, resolve_shipped
 
 from ._config import (
     ROLES,
@@ -100,6 +101,8 @@ def compare_methods(
     *,
     backbone: Backbone | None = None,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
+    keep_going: bool = False,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Generate and judge every method of ``config``; write nothing.
 
@@ -112,10 +115,15 @@ def compare_methods(
             adapters); it is never changed (adapter methods run on a copy of its UNet). ``None``:
             load ``config.backbone``.
         progress: Show progress bars (generation and judging).
+        cache_dir: Write each method's results there as it finishes (``methods/<name>.json`` and its
+            images), keyed by a hash of everything that makes them; a method found there with the
+            same key is not generated again (a restarted comparison resumes).
+        keep_going: A method that fails is recorded as failed (``failed``, ``error``) and the others
+            go on; ``False``: the error propagates.
 
     Returns:
         The metrics (what ``metrics.json`` holds) and, per method, its images (prompt-major,
-        ``n_per_prompt`` per prompt, in [0, 1]).
+        ``n_per_prompt`` per prompt, in [0, 1]); a failed method has no images.
 
     Raises:
         ValueError: An unknown method kind, duplicate method names, no prompts, a target that does
@@ -143,26 +151,38 @@ def compare_methods(
     methods_out: dict[str, dict] = {}
     images_by_method: dict[str, torch.Tensor] = {}
     for m in config.methods:
-        bb = method_backbone(backbone, m)
-        res = generate_method(bb, m, entries, generation=gen, target=target, progress=progress)
-        del bb  # with an adapter: the UNet copy carrying it
-        judged = judge_method(
-            res,
-            entries,
-            panel=panel,
-            target=target,
-            n_per_prompt=gen.n_per_prompt,
-            frechet_roles=config.frechet_roles,
-            progress=progress,
-            desc=f"judge {m.name}",
+        key = method_key(config, m, bb_cfg)
+        cached = _load_method(cache_dir, m.name, key) if cache_dir is not None else None
+        if cached is not None:  # finished by an earlier start of the same comparison
+            methods_out[m.name], images_by_method[m.name] = cached
+            continue
+        try:
+            bb = method_backbone(backbone, m)
+            res = generate_method(bb, m, entries, generation=gen, target=target, progress=progress)
+            del bb  # with an adapter: the UNet copy carrying it
+            judged = judge_method(
+                res,
+                entries,
+                panel=panel,
+                target=target,
+                n_per_prompt=gen.n_per_prompt,
+                frechet_roles=config.frechet_roles,
+                progress=progress,
+                desc=f"judge {m.name}",
+            )
+        except Exception as e:  # one bad method costs only itself; the report says why it failed
+            if not keep_going:
+                raise
+            error = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+            print(f"compare: method {m.name!r} failed: {error}", file=sys.stderr)
+            methods_out[m.name] = {"kind": m.kind, "adapter": m.adapter, "failed": True, "error": error}
+            continue
+        methods_out[m.name] = _jsonable(
+            {"kind": m.kind, "adapter": m.adapter, "images_sha256": images_fingerprint(res.images), **judged}
         )
-        methods_out[m.name] = {
-            "kind": m.kind,
-            "adapter": m.adapter,
-            "images_sha256": images_fingerprint(res.images),
-            **judged,
-        }
         images_by_method[m.name] = res.images
+        if cache_dir is not None:
+            _save_method(cache_dir, m.name, key, methods_out[m.name], res.images)
 
     metrics = _jsonable(
         {
@@ -182,6 +202,60 @@ def compare_methods(
         }
     )
     return metrics, images_by_method
+
+
+def method_key(config: CompareConfig, method: MethodConfig, backbone: BackboneConfig) -> str:
+    """A hash of everything a method's results depend on: the method (and its adapter's bytes), the
+    base model, the prompts, the judges, the target and the generation settings."""
+    adapter = None
+    if method.adapter is not None:
+        f = Path(method.adapter) / LORA_WEIGHT_NAME
+        adapter = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "missing"
+    parts = {
+        "method": asdict(method),
+        "adapter_sha256": adapter,
+        "backbone": asdict(backbone),
+        "prompts": [asdict(g) for g in config.prompts],
+        "judges": asdict(config.judges),
+        "target": asdict(config.target),
+        "generation": asdict(config.generation),
+        "frechet_roles": list(config.frechet_roles),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _method_paths(cache_dir: str | Path, name: str) -> tuple[Path, Path]:
+    d = Path(cache_dir) / "methods"
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return d / f"{safe}.json", d / f"{safe}.images.safetensors"
+
+
+def _save_method(cache_dir, name: str, key: str, result: dict, images: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    js, im = _method_paths(cache_dir, name)
+    js.parent.mkdir(parents=True, exist_ok=True)
+    q = (images.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+    tmp = im.with_name(im.name + ".tmp")
+    save_file({"images": q}, str(tmp))
+    os.replace(tmp, im)
+    tmp = js.with_name(js.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "result": result}, allow_nan=False))
+    os.replace(tmp, js)  # written last: its presence means both files are whole
+
+
+def _load_method(cache_dir, name: str, key: str) -> tuple[dict, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    js, im = _method_paths(cache_dir, name)
+    try:
+        saved = json.loads(js.read_text())
+        if saved.get("key") != key:
+            return None
+        images = load_file(str(im))["images"].float() / 255.0
+    except Exception:  # absent, or cut short by a kill: generate again
+        return None
+    return saved["result"], images
 
 
 def write_metrics(metrics: Mapping, out: str | Path) -> Path:
@@ -222,14 +296,23 @@ def run_comparison(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out={str(out)!r} exists and is not a folder")
-    metrics, images = compare_methods(config, backbone=backbone, progress=progress)
+    metrics, images = compare_methods(
+        config, backbone=backbone, progress=progress, cache_dir=out, keep_going=True
+    )
     write_metrics(metrics, out)
-    if report:
+    if report and any(not m.get("failed") for m in metrics["methods"].values()):
         from ._report import summary_markdown, write_report
 
         write_report(metrics, images, out, grid_columns=config.grid_columns)
         print(summary_markdown(metrics))
         print(f"wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'report.html'}", file=sys.stderr)
+    failed = {n: m["error"] for n, m in metrics["methods"].items() if m.get("failed")}
+    if failed:
+        why = "; ".join(f"{n}: {e}" for n, e in failed.items())
+        raise RuntimeError(
+            f"{len(failed)} of {len(metrics['methods'])} methods failed ({why}); the others are in "
+            f"{out / 'metrics.json'}"
+        )
     return metrics
 
 

@@ -306,7 +306,12 @@ def load_prompt_file(path: str | Path) -> list[PromptGroup]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"prompts file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from e
     if path.suffix.lower() in (".yaml", ".yml", ".json"):
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     else:

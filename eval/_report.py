@@ -424,6 +424,8 @@ def write_report(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    failed = {n: m.get("error", "") for n, m in metrics["methods"].items() if m.get("failed")}
+    metrics = {**metrics, "methods": {n: m for n, m in metrics["methods"].items() if n not in failed}}
     missing = set(metrics["methods"]) - set(images_by_method)
     if missing:
         raise ValueError(f"images_by_method lacks the images of {sorted(missing)}")
@@ -444,6 +446,9 @@ def write_report(
         )
         grids[name] = fname
     blocks = _blocks(metrics, {k: paths[k].name for k in ("shares", "tradeoff")}, grids)
+    if failed:
+        blocks += [("h2", "Failed methods")]
+        blocks += [("p", f"`{name}` failed: {error}") for name, error in failed.items()]
     for fname, text in (("report.md", render_markdown(blocks)), ("report.html", render_html(blocks, out))):
         tmp = out / f".{fname}.tmp"
         tmp.write_text(text, encoding="utf-8")

@@ -45,8 +45,10 @@ from ._lora import (
     LORA_WEIGHT_NAME,
     LoraConfig,
     attach_lora,
+    export_is_complete,
     load_adapter,
     lora_state_dict,
+    remove_stale_temporaries,
     save_lora,
 )
 from ._prompt_augmentation import (
@@ -61,6 +63,7 @@ __all__ = [
     "adversary_losses",
     "AdversaryConfig",
     "attach_lora",
+    "export_is_complete",
     "ATTENTION",
     "ATTENTION_AND_CONVS",
     "AttributeHead",
@@ -88,6 +91,7 @@ __all__ = [
     "predict_batched",
     "PromptAugmentationConfig",
     "resolve_shipped",
+    "remove_stale_temporaries",
     "save_lora",
     "save_safetensors_atomic",
     "SemanticGuidance",

@@ -92,6 +92,34 @@ def save_lora(unet: UNet2DConditionModel, out_dir: str | os.PathLike, state_dict
     return out / LORA_WEIGHT_NAME
 
 
+def export_is_complete(run_dir: str | os.PathLike) -> bool:
+    """Whether a run folder holds a complete export: an ``adapter/`` whose safetensors file opens and
+    holds LoRA weights, or a ``model/`` with a UNet config and weights. A file cut short by a kill
+    fails to open and counts as missing."""
+    from safetensors import safe_open
+
+    root = Path(run_dir)
+    adapter = root / "adapter" / LORA_WEIGHT_NAME
+    if adapter.is_file():
+        try:
+            with safe_open(str(adapter), framework="pt") as f:
+                return any("lora" in k for k in f.keys())
+        except Exception:  # safetensors raises its own error types on a truncated file
+            return False
+    unet = root / "model" / "unet"
+    return (unet / "config.json").is_file() and any(unet.glob("*.safetensors"))
+
+
+def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove what a write killed half-way leaves behind in a run folder's exports (``adapter/.lora-*``,
+    ``.model.*`` folders, ``*.tmp`` files); returns what was removed."""
+    root = Path(run_dir)
+    stale = [*root.glob("adapter/.lora-*"), *root.glob(".model.*"), *root.glob("adapter/*.tmp")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
+
+
 def load_adapter(backbone, adapter_dir: str | os.PathLike, *, fuse: bool = False):
     """Load a ``pytorch_lora_weights.safetensors`` into a Backbone's UNet through diffusers'
     ``load_lora_weights`` (the same path a user's pipeline takes); ``fuse`` merges it into the

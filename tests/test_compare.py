@@ -344,3 +344,38 @@ def test_audit_shipped_model_with_judges_and_adapter(backbone, adapter_dir, judg
     assert m["kind"] == "adapter"
     assert m["summary"]["fidelity"] is not None and m["summary"]["frechet"] is not None
     assert (tmp_path / "audit" / "report.html").is_file()
+
+
+def test_a_comparison_keeps_what_it_finishes_and_resumes(
+    backbone, adapter_dir, judges_dir, digits_dir, tmp_path
+):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    good = (adapter_dir / "pytorch_lora_weights.safetensors").read_bytes()
+    (broken / "pytorch_lora_weights.safetensors").write_bytes(good[: len(good) // 3])  # cut short
+    methods = [
+        MethodConfig("base"),
+        MethodConfig("broken", kind="adapter", adapter=str(broken)),
+        MethodConfig("adapter", kind="adapter", adapter=str(adapter_dir)),
+    ]
+    cfg = _config(judges_dir, digits_dir, methods)
+    out = tmp_path / "cmp"
+    with pytest.raises(RuntimeError, match="1 of 3 methods failed.*broken"):
+        run_comparison(cfg, out, backbone=backbone, progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["methods"]["broken"]["failed"] and metrics["methods"]["broken"]["error"]
+    assert metrics["methods"]["adapter"]["summary"]["mean_dev_seen"] is not None  # after the failure
+    assert "`broken` failed:" in (out / "report.md").read_text()
+    kept = {n: (out / "methods" / f"{n}.json").stat().st_mtime_ns for n in ("base", "adapter")}
+
+    # fixed and started again: only the failed method runs; the finished ones are read back
+    (broken / "pytorch_lora_weights.safetensors").write_bytes(good)
+    again = run_comparison(cfg, out, backbone=backbone, progress=False)
+    assert {n: (out / "methods" / f"{n}.json").stat().st_mtime_ns for n in kept} == kept
+    for n in ("base", "adapter"):
+        assert again["methods"][n]["images_sha256"] == metrics["methods"][n]["images_sha256"]
+    assert again["methods"]["broken"]["images_sha256"] == again["methods"]["adapter"]["images_sha256"]
+    # a changed method is not taken from the cache
+    cfg.generation.seed = 1
+    third = run_comparison(cfg, out, backbone=backbone, progress=False)
+    assert third["methods"]["base"]["images_sha256"] != metrics["methods"]["base"]["images_sha256"]

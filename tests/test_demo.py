@@ -34,6 +34,7 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
     assert set(record["runs"]) == {"naive", "all"} and record["train_all_s"] > 0
     for arm, run in record["runs"].items():
         assert (Path(run) / "adapter" / "pytorch_lora_weights.safetensors").exists()
+        assert (out / arm).resolve() == Path(run).resolve()  # the paths the compare YAML names
         config = yaml.safe_load((Path(run) / "config.yaml").read_text())
         assert config["trainer"]["max_steps"] == 2
         assert (config["model"]["fairness"] is not None) == (arm == "all")

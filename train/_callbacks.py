@@ -9,8 +9,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
-from fairtune.models import save_lora
+from fairtune.models import export_is_complete, remove_stale_temporaries, save_lora
 
 
 class ExportWeights(L.Callback):
@@ -30,6 +31,9 @@ class ExportWeights(L.Callback):
         return Path(self.dirpath or trainer.default_root_dir)
 
     def setup(self, trainer: L.Trainer, module, stage: str) -> None:
+        if trainer.is_global_zero:
+            for p in remove_stale_temporaries(self._root(trainer)):
+                rank_zero_info(f"removed {p}, left by an export that was killed half-way")
         if _shards_parameters(trainer.strategy):
             if module.lora is None:
                 raise ValueError(
@@ -82,6 +86,17 @@ class ExportWeights(L.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         self.export(trainer, module)
+        self._exported = True
+
+    def on_fit_end(self, trainer, module) -> None:
+        # A run killed during its export resumes at max_steps: Lightning then skips the training loop
+        # (and on_train_end), so the export is redone here from the restored checkpoint weights.
+        if getattr(self, "_exported", False):
+            return
+        missing = trainer.is_global_zero and not export_is_complete(self._root(trainer))
+        if trainer.strategy.broadcast(missing):
+            rank_zero_info(f"the export in {self._root(trainer)} is missing or incomplete: writing it again")
+            self.export(trainer, module)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
