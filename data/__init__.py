@@ -18,6 +18,16 @@ from ._colored_digits import (
     generate as generate_colored_digits,
 )
 from ._datamodule import AttributeDataModule, SourceConfig, to_pixels
+from ._flags import (
+    SCHEMA_VERSION,
+    Flag,
+    FlagStore,
+    Proposal,
+    content_hash,
+    database_url,
+    read_prompt_pairs,
+    write_prompt_file,
+)
 from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
 from ._schema import (
     AttributeSpec,
@@ -72,4 +82,12 @@ __all__ = [
     "render",
     "validate_record",
     "write_shards",
+    "SCHEMA_VERSION",
+    "Flag",
+    "FlagStore",
+    "Proposal",
+    "content_hash",
+    "database_url",
+    "read_prompt_pairs",
+    "write_prompt_file",
 ]

@@ -7,6 +7,8 @@
 ``fairtune compare --config C.yaml --out DIR``  every method on the same prompts, seeds and judges
 ``fairtune audit --model PATH --prompts FILE --out DIR``  one model's judged attribute mix
 ``fairtune sweep SPEC.yaml --out DIR [--workers N | --slurm true]``  ablation grid, resumable
+``fairtune flag add|propose|list|export --db FILE ...``  reviewers' flags on biased outputs
+``fairtune review --audit DIR --db FILE``  a local page to review an audit and flag images
 
 Every entry point is a typed function whose signature is its option schema (jsonargparse), so a
 misspelt option or a value of the wrong type fails before any work with a message naming it.
@@ -145,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
 
         run_fit_cli(None if from_shell else argv)
         return
+    from fairtune.data._flags import flag_add, flag_export, flag_list, flag_propose
     from fairtune.eval._compare import audit_command, compare_command
+    from fairtune.eval._review import review_command
 
     CLI(
         {
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             "judges": {"train": judges_train},
             "classifier": {"train": classifier_train},
             "sweep": sweep,
+            "flag": {"add": flag_add, "propose": flag_propose, "list": flag_list, "export": flag_export},
+            "review": review_command,
         },
         args=argv,
         prog="fairtune",
