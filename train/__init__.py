@@ -1,5 +1,6 @@
 """LightningModules, callbacks and the ``fairtune`` CLI."""
 
+from ._audit import TrainingAudit
 from ._callbacks import ExportWeights
 from ._fairness import (
     ClassifierConfig,
@@ -19,6 +20,7 @@ __all__ = [
     "FairnessConfig",
     "FairnessLoss",
     "OptimConfig",
+    "TrainingAudit",
     "alignment_loss",
     "load_classifier",
     "ot_assignment",
