@@ -363,8 +363,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "image/png")
         elif url.path == "/api/flags":
             flags = self.server.store.flags(audit_run=str(view.dir))
-            self._json(200, [{"id": f.id, "key": f.concept, "prompt": f.prompt, "scope": f.scope,
-                              "index": f.image_index} for f in flags])  # fmt: skip
+            self._json(200, [{"id": f.id, "prompt": f.prompt, "scope": f.scope, "index": f.image_index,
+                              "direction": f.direction, "reviewer": f.reviewer} for f in flags])  # fmt: skip
         else:
             self._send(404, b"not found", "text/plain")
 

@@ -28,7 +28,7 @@ JUDGE_ARGS = {"num_classes": 2, "width": 4, "feature_dim": 8}
 
 
 @pytest.fixture(scope="module")
-def judges_dir(digits_dir, tmp_path_factory):
+def color_judge_dir(digits_dir, tmp_path_factory):
     """A small colour judge (the shipped judges' colour CNN at a quarter of the width), trained on
     1,024 held-out renders in a few seconds; saved as ``color_cnn.safetensors`` like the real ones."""
     from safetensors.torch import save_file
@@ -70,11 +70,11 @@ def test_the_shipped_overlay_fits_the_shipped_judges():
     assert judge["weights"].endswith("color_cnn.safetensors")
 
 
-def _overlay(path: Path, judges_dir: Path, **init) -> Path:
+def _overlay(path: Path, color_judge_dir: Path, **init) -> Path:
     """The shipped overlay, pointed at the test's judge and sized for a CPU test."""
     cfg = yaml.safe_load((CONFIGS / "colored_digits" / "audit.yaml").read_text())
     args = cfg["trainer"]["callbacks"][0]["init_args"]
-    args["judge"]["weights"] = str(judges_dir / "color_cnn.safetensors")
+    args["judge"]["weights"] = str(color_judge_dir / "color_cnn.safetensors")
     args["judge"]["init_args"] = dict(JUDGE_ARGS)
     args.update({"every_n_steps": 2, "n_per_prompt": 4, "steps": 2, **init})
     path.write_text(yaml.safe_dump(cfg))
@@ -88,7 +88,7 @@ def _csv(path: Path) -> list[dict]:
 
 def test_audit_logs_the_mix_every_k_steps_and_matches_the_exported_adapter(
     digits_dir,
-    judges_dir,
+    color_judge_dir,
     tiny_base,  # noqa: F811
     tmp_path,
 ):
@@ -96,7 +96,7 @@ def test_audit_logs_the_mix_every_k_steps_and_matches_the_exported_adapter(
 
     run = tmp_path / "run"
     cfg = tiny_config(digits_dir, tiny_base, tmp_path / "fit.yaml", **{"data.rebalance": {}})
-    overlay = _overlay(tmp_path / "audit.yaml", judges_dir, prompts=PROMPTS)
+    overlay = _overlay(tmp_path / "audit.yaml", color_judge_dir, prompts=PROMPTS)
     main(["fit", "--config", str(cfg), "--config", str(CONFIGS / "launch" / "tensorboard.yaml"),
           "--config", str(overlay), "--samples.every_n_steps", "null",
           "--trainer.default_root_dir", str(run)])  # fmt: skip
@@ -141,14 +141,14 @@ def test_audit_logs_the_mix_every_k_steps_and_matches_the_exported_adapter(
 
 def test_a_collapsing_run_is_stopped_and_a_resumed_run_keeps_its_history(
     digits_dir,
-    judges_dir,
+    color_judge_dir,
     tiny_base,  # noqa: F811
     tmp_path,
 ):
     run = tmp_path / "run"
     cfg = tiny_config(digits_dir, tiny_base, tmp_path / "fit.yaml", **{"trainer.max_steps": 8})
     # an odd number of images: a share is never exactly 1/2, so every gap is above 0
-    overlay = _overlay(tmp_path / "audit.yaml", judges_dir, prompts=PROMPTS, n_per_prompt=3,
+    overlay = _overlay(tmp_path / "audit.yaml", color_judge_dir, prompts=PROMPTS, n_per_prompt=3,
                        stop_gap=0.0, stop_patience=2)  # fmt: skip
     args = ["fit", "--config", str(cfg), "--config", str(overlay), "--trainer.default_root_dir", str(run)]
     main(args)
@@ -160,9 +160,14 @@ def test_a_collapsing_run_is_stopped_and_a_resumed_run_keeps_its_history(
     assert steps == [s for s in (0, 2, 4, 6, 8) for _ in PROMPTS]
 
 
-def test_audit_costs_are_bounded_and_its_judge_is_independent(digits_dir, judges_dir, tiny_base, tmp_path):  # noqa: F811
+def test_audit_costs_are_bounded_and_its_judge_is_independent(
+    digits_dir,
+    color_judge_dir,
+    tiny_base,  # noqa: F811
+    tmp_path,
+):
     cfg = tiny_config(digits_dir, tiny_base, tmp_path / "fit.yaml", **{"trainer.max_steps": 1})
-    big = _overlay(tmp_path / "big.yaml", judges_dir, n_per_prompt=200, max_images=512)
+    big = _overlay(tmp_path / "big.yaml", color_judge_dir, n_per_prompt=200, max_images=512)
     with pytest.raises(
         ValueError, match=r"8 prompts x n_per_prompt=200 = 1600 images per audit exceeds audit.max_images=512"
     ):
@@ -177,12 +182,12 @@ def test_audit_costs_are_bounded_and_its_judge_is_independent(digits_dir, judges
                 str(tmp_path / "a"),
             ]
         )
-    weights = str(judges_dir / "color_cnn.safetensors")
+    weights = str(color_judge_dir / "color_cnn.safetensors")
     same = tiny_config(
         digits_dir, tiny_base, tmp_path / "fair.yaml",
         **{"trainer.max_steps": 1,
            "model.fairness": {"classifier": {"weights": weights, "init_args": JUDGE_ARGS}}},
     )  # fmt: skip
     with pytest.raises(ValueError, match="is the fairness loss's classifier"):
-        main(["fit", "--config", str(same), "--config", str(_overlay(tmp_path / "o.yaml", judges_dir)),
+        main(["fit", "--config", str(same), "--config", str(_overlay(tmp_path / "o.yaml", color_judge_dir)),
               "--trainer.default_root_dir", str(tmp_path / "b")])  # fmt: skip
