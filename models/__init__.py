@@ -22,6 +22,7 @@ from ._lora import (
     LoraConfig,
     attach_lora,
     load_adapter,
+    load_lora_into,
     lora_state_dict,
     save_lora,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "TinyUNetConfig",
     "attach_lora",
     "load_adapter",
+    "load_lora_into",
     "default_text_encoder",
     "lora_state_dict",
     "save_lora",

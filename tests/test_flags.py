@@ -7,6 +7,7 @@ import json
 import sqlite3
 
 import pytest
+from test_distributed import tiny_base  # noqa: F401 - a fixture
 
 from fairtune.data import (
     SCHEMA_VERSION,
@@ -17,7 +18,11 @@ from fairtune.data import (
     read_prompt_pairs,
     write_prompt_file,
 )
+from fairtune.models import LORA_WEIGHT_NAME as LORA
+from fairtune.train import FairnessLoss
 from fairtune.train.cli import main
+
+CLF_ARGS = {"num_classes": 2, "width": 4, "feature_dim": 8}
 
 # The version-1 schema, as a fairtune of that version created it (image flags only, no proposals).
 V1_DDL = [
@@ -183,3 +188,74 @@ def test_prompt_files_in_every_audit_format(tmp_path):
         read_prompt_pairs(bad)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_prompt_pairs(tmp_path / "none.txt")
+
+
+# ------------------------------------------------------------------ flags -> the next adapter (fit)
+def test_fit_continues_from_an_adapter_and_trains_on_flagged_prompts(digits_dir, tiny_base, tmp_path):  # noqa: F811
+    import torch
+    from conftest import smoke_trainer
+    from safetensors.torch import load_file, save_file
+    from test_distributed import tiny_config
+
+    from fairtune.data import AttributeDataModule, SourceConfig
+    from fairtune.eval import SmallCNN
+    from fairtune.models import BackboneConfig, LoraConfig, lora_state_dict
+    from fairtune.train import ClassifierConfig, DebiasModule, FairnessConfig
+
+    # a first adapter, trained by `fairtune fit`
+    run = tmp_path / "first"
+    main(["fit", "--config", str(tiny_config(digits_dir, tiny_base, tmp_path / "fit.yaml")),
+          "--trainer.max_steps", "2", "--trainer.default_root_dir", str(run)])  # fmt: skip
+    saved = {k.removeprefix("unet."): v for k, v in load_file(str(run / "adapter" / LORA)).items()}
+
+    # a reviewer flags a prompt the data never had; the flags are exported as a prompt file
+    store = FlagStore(tmp_path / "flags.sqlite")
+    store.add_flag(Flag(prompt="a drawing of the number 8", concept="digit 8", model=str(tiny_base),
+                        reviewer="ana", direction="blue"))  # fmt: skip
+    flagged = write_prompt_file(store.flagged_prompts(), tmp_path / "flagged.yaml")
+
+    torch.manual_seed(0)
+    clf = tmp_path / "clf.safetensors"
+    save_file(SmallCNN(2, 4, 8).state_dict(), str(clf))
+    module = DebiasModule(
+        backbone=BackboneConfig(kind="tiny", pretrained=str(tiny_base)),
+        lora=LoraConfig(rank=4, init_from=str(run / "adapter")),
+        fairness=FairnessConfig(
+            classifier=ClassifierConfig(init_args=CLF_ARGS, weights=str(clf)),
+            concepts=["digit 0"], extra_prompts_file=str(flagged), start_step=0, ramp_steps=0,
+            every_k_steps=1,
+            concepts_per_step=2, samples_per_concept=2, ddim_steps=1, preservation_weight=0.0,
+        ),
+    )  # fmt: skip
+    # the new run starts from the first adapter's weights, not from a fresh adapter
+    start = lora_state_dict(module.backbone.unet)
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
+    assert module.fairness_loss.pool() == [
+        ("digit 0", "a handwritten digit 0"),
+        ("digit 8", "a drawing of the number 8"),
+    ]
+    dm = AttributeDataModule(source=SourceConfig(path=str(digits_dir / "table")),
+                             concepts=["digit 0", "digit 1"], batch_size=4, samples_per_epoch=8)  # fmt: skip
+    trainer = smoke_trainer(max_steps=2)
+    trainer.fit(module, dm)
+    # the fairness loss generated for the flagged wording (prompts need no images) and trained on it
+    assert "a drawing of the number 8" in module.backbone._prompt_cache
+    assert "fairness/align" in trainer.logged_metrics
+    after = lora_state_dict(module.backbone.unet)
+    assert any(not torch.equal(after[k], saved[k]) for k in saved)
+
+    bad = LoraConfig(rank=2, init_from=str(run / "adapter"))
+    with pytest.raises(ValueError, match="saved with r=4, but model.lora has r=2"):
+        DebiasModule(backbone=BackboneConfig(kind="tiny", pretrained=str(tiny_base)), lora=bad)
+    with pytest.raises(FileNotFoundError, match="no pytorch_lora_weights.safetensors"):
+        DebiasModule(backbone=BackboneConfig(kind="tiny", pretrained=str(tiny_base)),
+                     lora=LoraConfig(rank=4, init_from=str(tmp_path)))  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        FairnessLoss(
+            FairnessConfig(
+                classifier=ClassifierConfig(
+                    init_args={"num_classes": 2, "width": 4, "feature_dim": 8}, weights=str(clf)
+                ),
+                extra_prompts_file=str(tmp_path / "missing.yaml"),
+            )
+        )
