@@ -157,9 +157,17 @@ class AuditView:
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------ the page
-    def page(self, reviewer: str) -> str:
-        """The review page (one HTML document; images load from ``/img/...``)."""
+    def page(self, reviewer: str, flags: list[Flag] = ()) -> str:
+        """The review page (one HTML document; images load from ``/img/...``); ``flags`` already in
+        the store for this audit are marked (flagged prompts and images framed red, with a count)."""
         esc = html.escape
+        flagged_prompts: dict[str, int] = {}
+        flagged_images: set[tuple[str, int]] = set()
+        for f in flags:
+            if f.scope == "prompt":
+                flagged_prompts[f.prompt] = flagged_prompts.get(f.prompt, 0) + 1
+            elif f.image_index is not None:
+                flagged_images.add((f.prompt, f.image_index))
         parts = [
             "<!doctype html><html><head><meta charset='utf-8'><title>fairtune review</title>",
             f"<style>{_CSS}</style></head><body>",
@@ -191,13 +199,16 @@ class AuditView:
                 for c in self.classes
             )
             imgs = "".join(
-                f"<figure data-index='{i}'><img src='/img/{b}/{i}' alt='image {i}'>"
+                f"<figure data-index='{i}'{' class=flagged' if (e['prompt'], i) in flagged_images else ''}>"
+                f"<img src='/img/{b}/{i}' alt='image {i}'>"
                 f"<button class='flag-image' data-key='{esc(e['key'], quote=True)}' data-index='{i}' "
                 f"title='flag image {i}'>⚑ {i}</button></figure>"
                 for i in range(self.n)
             )
+            n_flags = flagged_prompts.get(e["prompt"], 0)
+            cls = "prompt flagged" if n_flags else "prompt"
             parts.append(
-                f"<section class='prompt' data-key='{esc(e['key'], quote=True)}'>"
+                f"<section class='{cls}' data-key='{esc(e['key'], quote=True)}'>"
                 f"<h2>{esc(e['prompt'])}</h2><p class='meta'>concept <b>{esc(e['concept'])}</b> · "
                 f"role {esc(e['role'])} · deviation {_fmt(r.get('dev'))} "
                 f"<span class='ci'>[{_fmt(dev_ci[0])}, {_fmt(dev_ci[1])}]</span> · "
@@ -209,7 +220,7 @@ class AuditView:
                 "<input class='note' placeholder='note'> "
                 f"<button class='flag-prompt' data-key='{esc(e['key'], quote=True)}'>"
                 "Flag prompt as biased</button>"
-                " <span class='count'></span></div>"
+                f" <span class='count'>{f'flagged {n_flags}x' if n_flags else ''}</span></div>"
                 f"<div class='grid'>{imgs}</div></section>"
             )
         parts.append(
@@ -350,7 +361,8 @@ class _Handler(BaseHTTPRequestHandler):
             headers = {}
             if self.server.token:
                 headers["Set-Cookie"] = f"{_COOKIE}={self.server.token}; HttpOnly; SameSite=Strict; Path=/"
-            self._send(200, view.page(self.server.reviewer).encode(), "text/html; charset=utf-8", headers)
+            page = view.page(self.server.reviewer, self.server.store.flags(audit_run=str(view.dir)))
+            self._send(200, page.encode(), "text/html; charset=utf-8", headers)
         elif url.path.startswith("/img/"):
             parts = url.path.split("/")[2:]
             if len(parts) != 2 or not all(p.isdigit() for p in parts):

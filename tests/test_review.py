@@ -148,6 +148,14 @@ def test_a_reviewer_flags_an_image_and_a_prompt_in_a_real_browser(audit_dir, tmp
         driver.find_element(By.ID, "propose-concept").send_keys("digit 8")
         driver.find_element(By.ID, "propose").click()
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "proposed"))
+        # a reload (another reviewer, later) shows what is already flagged
+        driver.refresh()
+        sections = driver.find_elements(By.CSS_SELECTOR, "section.prompt")
+        figure = sections[0].find_element(By.CSS_SELECTOR, "figure[data-index='3']")
+        assert "flagged" in figure.get_attribute("class")
+        assert "flagged" not in sections[0].get_attribute("class")
+        assert "flagged" in sections[1].get_attribute("class")
+        assert sections[1].find_element(By.CSS_SELECTOR, ".count").text == "flagged 1x"
         driver.save_screenshot(str(os.environ.get("FAIRTUNE_REVIEW_SCREENSHOT", tmp_path / "review.png")))
     finally:
         driver.quit()
