@@ -323,7 +323,8 @@ class TrainingAudit(L.Callback):
             hist = sorted((r for r in self._history if r["concept"] == concept), key=lambda r: r["step"])
             steps = [r["step"] for r in hist]
             for i, g in enumerate(self._groups):
-                col = colors[i % len(colors)]
+                # a group named after a colour is drawn in it (e.g. an ink-colour attribute)
+                col = g if matplotlib.colors.is_color_like(g) else colors[i % len(colors)]
                 ax.plot(steps, [r[f"share/{g}"] for r in hist], "o-", color=col, ms=3, label=g)
                 ax.plot(steps, [r[f"target/{g}"] for r in hist], "--", color=col, lw=1)
             ax.set_title(concept, fontsize=9)
