@@ -7,9 +7,15 @@ from ._colored_digits import (
     ColoredDigitsConfig,
     concept_name,
     explicit_prompt,
+    ink_alpha,
     ink_hue,
+    ink_map,
+    mixed_ink,
     neutral_prompt,
+    perturb,
+    random_shift,
     render,
+    rgb_to_hue_chroma,
 )
 from ._colored_digits import (
     build as build_colored_digits,
@@ -25,9 +31,14 @@ from ._flags import (
     Proposal,
     content_hash,
     database_url,
+    flag_add,
+    flag_export,
+    flag_list,
+    flag_propose,
     read_prompt_pairs,
     write_prompt_file,
 )
+from ._images import images_from_table
 from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
 from ._schema import (
     AttributeSpec,
@@ -76,7 +87,14 @@ __all__ = [
     "explicit_prompt",
     "generate_colored_digits",
     "group_counts",
+    "ink_alpha",
     "ink_hue",
+    "ink_map",
+    "images_from_table",
+    "mixed_ink",
+    "perturb",
+    "random_shift",
+    "rgb_to_hue_chroma",
     "load_table",
     "neutral_prompt",
     "render",
@@ -88,6 +106,10 @@ __all__ = [
     "Proposal",
     "content_hash",
     "database_url",
+    "flag_add",
+    "flag_export",
+    "flag_list",
+    "flag_propose",
     "read_prompt_pairs",
     "write_prompt_file",
 ]

@@ -31,6 +31,9 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from fairtune.data import Flag, FlagStore, Proposal, content_hash
+from fairtune.models import resolve_shipped
+
+from ._scoring import share_box
 
 TOKEN_HEADER = "X-Review-Token"
 _COOKIE = "fairtune_review_token"
@@ -46,29 +49,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def wilson(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a share observed over ``n`` images."""
-    if n <= 0 or share is None or math.isnan(share):
-        return (float("nan"), float("nan"))
-    d = 1 + z * z / n
-    c = (share + z * z / (2 * n)) / d
-    h = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
-
-
 def _model_hash(model: str | None) -> str | None:
     """Content hash of a model folder, or of a checkpoint shipped with fairtune; ``None`` for a hub id."""
     if not model:
         return None
-    path = Path(model)
-    if not path.exists():
-        from importlib.resources import files
-
-        shipped = Path(str(files("fairtune.models"))) / "checkpoints" / model
-        if not shipped.is_dir():
-            return None
-        path = shipped
-    return content_hash(path)
+    path = resolve_shipped(model)
+    return content_hash(path) if path.exists() else None
 
 
 class AuditView:
@@ -181,11 +167,14 @@ class AuditView:
         for b, e in enumerate(self.entries):
             r = self.per_concept.get(e["key"], {})
             worst = _worst_class(r, self.classes)
+            # the scoring engine's simultaneous 95% box of the class shares (as in the report)
+            counts = r.get("counts")
+            box = share_box(counts) if counts and r.get("n") else ([None] * len(self.classes),) * 2
             rows = []
             for k, c in enumerate(self.classes):
                 p = (r.get("p_hat") or [None] * len(self.classes))[k]
                 q = (r.get("target") or [None] * len(self.classes))[k]
-                lo, hi = wilson(p, int(r.get("n") or 0)) if p is not None else (float("nan"),) * 2
+                lo, hi = box[0][k], box[1][k]
                 bar = "" if p is None else f"<span class='bar' style='width:{100 * p:.0f}px'></span>"
                 rows.append(
                     f"<tr><td>{esc(c)}</td><td>{bar} {_fmt(p)} "

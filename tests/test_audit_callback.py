@@ -12,9 +12,8 @@ import torch
 import yaml
 from test_distributed import tiny_base, tiny_config  # noqa: F401 - tiny_base is a fixture
 
-from fairtune.models import Backbone, BackboneConfig, load_adapter
-from fairtune.train import ClassifierConfig, load_classifier
-from fairtune.train.cli import main
+from fairtune.cli import main
+from fairtune.models import Backbone, BackboneConfig, ClassifierConfig, load_adapter, load_classifier
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PROMPTS = {
@@ -33,8 +32,8 @@ def color_judge_dir(digits_dir, tmp_path_factory):
     1,024 held-out renders in a few seconds; saved as ``color_cnn.safetensors`` like the real ones."""
     from safetensors.torch import save_file
 
-    from fairtune.data import load_table
-    from fairtune.eval import SmallCNN, images_from_table
+    from fairtune.data import images_from_table, load_table
+    from fairtune.models import SmallCNN
 
     held = load_table(str(digits_dir / "table"), split="heldout").shuffle(seed=0).select(range(1024))
     x = images_from_table(held)

@@ -9,6 +9,7 @@ import sqlite3
 import pytest
 from test_distributed import tiny_base  # noqa: F401 - a fixture
 
+from fairtune.cli import main
 from fairtune.data import (
     SCHEMA_VERSION,
     Flag,
@@ -20,7 +21,6 @@ from fairtune.data import (
 )
 from fairtune.models import LORA_WEIGHT_NAME as LORA
 from fairtune.train import FairnessLoss
-from fairtune.train.cli import main
 
 CLF_ARGS = {"num_classes": 2, "width": 4, "feature_dim": 8}
 
@@ -198,9 +198,8 @@ def test_fit_continues_from_an_adapter_and_trains_on_flagged_prompts(digits_dir,
     from test_distributed import tiny_config
 
     from fairtune.data import AttributeDataModule, SourceConfig
-    from fairtune.eval import SmallCNN
-    from fairtune.models import BackboneConfig, LoraConfig, lora_state_dict
-    from fairtune.train import ClassifierConfig, DebiasModule, FairnessConfig
+    from fairtune.models import BackboneConfig, ClassifierConfig, LoraConfig, SmallCNN, lora_state_dict
+    from fairtune.train import DebiasModule, FairnessConfig
 
     # a first adapter, trained by `fairtune fit`
     run = tmp_path / "first"

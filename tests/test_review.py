@@ -28,7 +28,7 @@ def audit_dir(color_judge_dir, tmp_path_factory):  # noqa: F811
     """`fairtune audit` of the shipped base model on two prompts (6 images each, 5 DDIM steps)."""
     from fairtune.data import TargetConfig
     from fairtune.eval import GenerationConfig, JudgeConfig, audit
-    from fairtune.train import ClassifierConfig
+    from fairtune.models import ClassifierConfig
 
     root = tmp_path_factory.mktemp("review")
     prompts = root / "prompts.yaml"
@@ -36,7 +36,7 @@ def audit_dir(color_judge_dir, tmp_path_factory):  # noqa: F811
         yaml.safe_dump({"digit 1": "a handwritten digit 1", "digit 8": "a handwritten digit 8"})
     )
     judge = ClassifierConfig(
-        module="fairtune.eval.SmallCNN", init_args=dict(JUDGE_ARGS),
+        module="fairtune.models.SmallCNN", init_args=dict(JUDGE_ARGS),
         weights=str(color_judge_dir / "color_cnn.safetensors"),
     )  # fmt: skip
     audit(
@@ -173,10 +173,11 @@ def test_a_reviewer_flags_an_image_and_a_prompt_in_a_real_browser(audit_dir, tmp
     )  # fmt: skip
     assert (img["reviewer"], img["note"], img["attribute"]) == ("ana", "mostly red", "color")
     assert img["audit_run"] == str(Path(audit_dir).resolve()) and settings["steps"] == 5
-    from importlib.resources import files
+    from fairtune.models import resolve_shipped
 
-    shipped = Path(str(files("fairtune.models"))) / "checkpoints" / "colored-digits-16"
-    assert img["model"] == "colored-digits-16" and img["model_hash"] == content_hash(shipped)
+    shipped = resolve_shipped("colored-digits-16")
+    assert shipped.is_dir() and img["model"] == "colored-digits-16"
+    assert img["model_hash"] == content_hash(shipped)
     assert (prm["scope"], prm["prompt"], prm["direction"], prm["image_index"]) == (
         "prompt", "a handwritten digit 8", "blue", None,
     )  # fmt: skip

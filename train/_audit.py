@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from ._fairness import ClassifierConfig, load_classifier
+from fairtune.models import ClassifierConfig, load_classifier
 
 CSV_NAME = "audit.csv"
 PLOT_NAME = "shares.png"
@@ -162,7 +162,7 @@ class TrainingAudit(L.Callback):
                 "audit.judge.weights is the fairness loss's classifier: the model trains against it, so it "
                 "cannot judge the result; give the audit an independent judge"
             )
-        self._model = load_classifier(self.judge)
+        self._model = load_classifier(self.judge, what="audit.judge")
 
     def _target(self, trainer, pl_module):
         dm = getattr(trainer, "datamodule", None)
