@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     from fairtune.data import flag_add, flag_export, flag_list, flag_propose
     from fairtune.eval import review_command
+    from fairtune.train import augment_command
 
     CLI(
         {
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             "data": {
                 "_help": "Render benchmark data (ColoredDigits-Bias).",
                 "colored-digits": colored_digits,
+                "augment": augment_command,
             },
             "judges": {
                 "_help": "Train the benchmark's judges (never used by training).",
