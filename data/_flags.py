@@ -423,7 +423,8 @@ def flag_add(
         concept: The prompt's concept (e.g. ``digit 8``); default: the prompt itself.
         adapter: The adapter folder (hashed).
         model_hash: The model's hash, when ``model`` is not a readable folder.
-        audit_run: The audit folder the image comes from.
+        audit_run: The audit folder the image comes from (stored as an absolute path, as the review
+            page stores it).
         image_index: The image's index within its prompt in that audit.
         seed: The seed of the image.
         settings: Generation settings that regenerate it (JSON object).
@@ -438,7 +439,8 @@ def flag_add(
             prompt=prompt, model=model, reviewer=reviewer or getpass.getuser(), scope=scope, concept=concept,
             model_hash=model_hash or _hash_if_path(model), adapter=adapter,
             adapter_hash=_hash_if_path(adapter),
-            audit_run=audit_run, image_index=image_index, seed=seed, settings=settings, attribute=attribute,
+            audit_run=str(Path(audit_run).resolve()) if audit_run and Path(audit_run).exists() else audit_run,
+            image_index=image_index, seed=seed, settings=settings, attribute=attribute,
             direction=direction, note=note,
         )
     )  # fmt: skip

@@ -119,18 +119,20 @@ def test_content_hash_follows_the_bytes_not_the_location(tmp_path):
         content_hash(tmp_path / "missing")
 
 
-def test_flag_commands_and_export_roundtrip_through_the_audit_reader(tmp_path, capsys):
+def test_flag_commands_and_export_roundtrip_through_the_audit_reader(tmp_path, capsys, monkeypatch):
     from fairtune.eval import load_prompt_file
 
     db = str(tmp_path / "flags.sqlite")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "pytorch_lora_weights.safetensors").write_bytes(b"lora")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "audit").mkdir()  # an audit folder, named relative to the working directory
     common = ["--db", db, "--model", "colored-digits-16", "--reviewer", "ana", "--attribute", "color"]
     main(["flag", "add", *common, "--prompt", "a handwritten digit 8", "--concept", "digit 8",
           "--direction", "blue", "--adapter", str(adapter)])  # fmt: skip
     main(["flag", "add", *common, "--prompt", "a drawing of the number 8", "--concept", "digit 8",
-          "--scope", "image", "--audit_run", "runs/audit", "--image_index", "2", "--seed", "2",
+          "--scope", "image", "--audit_run", "audit", "--image_index", "2", "--seed", "2",
           "--settings", '{"steps": 15, "guidance_scale": 2.0}'])  # fmt: skip
     main(["flag", "add", *common, "--prompt", "a handwritten digit 8", "--concept", "digit 8"])
     main(["flag", "propose", "--db", db, "--prompt", "a handwritten digit 9", "--concept", "digit 9",
@@ -141,6 +143,7 @@ def test_flag_commands_and_export_roundtrip_through_the_audit_reader(tmp_path, c
     assert [r.get("proposal", False) for r in lines] == [False, False, False, True]
     assert lines[0]["adapter_hash"] == content_hash(adapter) and lines[0]["model_hash"] is None
     assert lines[1]["settings"] == {"steps": 15, "guidance_scale": 2.0} and lines[1]["image_index"] == 2
+    assert lines[1]["audit_run"] == str((tmp_path / "audit").resolve())  # as the review page stores it
     main(["flag", "list", "--db", db])
     table = capsys.readouterr().out
     assert "a drawing of the number 8" in table and "proposed prompts:" in table
