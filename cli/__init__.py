@@ -7,6 +7,8 @@
 ``fairtune compare --config C.yaml --out DIR``  every method on the same prompts, seeds and judges
 ``fairtune audit --model PATH --prompts FILE --out DIR``  one model's judged attribute mix
 ``fairtune sweep SPEC.yaml --out DIR [--workers N | --slurm true]``  ablation grid, resumable
+``fairtune flag add|propose|list|export --db FILE ...``  reviewers' flags on biased outputs
+``fairtune review --audit DIR --db FILE``  a local page to review an audit and flag images
 
 Every entry point is a typed function whose signature is its option schema (jsonargparse), so a
 misspelt option or a value of the wrong type fails before any work with a message naming it.
@@ -216,6 +218,10 @@ def _run(argv: list[str]) -> None:
 
         run_fit_cli(None if argv == sys.argv[1:] else argv)
         return
+    from fairtune.data import flag_add, flag_export, flag_list, flag_propose
+    from fairtune.eval import review_command
+    from fairtune.train import augment_command
+
     CLI(
         {
             "fit": fit,
@@ -226,6 +232,7 @@ def _run(argv: list[str]) -> None:
             "data": {
                 "_help": "Render benchmark data (ColoredDigits-Bias).",
                 "colored-digits": colored_digits,
+                "augment": augment_command,
             },
             "judges": {
                 "_help": "Train the benchmark's judges (never used by training).",
@@ -235,6 +242,14 @@ def _run(argv: list[str]) -> None:
                 "_help": "Train lever 3's attribute classifier (not a judge).",
                 "train": classifier_train,
             },
+            "flag": {
+                "_help": "Reviewers' flags on biased outputs (a SQL database; docs/feedback_loop.md).",
+                "add": flag_add,
+                "propose": flag_propose,
+                "list": flag_list,
+                "export": flag_export,
+            },
+            "review": review_command,
         },
         args=argv,
         prog="fairtune",

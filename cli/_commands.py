@@ -85,6 +85,7 @@ def audit_command(
     n_boot: int = 1000,
     grid_columns: int = 8,
     name: str | None = None,
+    save_images: bool = True,
 ) -> None:
     """Audit one model (optionally with a LoRA adapter) on PROMPTS; write OUT/metrics.json and a report.
 
@@ -105,10 +106,12 @@ def audit_command(
         n_boot: Unused (intervals are exact, docs/metrics.md); kept so older configs still run.
         grid_columns: Images per prompt in the grid.
         name: The method's name in the report.
+        save_images: Write every image to OUT/images/ (what ``fairtune review`` shows).
     """
     audit(
         model=model, prompts=prompts, out=out, adapter=adapter, fuse=fuse, kind=kind, judges=judges,
         target=target, generation=generation, n_boot=n_boot, grid_columns=grid_columns, name=name,
+        save_images=save_images,
     )  # fmt: skip
 
 

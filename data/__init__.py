@@ -24,6 +24,20 @@ from ._colored_digits import (
     generate as generate_colored_digits,
 )
 from ._datamodule import AttributeDataModule, SourceConfig, to_pixels
+from ._flags import (
+    SCHEMA_VERSION,
+    Flag,
+    FlagStore,
+    Proposal,
+    content_hash,
+    database_url,
+    flag_add,
+    flag_export,
+    flag_list,
+    flag_propose,
+    read_prompt_pairs,
+    write_prompt_file,
+)
 from ._images import images_from_table
 from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
 from ._schema import (
@@ -86,4 +100,16 @@ __all__ = [
     "render",
     "validate_record",
     "write_shards",
+    "SCHEMA_VERSION",
+    "Flag",
+    "FlagStore",
+    "Proposal",
+    "content_hash",
+    "database_url",
+    "flag_add",
+    "flag_export",
+    "flag_list",
+    "flag_propose",
+    "read_prompt_pairs",
+    "write_prompt_file",
 ]

@@ -44,6 +44,7 @@ from ._metrics import (
 )
 from ._panel import JudgePanel, build_judges, build_target, colored_digits_panel, load_reference_images
 from ._report import summary_markdown, write_report
+from ._review import AuditView, ReviewServer, review_command, serve_review
 from ._scoring import (
     exact_interval,
     mean_interval,
@@ -111,4 +112,8 @@ __all__ = [
     "wilson_interval",
     "write_metrics",
     "write_report",
+    "AuditView",
+    "ReviewServer",
+    "review_command",
+    "serve_review",
 ]

@@ -268,6 +268,26 @@ def write_metrics(metrics: Mapping, out: str | Path) -> Path:
     return out / "metrics.json"
 
 
+def write_images(
+    images_by_method: Mapping[str, torch.Tensor], metrics: Mapping, out: str | Path
+) -> Path:
+    """Every image as a PNG, ``out/images/<k>/<prompt index>/<image index>.png`` (``k``: the method's
+    position in ``metrics['methods']``), so a review page can show and flag single images."""
+    from PIL import Image
+
+    root = Path(out) / "images"
+    n = int(metrics["generation"]["n_per_prompt"])
+    for k, name in enumerate(metrics["methods"]):
+        if name not in images_by_method:  # a failed method has no images
+            continue
+        x = (images_by_method[name].clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        for j in range(len(x)):
+            path = root / str(k) / f"{j // n:03d}" / f"{j % n:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[j]).save(path)
+    return root
+
+
 def run_comparison(
     config: CompareConfig,
     out: str | Path,
@@ -275,6 +295,7 @@ def run_comparison(
     backbone: Backbone | None = None,
     progress: bool = True,
     report: bool = True,
+    save_images: bool = False,
 ) -> dict:
     """Generate, judge and report every method of ``config`` into ``out``; print the summary table.
 
@@ -284,6 +305,7 @@ def run_comparison(
         backbone: An already loaded base backbone to reuse; never changed (see :func:`compare_methods`).
         progress: Show progress bars (generation and judging).
         report: Write the report and print the summary table (``metrics.json`` is always written).
+        save_images: Also write every image (:func:`write_images`), for ``fairtune review``.
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -300,6 +322,8 @@ def run_comparison(
         config, backbone=backbone, progress=progress, cache_dir=out, keep_going=True
     )
     write_metrics(metrics, out)
+    if save_images:
+        write_images(images, metrics, out)
     if report and any(not m.get("failed") for m in metrics["methods"].values()):
         from ._report import summary_markdown, write_report
 
@@ -365,6 +389,7 @@ def audit(
     name: str | None = None,
     progress: bool = True,
     backbone: Backbone | None = None,
+    save_images: bool = True,
 ) -> dict:
     """Audit one model (optionally with a LoRA adapter): generate for PROMPTS, judge, and write
     OUT/metrics.json, OUT/report.md and OUT/report.html.
@@ -385,6 +410,7 @@ def audit(
         name: The method's name in the report (default ``model`` or ``model+adapter``).
         progress: Show progress bars.
         backbone: The model, already loaded (``model`` then only names it in the report).
+        save_images: Write every image to OUT/images/ (what ``fairtune review`` shows).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -408,4 +434,4 @@ def audit(
         frechet_roles=list(ROLES),
         title=f"fairtune audit: {model}" + (f" + {adapter}" if adapter is not None else ""),
     )
-    return run_comparison(cfg, out, backbone=backbone, progress=progress)
+    return run_comparison(cfg, out, backbone=backbone, progress=progress, save_images=save_images)

@@ -28,12 +28,16 @@ class LoraConfig:
             attention, ResNet convolutions, projections and feed-forward layers; attention alone
             (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) moved the colour mix less in trials.
         dropout: Dropout on the adapter's input.
+        init_from: Start from an existing adapter (a folder with ``pytorch_lora_weights.safetensors``,
+            e.g. a run's ``adapter/``) instead of a fresh one; rank, alpha and target modules must be
+            the ones it was trained with.
     """
 
     rank: int = 8
     alpha: float | None = None
     target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_AND_CONVS))
     dropout: float = 0.0
+    init_from: str | None = None
 
 
 def attach_lora(unet: UNet2DConditionModel, cfg: LoraConfig) -> int:
@@ -50,7 +54,53 @@ def attach_lora(unet: UNet2DConditionModel, cfg: LoraConfig) -> int:
             init_lora_weights="gaussian",
         )
     )
+    if cfg.init_from is not None:
+        load_lora_into(unet, cfg.init_from)
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def load_lora_into(unet: UNet2DConditionModel, adapter: str | os.PathLike) -> None:
+    """Copy a saved adapter's weights into the UNet's (trainable) ``default`` adapter.
+
+    Raises:
+        FileNotFoundError: No ``pytorch_lora_weights.safetensors`` at ``adapter``.
+        ValueError: The saved adapter does not fit the attached one (other rank, alpha or modules).
+    """
+    import json
+
+    from peft.utils import set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(adapter)
+    file = path / LORA_WEIGHT_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"model.lora.init_from={str(adapter)!r}: no {LORA_WEIGHT_NAME} there")
+    cfg = unet.peft_config["default"]
+    with safe_open(str(file), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lora_adapter_metadata") or "{}")
+    meta = {k.removeprefix("unet."): v for k, v in meta.items()}
+    for key, want in (("r", cfg.r), ("lora_alpha", cfg.lora_alpha)):
+        if key in meta and meta[key] != want:
+            raise ValueError(
+                f"model.lora.init_from={str(adapter)!r} was saved with {key}={meta[key]}, but model.lora has "
+                f"{key}={want}: set model.lora to the saved adapter's settings"
+            )
+    state = {k.removeprefix("unet."): v for k, v in load_file(str(file)).items()}
+    own = {n for n, p in unet.named_parameters() if p.requires_grad}
+    try:
+        result = set_peft_model_state_dict(unet, state, adapter_name="default")
+    except RuntimeError as e:
+        first = next((s.strip() for s in str(e).splitlines() if "mismatch" in s), str(e)[:300])
+        raise ValueError(f"model.lora.init_from={str(adapter)!r} does not fit model.lora: {first}") from e
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if k in own]
+    if unexpected or missing:
+        raise ValueError(
+            f"model.lora.init_from={str(adapter)!r} does not fit model.lora.target_modules: "
+            f"{len(unexpected)} saved weights have no place, {len(missing)} adapter weights are not saved "
+            f"(e.g. {(unexpected or missing)[0]})"
+        )
 
 
 def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:

@@ -1,5 +1,7 @@
 """Training: the LightningModule, lever losses, callbacks and loggers (imports data and models only)."""
 
+from ._audit import TrainingAudit
+from ._augment import AugmentConfig, augment_command, augment_table
 from ._callbacks import AtomicCheckpointIO, EpochCheckpoint, ExportWeights, GradientCheckpointing
 from ._fairness import FairnessConfig, FairnessLoss, alignment_loss, ot_assignment
 from ._module import DebiasModule, EmaConfig, OptimConfig
@@ -36,6 +38,10 @@ __all__ = [
     "FairnessConfig",
     "FairnessLoss",
     "OptimConfig",
+    "TrainingAudit",
+    "AugmentConfig",
+    "augment_command",
+    "augment_table",
     "alignment_loss",
     "ot_assignment",
 ]

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fairtune.data import ink_map
+from fairtune.data import ink_map, read_prompt_pairs
 from fairtune.models import ClassifierConfig, load_classifier
 
 
@@ -31,6 +31,9 @@ class FairnessConfig:
         ramp_steps: λ then ramps linearly from 0 to ``weight`` over these steps.
         every_k_steps: Compute it every k optimizer steps (its cost is amortised over k).
         concepts: Concepts to generate for; ``None``: the data module's concepts.
+        extra_prompts_file: A prompt file (``fairtune flag export``, or any file ``fairtune audit
+            --prompts`` reads): each of its (concept, prompt) pairs joins the pool the loss draws from,
+            the prompt used as written and the target its concept's. Prompts need no images.
         prompt: Neutral prompt template, ``{concept}`` filled in (``a handwritten digit 3``).
         concepts_per_step: Concepts drawn per fairness step.
         samples_per_concept: Images per concept per fairness step (align per concept, and with
@@ -62,6 +65,7 @@ class FairnessConfig:
     ramp_steps: int = 200
     every_k_steps: int = 4
     concepts: list[str] | None = None
+    extra_prompts_file: str | None = None
     prompt: str = "a handwritten {concept}"
     concepts_per_step: int = 4
     samples_per_concept: int = 16
@@ -175,6 +179,13 @@ class FairnessLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.classifier = load_classifier(cfg.classifier, what="model.fairness.classifier")
+        self.extra: list[tuple[str, str]] = (
+            read_prompt_pairs(cfg.extra_prompts_file) if cfg.extra_prompts_file else []
+        )
+
+    def pool(self) -> list[tuple[str, str]]:
+        """(concept, prompt) pairs a step draws from: the concepts' neutral prompts, then the extras."""
+        return [(c, self.cfg.prompt.format(concept=c)) for c in self.cfg.concepts or []] + self.extra
 
     def _eps(self, unet, x, t, ctx, guidance):
         inp = torch.cat([x, x])
@@ -224,13 +235,20 @@ class FairnessLoss(nn.Module):
         return x0
 
     def forward(
-        self, backbone, concepts: list[str], targets: torch.Tensor, generator: torch.Generator
+        self,
+        backbone,
+        concepts: list[str],
+        targets: torch.Tensor,
+        generator: torch.Generator,
+        prompts: list[str] | None = None,
     ) -> dict:
         """Loss terms for ``concepts`` (each with ``samples_per_concept`` images) and their targets
-        ``(len(concepts), K)``."""
+        ``(len(concepts), K)``; ``prompts``: one per concept (default: the neutral template)."""
         cfg = self.cfg
         m = cfg.samples_per_concept
-        prompts = [cfg.prompt.format(concept=c) for c in concepts for _ in range(m)]
+        if prompts is None:
+            prompts = [cfg.prompt.format(concept=c) for c in concepts]
+        prompts = [p for p in prompts for _ in range(m)]
         shape = (len(prompts), backbone.latent_channels, backbone.latent_size, backbone.latent_size)
         device = next(backbone.unet.parameters()).device
         noise = torch.randn(shape, generator=generator).to(device)

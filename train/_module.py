@@ -258,13 +258,13 @@ class DebiasModule(L.LightningModule):
 
     def fairness_step(self, g: torch.Generator) -> torch.Tensor:
         cfg = self.fairness
-        pool = cfg.concepts or []
+        pool = self.fairness_loss.pool()  # (concept, prompt): the concepts, then extra (flagged) prompts
         if not pool:
             raise ValueError("model.fairness.concepts is empty and the data module gave none")
         pick = torch.randperm(len(pool), generator=g)[: cfg.concepts_per_step].tolist()
-        concepts = [pool[i] for i in pick]
+        concepts = [pool[i][0] for i in pick]
         targets = self._targets_for(concepts).to(self.device)
-        out = self.fairness_loss(self.backbone, concepts, targets, g)
+        out = self.fairness_loss(self.backbone, concepts, targets, g, prompts=[pool[i][1] for i in pick])
         lam = cfg.lam(self.global_step)
         self.log_dict(
             {

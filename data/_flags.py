@@ -1,0 +1,525 @@
+"""Flags: reviewers' marks on biased outputs, and prompts they propose to audit next.
+
+A flag records what a reviewer saw and where: the prompt (and its concept), the model and adapter
+(by name and content hash), the image (the audit run folder and the image's index there, and the
+seed and generation settings that regenerate it), the attribute and the direction seen (e.g.
+``color`` / ``red``: too many red images), whether the whole prompt or one image is flagged, the
+reviewer, a note and the time.
+
+The store is a SQL database through SQLAlchemy Core: a SQLite file by default (``--db flags.sqlite``),
+or any SQLAlchemy URL (``--db postgresql+psycopg://user:pass@host/fairtune``, with the driver
+installed: ``pip install psycopg``) when many reviewers work on one database. The schema is created
+by the project on first use and migrated forward when an older file is opened; its version lives in
+the ``schema_version`` table.
+
+``fairtune flag add | propose | list | export`` work on the store from the command line; ``export``
+writes the flagged (and proposed) prompts as a prompt file that ``fairtune audit --prompts`` and the
+fairness loss's ``extra_prompts_file`` read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import sqlalchemy as sa
+
+SCHEMA_VERSION = 2
+"""The schema this code writes. History: 1 = flags (image flags only); 2 = adds ``flags.scope``
+(image or prompt), ``flags.settings`` (the generation settings, JSON) and the ``proposals`` table."""
+
+_meta = sa.MetaData()
+schema_version = sa.Table(
+    "schema_version",
+    _meta,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", sa.String(40), nullable=False),
+)
+flags_table = sa.Table(
+    "flags",
+    _meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.String(40), nullable=False),
+    sa.Column("reviewer", sa.String(200), nullable=False),
+    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("concept", sa.Text),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("model_hash", sa.String(64)),
+    sa.Column("adapter", sa.Text),
+    sa.Column("adapter_hash", sa.String(64)),
+    sa.Column("scope", sa.String(10), nullable=False, server_default="image"),
+    sa.Column("audit_run", sa.Text),
+    sa.Column("image_index", sa.Integer),
+    sa.Column("seed", sa.Integer),
+    sa.Column("settings", sa.Text),
+    sa.Column("attribute", sa.String(200)),
+    sa.Column("direction", sa.String(200)),
+    sa.Column("note", sa.Text, nullable=False, server_default=""),
+)
+proposals_table = sa.Table(
+    "proposals",
+    _meta,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.String(40), nullable=False),
+    sa.Column("reviewer", sa.String(200), nullable=False),
+    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("concept", sa.Text),
+    sa.Column("note", sa.Text, nullable=False, server_default=""),
+)
+
+
+def _migrate_1_to_2(conn: sa.Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE flags ADD COLUMN scope VARCHAR(10) NOT NULL DEFAULT 'image'"))
+    conn.execute(sa.text("ALTER TABLE flags ADD COLUMN settings TEXT"))
+    proposals_table.create(conn)
+
+
+MIGRATIONS: dict[int, Callable[[sa.Connection], None]] = {1: _migrate_1_to_2}
+"""``MIGRATIONS[v]`` moves a database from version ``v`` to ``v + 1`` (run in one transaction)."""
+
+
+# ============================================================================================ records
+@dataclass
+class Flag:
+    """One reviewer's flag on an image or a whole prompt.
+
+    Attributes:
+        prompt: The prompt the image was generated from.
+        model: The base model (a folder or a shipped checkpoint name).
+        reviewer: Who flagged it.
+        scope: ``image`` (one image) or ``prompt`` (the prompt's whole batch).
+        concept: The prompt's concept (targets and concept judges look concepts up by name); ``None``:
+            the prompt is its own concept.
+        model_hash: SHA-256 of the model's files (:func:`content_hash`), when they could be read.
+        adapter: The LoRA adapter folder, if any.
+        adapter_hash: SHA-256 of the adapter's files.
+        audit_run: The audit folder the image comes from.
+        image_index: The image's index within its prompt in that audit (image ``i`` used seed
+            ``settings['seed'] + i``).
+        seed: The seed of the image's initial noise.
+        settings: Generation settings that regenerate it (steps, guidance scale, ...).
+        attribute: The attribute the reviewer judged (e.g. ``color``).
+        direction: The class seen over-represented (e.g. ``red``), or a short description.
+        note: Free text.
+        id: Row id (set by the store).
+        created_at: ISO-8601 UTC time (set by the store).
+    """
+
+    prompt: str
+    model: str
+    reviewer: str
+    scope: Literal["image", "prompt"] = "image"
+    concept: str | None = None
+    model_hash: str | None = None
+    adapter: str | None = None
+    adapter_hash: str | None = None
+    audit_run: str | None = None
+    image_index: int | None = None
+    seed: int | None = None
+    settings: dict | None = None
+    attribute: str | None = None
+    direction: str | None = None
+    note: str = ""
+    id: int | None = None
+    created_at: str | None = None
+
+
+@dataclass
+class Proposal:
+    """A prompt a reviewer proposes to audit next.
+
+    Attributes:
+        prompt: The prompt.
+        reviewer: Who proposed it.
+        concept: Its concept; ``None``: the prompt is its own concept.
+        note: Free text.
+        id: Row id (set by the store).
+        created_at: ISO-8601 UTC time (set by the store).
+    """
+
+    prompt: str
+    reviewer: str
+    concept: str | None = None
+    note: str = ""
+    id: int | None = None
+    created_at: str | None = None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """SHA-256 over a file's bytes, or over a folder's files (relative path and bytes, sorted; hidden
+    files and folders skipped), so the same weights hash the same wherever they lie."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        files = [(path.name, path)]
+    elif path.is_dir():
+        files = sorted(
+            (p.relative_to(path).as_posix(), p)
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+    else:
+        raise FileNotFoundError(f"{str(path)!r} does not exist: nothing to hash")
+    for rel, p in files:
+        h.update(rel.encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def database_url(db: str | os.PathLike) -> str:
+    """A SQLAlchemy URL for ``db``: a URL as it is (``postgresql+psycopg://...``), a path as SQLite."""
+    text = str(db)
+    if "://" in text:
+        return text
+    return f"sqlite:///{Path(text).expanduser().resolve()}"
+
+
+# ============================================================================================== store
+class FlagStore:
+    """The flag database: created on first use, migrated forward when older.
+
+    Args:
+        db: A SQLite file path (created with its folder) or a SQLAlchemy URL.
+
+    Raises:
+        ValueError: The database was written by a newer fairtune, or holds a ``flags`` table without
+            a schema version (not a fairtune flag store).
+    """
+
+    def __init__(self, db: str | os.PathLike) -> None:
+        url = database_url(db)
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        self.url = url
+        self.engine = sa.create_engine(url)
+        self.version = self._migrate()
+
+    def _migrate(self) -> int:
+        with self.engine.begin() as conn:
+            names = set(sa.inspect(conn).get_table_names())
+            if "schema_version" not in names:
+                if "flags" in names or "proposals" in names:
+                    raise ValueError(
+                        f"{self.url}: has a flags table but no schema_version table; "
+                        "not a fairtune flag store"
+                    )
+                _meta.create_all(conn)
+                conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at=_now()))
+                return SCHEMA_VERSION
+            version = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+        if version is None:
+            raise ValueError(f"{self.url}: the schema_version table is empty")
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"{self.url}: schema version {version} is newer than this fairtune's ({SCHEMA_VERSION}); "
+                "upgrade fairtune"
+            )
+        while version < SCHEMA_VERSION:
+            with self.engine.begin() as conn:
+                MIGRATIONS[version](conn)
+                version += 1
+                conn.execute(schema_version.insert().values(version=version, applied_at=_now()))
+        return version
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------------------------ writing
+    def add_flag(self, flag: Flag) -> int:
+        """Insert ``flag``; returns its id.
+
+        Raises:
+            ValueError: An empty prompt, model or reviewer, or a bad scope.
+        """
+        for name in ("prompt", "model", "reviewer"):
+            if not str(getattr(flag, name) or "").strip():
+                raise ValueError(f"flag: {name} must not be empty")
+        if flag.scope not in ("image", "prompt"):
+            raise ValueError(f"flag: scope must be 'image' or 'prompt', got {flag.scope!r}")
+        row = {k: v for k, v in asdict(flag).items() if k not in ("id", "created_at")}
+        row["settings"] = json.dumps(flag.settings, sort_keys=True) if flag.settings is not None else None
+        row["created_at"] = _now()
+        with self.engine.begin() as conn:
+            return int(conn.execute(flags_table.insert().values(**row)).inserted_primary_key[0])
+
+    def add_proposal(self, proposal: Proposal) -> int:
+        """Insert ``proposal``; returns its id."""
+        for name in ("prompt", "reviewer"):
+            if not str(getattr(proposal, name) or "").strip():
+                raise ValueError(f"proposal: {name} must not be empty")
+        row = {k: v for k, v in asdict(proposal).items() if k not in ("id", "created_at")}
+        row["created_at"] = _now()
+        with self.engine.begin() as conn:
+            return int(conn.execute(proposals_table.insert().values(**row)).inserted_primary_key[0])
+
+    # ------------------------------------------------------------------------------------ reading
+    def flags(self, *, prompt: str | None = None, audit_run: str | None = None) -> list[Flag]:
+        """Flags, oldest first; optionally only those of one prompt or one audit run."""
+        q = sa.select(flags_table).order_by(flags_table.c.id)
+        if prompt is not None:
+            q = q.where(flags_table.c.prompt == prompt)
+        if audit_run is not None:
+            q = q.where(flags_table.c.audit_run == audit_run)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).mappings().all()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["settings"] = json.loads(d["settings"]) if d["settings"] else None
+            out.append(Flag(**d))
+        return out
+
+    def proposals(self) -> list[Proposal]:
+        """Proposed prompts, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(proposals_table).order_by(proposals_table.c.id)).mappings().all()
+        return [Proposal(**dict(r)) for r in rows]
+
+    def flagged_prompts(self, *, proposals: bool = True, min_flags: int = 1) -> dict[str, list[str]]:
+        """Concept -> distinct prompts (first flagged first) with at least ``min_flags`` flags, and
+        (with ``proposals``) the proposed prompts after them."""
+        counts: dict[tuple[str, str], int] = {}
+        for f in self.flags():
+            key = (f.concept or f.prompt, f.prompt)
+            counts[key] = counts.get(key, 0) + 1
+        pairs = [k for k, n in counts.items() if n >= min_flags]
+        if proposals:
+            pairs += [(p.concept or p.prompt, p.prompt) for p in self.proposals()]
+        out: dict[str, list[str]] = {}
+        for concept, prompt in pairs:
+            if prompt not in out.setdefault(concept, []):
+                out[concept].append(prompt)
+        return out
+
+
+# ======================================================================================= prompt files
+def write_prompt_file(prompts: dict[str, list[str]], path: str | os.PathLike) -> Path:
+    """Write concept -> prompts as a prompt file, atomically: YAML/JSON (the mapping: a concept's
+    first prompt is audited as ``seen``, the others as ``paraphrase``) or, for any other suffix, text
+    (one prompt per line, each its own concept).
+
+    Raises:
+        ValueError: No prompt to write.
+    """
+    path = Path(path)
+    if not any(prompts.values()):
+        raise ValueError(f"no prompt to write to {str(path)!r} (no flag matched)")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        text = json.dumps(prompts, indent=2) + "\n"
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        text = "# flagged prompts (fairtune flag export): concept -> prompts\n" + yaml.safe_dump(
+            prompts, sort_keys=False, allow_unicode=True
+        )
+    else:
+        text = "".join(p + "\n" for ps in prompts.values() for p in ps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def read_prompt_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(concept, prompt) pairs from a prompt file, in the formats ``fairtune audit --prompts`` reads:
+    text (one prompt per line, ``#`` comments; each prompt its own concept); YAML/JSON holding a list
+    of prompts, a mapping concept -> prompt or -> list of prompts, ``{prompts: ...}``, or a list of
+    prompt groups (``{prompts: {concept: prompt}}`` or ``{template, values, concept}``).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: It holds no prompt or an unreadable structure (naming the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        import yaml
+
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    else:
+        data = [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
+    if isinstance(data, dict) and set(data) == {"prompts"}:
+        data = data["prompts"]
+    pairs: list[tuple[str, str]] = []
+    if isinstance(data, list):
+        for item in data:
+            if isinstance(item, str):
+                pairs.append((item, item))
+            elif isinstance(item, dict) and isinstance(item.get("prompts"), dict):
+                pairs += [(str(c), str(p)) for c, p in item["prompts"].items()]
+            elif isinstance(item, dict) and "template" in item:
+                concept = item.get("concept", "{value}")
+                pairs += [
+                    (concept.format(value=v), item["template"].format(value=v))
+                    for v in item.get("values", [])
+                ]
+            else:
+                raise ValueError(f"prompts file {str(path)!r}: cannot read entry {item!r}")
+    elif isinstance(data, dict):
+        for c, ps in data.items():
+            for p in [ps] if isinstance(ps, str) else list(ps or []):
+                if not isinstance(p, str):
+                    raise ValueError(f"prompts file {str(path)!r}: concept {c!r} maps to a non-string {p!r}")
+                pairs.append((str(c), p))
+    elif data is not None:
+        raise ValueError(
+            f"prompts file {str(path)!r}: expected a list or a mapping, got {type(data).__name__}"
+        )
+    if not pairs:
+        raise ValueError(f"prompts file {str(path)!r} holds no prompt")
+    return pairs
+
+
+# ============================================================================================ commands
+def _hash_if_path(value: str | None) -> str | None:
+    if value is None or not Path(value).exists():
+        return None
+    return content_hash(value)
+
+
+def flag_add(
+    *,
+    db: str,
+    prompt: str,
+    model: str,
+    scope: Literal["image", "prompt"] = "prompt",
+    concept: str | None = None,
+    adapter: str | None = None,
+    model_hash: str | None = None,
+    audit_run: str | None = None,
+    image_index: int | None = None,
+    seed: int | None = None,
+    settings: dict | None = None,
+    attribute: str | None = None,
+    direction: str | None = None,
+    note: str = "",
+    reviewer: str | None = None,
+) -> None:
+    """Flag a prompt (or one image of it) as biased; prints the new flag's id.
+
+    Args:
+        db: SQLite file or SQLAlchemy URL of the flag store.
+        prompt: The prompt.
+        model: The base model (folder or shipped name); a folder is hashed.
+        scope: ``prompt`` (the whole batch) or ``image`` (one image: give audit_run + image_index or seed).
+        concept: The prompt's concept (e.g. ``digit 8``); default: the prompt itself.
+        adapter: The adapter folder (hashed).
+        model_hash: The model's hash, when ``model`` is not a readable folder.
+        audit_run: The audit folder the image comes from (stored as an absolute path, as the review
+            page stores it).
+        image_index: The image's index within its prompt in that audit.
+        seed: The seed of the image.
+        settings: Generation settings that regenerate it (JSON object).
+        attribute: The attribute judged (e.g. ``color``).
+        direction: The class seen over-represented (e.g. ``red``).
+        note: Free text.
+        reviewer: Reviewer id; default: the user name.
+    """
+    store = FlagStore(db)
+    fid = store.add_flag(
+        Flag(
+            prompt=prompt, model=model, reviewer=reviewer or getpass.getuser(), scope=scope, concept=concept,
+            model_hash=model_hash or _hash_if_path(model), adapter=adapter,
+            adapter_hash=_hash_if_path(adapter),
+            audit_run=str(Path(audit_run).resolve()) if audit_run and Path(audit_run).exists() else audit_run,
+            image_index=image_index, seed=seed, settings=settings, attribute=attribute,
+            direction=direction, note=note,
+        )
+    )  # fmt: skip
+    print(fid)
+
+
+def flag_propose(
+    *, db: str, prompt: str, concept: str | None = None, note: str = "", reviewer: str | None = None
+):
+    """Propose a prompt to audit next; prints its id.
+
+    Args:
+        db: SQLite file or SQLAlchemy URL of the flag store.
+        prompt: The prompt.
+        concept: Its concept; default: the prompt itself.
+        note: Free text.
+        reviewer: Reviewer id; default: the user name.
+    """
+    store = FlagStore(db)
+    print(
+        store.add_proposal(
+            Proposal(prompt=prompt, reviewer=reviewer or getpass.getuser(), concept=concept, note=note)
+        )
+    )
+
+
+def _table(rows: Iterable[list[str]], header: list[str]) -> str:
+    rows = [header, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def flag_list(*, db: str, prompt: str | None = None, json_lines: bool = False) -> None:
+    """List flags (and proposals).
+
+    Args:
+        db: SQLite file or SQLAlchemy URL of the flag store.
+        prompt: Only the flags of this prompt.
+        json_lines: One JSON object per flag (then per proposal, with ``"proposal": true``).
+    """
+    store = FlagStore(db)
+    flags = store.flags(prompt=prompt)
+    props = store.proposals() if prompt is None else []
+    if json_lines:
+        for f in flags:
+            print(json.dumps(asdict(f)))
+        for p in props:
+            print(json.dumps({**asdict(p), "proposal": True}))
+        return
+    print(
+        _table(
+            [
+                [str(f.id), f.created_at or "", f.reviewer, f.scope,
+                 "" if f.image_index is None else str(f.image_index), f.direction or "", f.prompt, f.note]
+                for f in flags
+            ],
+            ["id", "time", "reviewer", "scope", "image", "direction", "prompt", "note"],
+        )
+    )  # fmt: skip
+    if props:
+        print("\nproposed prompts:")
+        print(
+            _table(
+                [[str(p.id), p.reviewer, p.concept or "", p.prompt] for p in props],
+                ["id", "reviewer", "concept", "prompt"],
+            )
+        )
+
+
+def flag_export(*, db: str, out: Path, proposals: bool = True, min_flags: int = 1) -> None:
+    """Write the flagged prompts to OUT, a prompt file for ``fairtune audit --prompts`` and for
+    ``model.fairness.extra_prompts_file`` (YAML/JSON: concept -> prompts; other suffixes: text).
+
+    Args:
+        db: SQLite file or SQLAlchemy URL of the flag store.
+        out: The prompt file to write.
+        proposals: Include the proposed prompts.
+        min_flags: Only prompts with at least this many flags.
+    """
+    prompts = FlagStore(db).flagged_prompts(proposals=proposals, min_flags=min_flags)
+    write_prompt_file(prompts, out)
+    print(f"wrote {sum(len(p) for p in prompts.values())} prompts of {len(prompts)} concepts to {out}")
