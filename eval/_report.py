@@ -59,6 +59,9 @@ def summary_rows(metrics: Mapping) -> list[list[str]]:
     """One row per method, in the columns of :data:`SUMMARY_HEADER`."""
     rows = []
     for name, m in metrics["methods"].items():
+        if m.get("failed"):
+            rows.append([name, m["kind"], f"failed: {m.get('error', '')}"] + [NA] * (len(SUMMARY_HEADER) - 3))
+            continue
         s = m["summary"]
         evals, formula = s["unet_evals_per_image"], s.get("unet_evals_per_image_formula")
         evals_txt = NA if evals is None else f"{evals:g}"
