@@ -102,9 +102,7 @@ class Cluster:
             except ProcessLookupError:
                 continue
             for _ in range(100):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
+                if not _alive(pid):
                     break
                 time.sleep(0.1)
             else:
@@ -112,6 +110,14 @@ class Cluster:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie left for a reaper that a container may not have)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 def _which(name: str) -> str | None:
@@ -178,7 +184,7 @@ SlurmdPort={_free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={sock}
+AuthInfo=socket={sock},cred_expire=10
 CredType=cred/munge
 StateSaveLocation={root / "state"}
 SlurmdSpoolDir={root / "spool"}
@@ -200,6 +206,7 @@ SlurmdTimeout=30
 InactiveLimit=0
 MinJobAge=300
 KillWait=5
+# a requeued job may start again after cred_expire (default 120 s)
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={max(1024, mem_mb // 2)} State=UNKNOWN
 PartitionName={cluster.partition} Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
@@ -247,3 +254,27 @@ PartitionName={cluster.partition} Nodes={node} Default=YES MaxTime=INFINITE Stat
         f"the node did not become idle in {timeout:.0f} s (state {state!r}): "
         f"{_tail(root / 'log' / 'slurmctld.log')} {_tail(root / 'log' / 'slurmd.log')}"
     )
+
+
+def cluster_fixture(tmp_path_factory):
+    """The session's cluster (a generator for a pytest fixture): started once, stopped at the end;
+    skips with the reason where it cannot start. With ``FAIRTUNE_TEST_INSTALL_SLURM=1`` a missing
+    SLURM is installed first (``apt-get install -y slurm-wlm munge``, as root)."""
+    import pytest
+
+    if os.environ.get("FAIRTUNE_TEST_INSTALL_SLURM") == "1" and _which("slurmctld") is None:
+        subprocess.run(
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+            "--no-install-recommends slurm-wlm munge",
+            shell=True,
+            capture_output=True,
+            timeout=900,
+        )
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except ClusterUnavailable as e:
+        pytest.skip(f"no SLURM cluster: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
