@@ -75,7 +75,7 @@ def _mtimes(run: Path) -> dict:
     return {p: p.stat().st_mtime_ns for p in files}
 
 
-def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges, tiny_base, tmp_path):  # noqa: F811
+def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges, tiny_base, tmp_path, capsys):  # noqa: F811
     base = tiny_config(digits_dir, tiny_base, tmp_path / "tiny.yaml", **{"trainer.max_steps": 2})
     spec_path = _spec(tmp_path, base, quick_judges)
     out = tmp_path / "sweep"
@@ -113,6 +113,13 @@ def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges,
 
     # --- started again without retrying failures: nothing to do
     assert run_sweep(spec_path, out, retry_failed=False)["ran"] == []
+    # the command exits 1, listing the failed run on stderr
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(spec_path), "--out", str(out), "--retry_failed", "false"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "1 run(s) failed" in err and f"{broken.hash} broken seed 0 (train)" in err
+    assert 'Parser key "model.lora"' in err and str(out / "runs" / broken.hash / "status.json") in err
 
     # --- the aggregate: one row per arm, mean and t-interval over the seeds' metrics
     with open(out / "ablation.csv") as f:
@@ -386,19 +393,6 @@ def test_children_die_with_a_sigkilled_parent_grandchildren_too(tmp_path):
     parent.kill()
     parent.wait()
     _wait_for(lambda: _dead(child) and _dead(grandchild), 10, "the orphans to die")
-
-
-def test_a_failed_run_makes_the_sweep_exit_1_listing_it(tmp_path, capsys):
-    spec_path = _plain_spec(tmp_path, ABLATIONS / "naive.yaml")
-    raw = yaml.safe_load(spec_path.read_text())
-    raw["arms"] = {"broken": {"configs": [str(ABLATIONS / "naive.yaml")], "values": {"model.lora.rnk": 4}}}
-    spec_path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(SystemExit) as e:
-        main(["sweep", str(spec_path), "--out", str(tmp_path / "out")])
-    assert e.value.code == 1
-    err = capsys.readouterr().err
-    h = load_spec(spec_path).runs[0].hash
-    assert "1 run(s) failed" in err and f"{h} broken seed 0 (train)" in err and "model.lora" in err
 
 
 def test_quoted_slurm_scripts_run_no_injected_command(tmp_path, monkeypatch):
