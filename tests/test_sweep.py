@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -370,10 +371,11 @@ def test_a_run_locked_by_another_process_is_left_to_it(tmp_path):
     assert free.stdout.strip() == "False", free.stderr
 
 
-def test_children_die_with_a_sigkilled_parent_grandchildren_too(tmp_path):
-    """A process using Children (as the sweep does) starts a child that starts a grandchild (as a DDP
-    launcher does); SIGKILL the parent: both are gone (PDEATHSIG for the child, the reaper for the
-    group)."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_children_die_with_their_parent_grandchildren_too(tmp_path, sig):
+    """A process using Children as the sweep does starts a child that starts a grandchild (as a DDP
+    launcher does); kill the parent: both are gone. SIGKILL: PDEATHSIG for the child, the reaper for
+    the group; SIGTERM: the parent's handler stops the group and exits 143."""
     script = tmp_path / "parent.py"
     script.write_text(
         "import importlib.util, subprocess, sys, time\n"
@@ -381,17 +383,18 @@ def test_children_die_with_a_sigkilled_parent_grandchildren_too(tmp_path):
         "procs = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(procs)\n"
         "c = procs.Children()\n"
-        "p = c.popen(['bash', '-c', 'sleep 300 & echo $!; sleep 300'], stdout=subprocess.PIPE, text=True)\n"
-        "print(p.pid, p.stdout.readline().strip(), flush=True)\n"
-        "time.sleep(300)\n"
+        "with procs.killed_with_us(c):\n"
+        "    p = c.popen(['bash', '-c', 'sleep 300 & echo $!; wait'], stdout=subprocess.PIPE, text=True)\n"
+        "    print(p.pid, p.stdout.readline().strip(), flush=True)\n"
+        "    time.sleep(300)\n"
     )
     procs = ROOT / "cli" / "_sweep_procs.py"  # loaded alone: no torch import, a fast start
     parent = subprocess.Popen([sys.executable, str(script), str(procs)], stdout=subprocess.PIPE, text=True)
     child, grandchild = (int(x) for x in parent.stdout.readline().split())
     assert not _dead(child) and not _dead(grandchild)
     assert os.getpgid(child) == child and os.getpgid(grandchild) == child  # their own group
-    parent.kill()
-    parent.wait()
+    parent.send_signal(sig)
+    assert parent.wait(30) == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM)
     _wait_for(lambda: _dead(child) and _dead(grandchild), 10, "the orphans to die")
 
 
