@@ -12,7 +12,14 @@ values and overrides, and its seed. A sweep started again skips the runs that ar
 without retraining, those whose judge settings changed); a run that was cut off resumes from its last
 checkpoint (``fairtune fit`` does that by itself); a failed run is recorded with its error in
 ``DIR/runs/<hash>/status.json`` and ``DIR/sweep.jsonl`` and does not stop the others (it is tried again
-on the next start, unless ``--retry_failed false``).
+on the next start, unless ``--retry_failed false``). ``fairtune sweep`` exits with status 1 when a run
+failed, listing the failed runs.
+
+A run is trained and judged under a lock on ``DIR/runs/<hash>/.lock`` (``flock``, held by the sweep and
+its ``fit`` child), so two sweeps started on the same folder, or two SLURM tasks, never train the same
+run: each skips the runs the other holds. The ``fit`` children run in their own process groups and die
+with the sweep, however it ends (even SIGKILL); the sweep started again resumes them from their last
+checkpoint.
 
 The spec (YAML)::
 
@@ -50,10 +57,12 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ._fit import PEAK_RSS
+from ._sweep_procs import Children, RunLock, killed_with_us
 from ._sweep_report import write_report, write_slurm
 from ._sweep_spec import (
     PROGRESS,
@@ -103,17 +112,19 @@ class _Runner:
         self.spec, self.out, self.workers, self.retry_failed = spec, out, workers, retry_failed
         self.judge_lock = threading.Lock()
         self.log_lock = threading.Lock()
-        self.procs: set[subprocess.Popen] = set()
+        self.children = Children()
+        self.busy: list[str] = []  # runs skipped because another process holds their lock
         self.judge_fn = _import_function(spec.judge["function"]) if spec.judge else None
 
     def run_dir(self, run: RunSpec) -> Path:
         return self.out / "runs" / run.hash
 
-    def todo(self, run: RunSpec) -> str | None:
-        """Why this run still needs work (``None``: nothing to do)."""
+    def todo(self, run: RunSpec, locked: bool = False) -> str | None:
+        """Why this run still needs work (``None``: nothing to do). ``locked``: this process holds the
+        run's lock, so a pid in its status file is no longer a reason to leave it."""
         status = read_status(self.run_dir(run))
         state = status.get("state")
-        if _alive_elsewhere(status):
+        if not locked and _alive_elsewhere(status):
             return None
         if state == "done" and status.get("judge_hash") == self.spec.judge_hash:
             return None
@@ -131,7 +142,24 @@ class _Runner:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
         return env
 
-    def __call__(self, run: RunSpec) -> dict:
+    def __call__(self, run: RunSpec) -> dict | None:
+        """Train (or resume) and judge one run under its lock; ``None`` when it was not this process's
+        to do (another holds it, it was done meanwhile, or the sweep is stopping)."""
+        if self.children.stopping.is_set():
+            return None
+        lock = RunLock(self.run_dir(run))
+        if not lock.acquire():
+            with self.log_lock:
+                self.busy.append(run.hash)
+            return None
+        try:
+            if self.todo(run, locked=lock.supported) is None:
+                return None
+            return self._run(run, lock)
+        finally:
+            lock.release()
+
+    def _run(self, run: RunSpec, lock: RunLock) -> dict | None:
         d = self.run_dir(run)
         status = read_status(d)
         trained = status.get("state") in ("trained", "done") and (_has_export(d) or not run.train)
@@ -169,8 +197,15 @@ class _Runner:
             status["command"] = shlex.join(cmd)
             write_status(d, status)
             t0 = time.perf_counter()
-            rc, log = self._fit(cmd, d)
+            try:
+                rc, log = self._fit(cmd, d, lock)
+            except InterruptedError:
+                return None
             status["train_seconds"] = time.perf_counter() - t0
+            if rc != 0 and self.children.stopping.is_set():
+                status.update({"state": "interrupted", "returncode": rc, "finished": _now()})
+                write_status(d, status)
+                return None
             peaks = [ln.split()[3] for ln in log.splitlines() if ln.startswith(PEAK_RSS)]
             if peaks:
                 status["peak_rss_mb"] = float(peaks[-1])
@@ -203,21 +238,22 @@ class _Runner:
         self.event({"hash": run.hash, "label": run.label, "seed": run.seed, "state": "done"})
         return status
 
-    def _fit(self, cmd: list[str], d: Path) -> tuple[int, str]:
+    def _fit(self, cmd: list[str], d: Path, lock: RunLock) -> tuple[int, str]:
         d.mkdir(parents=True, exist_ok=True)
         log_path = d / "fit.log"
         with open(log_path, "a") as log:
             log.write(f"\n$ {shlex.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(
+            # Its own process group, killed with the sweep; it holds the run's lock while it lives.
+            proc = self.children.popen(
                 cmd,
+                pass_fds=(lock.fd,) if lock.fd is not None else (),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
                 env=self.env(),
                 cwd=Path.cwd(),
             )
-            self.procs.add(proc)
             try:
                 for line in proc.stdout:  # everything to fit.log; the progress lines to the terminal too
                     log.write(line)
@@ -225,8 +261,12 @@ class _Runner:
                         log.flush()
                         print(line.rstrip(), file=sys.stderr, flush=True)
                 rc = proc.wait()
+            except BaseException:
+                self.children.stop()
+                raise
             finally:
-                self.procs.discard(proc)
+                if proc.poll() is not None:
+                    self.children.done(proc)
         text = log_path.read_text(errors="replace")
         return rc, text[text.rfind("\n$ ") :]
 
@@ -246,10 +286,6 @@ class _Runner:
             {"hash": run.hash, "label": run.label, "seed": run.seed, "state": "failed", "error": error}
         )
         return status
-
-    def stop(self) -> None:
-        for proc in list(self.procs):
-            proc.terminate()
 
 
 def _has_export(d: Path) -> bool:
@@ -273,7 +309,9 @@ def run_sweep(
     retry_failed: bool = True,
     aggregate: bool = True,
 ) -> dict:
-    """Run (or resume) a sweep; return a summary ``{"done", "failed", "pending", "ran", "runs"}``.
+    """Run (or resume) a sweep; return a summary ``{"done", "failed", "pending", "ran", "busy", "runs"}``
+    (``busy``: runs left because another process holds them; with ``index``, ``failed`` counts that run
+    only).
 
     Args:
         spec_path: The sweep spec (YAML), or one already loaded by :func:`load_spec`.
@@ -300,19 +338,25 @@ def run_sweep(
     todo = [r for r in unique if runner.todo(r) is not None]
     if max_runs is not None:
         todo = todo[: max(0, max_runs)]
-    results: list[dict] = []
-    try:
+    results: list[dict | None] = []
+    with killed_with_us(runner.children):
         if workers == 1:
             for run in todo:
                 results.append(runner(run))
         else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
+            pool = ThreadPoolExecutor(max_workers=workers)
+            try:
                 results = list(pool.map(runner, todo))
-    except BaseException:
-        runner.stop()
-        raise
-    summary = summarize(spec, out)
-    summary["ran"] = [r["hash"] for r in results]
+            except BaseException:
+                runner.children.stop()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    summary: dict[str, Any] = summarize(spec, out)
+    summary["ran"] = [r["hash"] for r in results if r]
+    summary["busy"] = sorted(set(runner.busy))
+    if index is not None:
+        summary["failed"] = [h for h in summary["failed"] if h == spec.runs[index].hash]
     if aggregate:
         write_report(spec, out)
     return summary
@@ -366,11 +410,19 @@ def sweep(
         print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']}")
         return
     summary = run_sweep(spec, out, workers=workers, max_runs=max_runs, index=index, retry_failed=retry_failed)
+    busy = f", {len(summary['busy'])} held by another process" if summary["busy"] else ""
     print(
         f"{len(summary['done'])} done, {len(summary['failed'])} failed, {len(summary['pending'])} pending "
-        f"({len(summary['ran'])} run now); report: {Path(out) / 'ablation.md'}"
+        f"({len(summary['ran'])} run now{busy}); report: {Path(out) / 'ablation.md'}"
     )
-    for h in summary["failed"]:
-        s = summary["runs"][h]
-        first = (s.get("error") or "").strip().splitlines()
-        print(f"  failed {h} {s.get('label')} seed {s.get('seed')}: {first[0] if first else ''}")
+    if summary["failed"]:
+        print(f"fairtune sweep: {len(summary['failed'])} run(s) failed:", file=sys.stderr)
+        for h in summary["failed"]:
+            s = summary["runs"][h]
+            why = " ".join(ln.strip() for ln in (s.get("error") or "").strip().splitlines()[:3])[:300]
+            print(
+                f"  {h} {s.get('label')} seed {s.get('seed')} ({s.get('stage')}): "
+                f"{why} (see {Path(out) / 'runs' / h / 'status.json'})",
+                file=sys.stderr,
+            )
+        raise SystemExit(1)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from ._sweep_spec import RunSpec, Spec, read_status, summarize
+from ._sweep_spec import RunSpec, Spec, SweepError, read_status, summarize
 
 
 def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -155,27 +156,81 @@ def _plot(rows: list[dict], metrics: list[str], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _directive(key: str, value: Any, pattern: str = r"[A-Za-z0-9_.:,+%=@/-]+") -> str:
+    """A checked ``#SBATCH`` value: sbatch reads these lines itself (no shell), so a value is refused
+    unless it is one plain word (no space, quote, newline or ``#``)."""
+    text = str(value)
+    if not re.fullmatch(pattern, text):
+        raise SweepError(
+            f"slurm.{key}: {text!r} is not a plain SLURM value (letters, digits and _.:,+%=@/- only)"
+        )
+    return text
+
+
+def _slurm_pattern(folder: Path, pattern: str) -> str:
+    """``folder/pattern`` for sbatch's ``--output``: the folder's ``%`` (sbatch's pattern character)
+    written ``%%``, the pattern's kept."""
+    return f"{str(folder).replace('%', '%%')}/{pattern}"
+
+
+def _slurm_config(spec: Spec) -> dict[str, Any]:
+    """The spec's ``slurm:`` block over the defaults, every value checked (``gpus_per_task: 0``: no GPU
+    asked for)."""
+    cfg = {"time": "04:00:00", "gpus_per_task": 1, "cpus_per_task": 8, "mem": "32G", **spec.slurm}
+    for key in ("gpus_per_task", "cpus_per_task", "max_parallel"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise SweepError(f"slurm.{key} must be a non-negative integer, got {v!r}")
+    if not cfg["cpus_per_task"]:
+        raise SweepError("slurm.cpus_per_task must be at least 1")
+    for key in ("time", "mem", "partition", "account"):
+        if cfg.get(key) is not None:
+            cfg[key] = _directive(key, cfg[key])
+    for key in ("extra", "setup"):
+        lines = cfg.get(key) or []
+        if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+            raise SweepError(f"slurm.{key} must be a list of strings")
+        for x in lines:
+            if "\n" in x or "\r" in x or "\0" in x:
+                raise SweepError(f"slurm.{key}: {x!r} holds a line break; give one line per list item")
+            if key == "extra" and not x.startswith("#SBATCH --"):
+                raise SweepError(f"slurm.extra: {x!r} is not an #SBATCH line (#SBATCH --option=value)")
+            if key == "extra":
+                for word in x[len("#SBATCH ") :].split():
+                    _directive("extra", word)
+    return cfg
+
+
 def write_slurm(spec: Spec, spec_path: Path, out: Path) -> dict[str, Path]:
     """Write ``DIR/sweep.sbatch`` (a job array, one task per run: ``fairtune sweep ... --index I``) and
-    ``DIR/submit.sh`` (submits it, then the aggregation once every task has ended)."""
-    cfg = {"time": "04:00:00", "gpus_per_task": 1, "cpus_per_task": 8, "mem": "32G", **spec.slurm}
+    ``DIR/submit.sh`` (submits it, then the aggregation once every task has ended).
+
+    Everything that comes from the spec or a path is shell-quoted where it is shell (the job name and
+    the log paths are given to ``sbatch`` in ``submit.sh``, not as ``#SBATCH`` lines); the ``#SBATCH``
+    values (time, mem, partition, account, ``extra``) must be plain words. ``setup`` lines are shell
+    commands run as written (the spec is trusted input, like a config).
+
+    Raises:
+        SweepError: a ``slurm:`` value that is not a plain SLURM value, or a line with a line break.
+    """
+    cfg = _slurm_config(spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "slurm").mkdir(exist_ok=True)
     n = len(spec.runs)
     array = f"0-{n - 1}" + (f"%{cfg['max_parallel']}" if cfg.get("max_parallel") else "")
-    py = shlex.quote(sys.executable)
-    spec_arg, out_arg = shlex.quote(str(spec_path.resolve())), shlex.quote(str(out))
-    base = f"{py} -m fairtune.cli sweep {spec_arg} --out {out_arg}"
+    q = shlex.quote
+    cwd = q(str(Path.cwd()))
+    base = f"{q(sys.executable)} -m fairtune.cli sweep {q(str(spec_path.resolve()))} --out {q(str(out))}"
+    name = spec.name.replace("\n", " ").replace("\r", " ")
     header = [
         "#!/bin/bash",
-        f"# fairtune sweep {spec.name}: {n} runs, one array task each (written by `fairtune sweep --slurm`).",
-        f"#SBATCH --job-name=ft-{spec.name}",
+        f"# fairtune sweep: {n} runs, one array task each (written by `fairtune sweep --slurm`).",
+        "# Submit with submit.sh beside it: it gives sbatch the job name and the log folder.",
         f"#SBATCH --array={array}",
         "#SBATCH --ntasks=1",
         f"#SBATCH --cpus-per-task={cfg['cpus_per_task']}",
         f"#SBATCH --mem={cfg['mem']}",
         f"#SBATCH --time={cfg['time']}",
-        f"#SBATCH --output={out}/slurm/%A_%a.out",
     ]
     if cfg.get("gpus_per_task"):
         header.append(f"#SBATCH --gres=gpu:{cfg['gpus_per_task']}")
@@ -183,17 +238,34 @@ def write_slurm(spec: Spec, spec_path: Path, out: Path) -> dict[str, Path]:
         header.append(f"#SBATCH --partition={cfg['partition']}")
     if cfg.get("account"):
         header.append(f"#SBATCH --account={cfg['account']}")
-    header += [str(x) for x in cfg.get("extra") or []]
+    header += list(cfg.get("extra") or [])
     body = [
         "set -euo pipefail",
-        f"cd {shlex.quote(str(Path.cwd()))}",
-        *[str(x) for x in cfg.get("setup") or []],
+        f"cd {cwd}",
+        *cfg.get("setup", []),
         "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false",
         "# A finished run is skipped, so resubmitting the array (or one index) only redoes what is missing.",
         f'{base} --index "$SLURM_ARRAY_TASK_ID"',
     ]
     sbatch = out / "sweep.sbatch"
     sbatch.write_text("\n".join(header + [""] + body) + "\n")
+    logs = out / "slurm"
+    array_args = shlex.join(
+        [f"--job-name=ft-{name}", f"--output={_slurm_pattern(logs, '%A_%a.out')}", str(sbatch)]
+    )
+    report_args = shlex.join(
+        [
+            f"--job-name=ft-{name}-report",
+            f"--output={_slurm_pattern(logs, 'report-%j.out')}",
+            "--time=00:30:00",
+            f"--cpus-per-task={min(cfg['cpus_per_task'], 2)}",
+            f"--mem={cfg['mem']}",
+            *([f"--partition={cfg['partition']}"] if cfg.get("partition") else []),
+            *([f"--account={cfg['account']}"] if cfg.get("account") else []),
+            "--wrap",
+            f"cd {cwd} && {base} --aggregate_only true",
+        ]
+    )
     submit = out / "submit.sh"
     submit.write_text(
         "\n".join(
@@ -201,11 +273,10 @@ def write_slurm(spec: Spec, spec_path: Path, out: Path) -> dict[str, Path]:
                 "#!/bin/bash",
                 "# Submit the sweep's job array, then the aggregation once every task has ended.",
                 "set -euo pipefail",
-                f"jid=$(sbatch --parsable {shlex.quote(str(sbatch))})",
-                f"sbatch --dependency=afterany:$jid --job-name=ft-{spec.name}-report "
-                f"--output={out}/slurm/report-%j.out --time=00:30:00 "
-                f"--wrap {shlex.quote(f'cd {shlex.quote(str(Path.cwd()))} && {base} --aggregate_only true')}",
-                'echo "submitted array $jid"',
+                f"jid=$(sbatch --parsable {array_args})",
+                "jid=${jid%%;*}",
+                f'rid=$(sbatch --parsable --dependency="afterany:$jid" {report_args})',
+                'echo "submitted array $jid, report ${rid%%;*}"',
             ]
         )
         + "\n"

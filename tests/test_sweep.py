@@ -7,6 +7,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,7 +76,7 @@ def _mtimes(run: Path) -> dict:
     return {p: p.stat().st_mtime_ns for p in files}
 
 
-def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges, tiny_base, tmp_path):  # noqa: F811
+def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges, tiny_base, tmp_path, capsys):  # noqa: F811
     base = tiny_config(digits_dir, tiny_base, tmp_path / "tiny.yaml", **{"trainer.max_steps": 2})
     spec_path = _spec(tmp_path, base, quick_judges)
     out = tmp_path / "sweep"
@@ -107,6 +114,13 @@ def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges,
 
     # --- started again without retrying failures: nothing to do
     assert run_sweep(spec_path, out, retry_failed=False)["ran"] == []
+    # the command exits 1, listing the failed run on stderr
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", str(spec_path), "--out", str(out), "--retry_failed", "false"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "1 run(s) failed" in err and f"{broken.hash} broken seed 0 (train)" in err
+    assert 'Parser key "model.lora"' in err and str(out / "runs" / broken.hash / "status.json") in err
 
     # --- the aggregate: one row per arm, mean and t-interval over the seeds' metrics
     with open(out / "ablation.csv") as f:
@@ -270,3 +284,228 @@ def test_an_untrained_arm_is_judged_as_it_is_and_goals_come_from_the_spec(
     spec_path.write_text(yaml.safe_dump(bad))
     with pytest.raises(SweepError, match="names arm 'nope'"):
         load_spec(spec_path)
+
+
+# ------------------------------------------------------------------------- reliability (issue 12)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _plain_spec(tmp_path, base, seeds=(0,), **extra) -> Path:
+    """One arm, no judge: what the fault-injection tests train."""
+    spec = {"name": "faults", "base": [str(base)], "arms": {"naive": [str(ABLATIONS / "naive.yaml")]}}
+    spec.update({"seeds": list(seeds), "judge": None, **extra})
+    path = tmp_path / "faults.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _sweep_cmd(spec_path, out) -> list[str]:
+    return [sys.executable, "-m", "fairtune.cli", "sweep", str(spec_path), "--out", str(out)]
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie (exited, waiting for a reaper that may not exist in a container)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every live descendant of ``pid``, from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            rest = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if rest[0] not in ("Z", "X"):
+            parents[int(stat.parent.name)] = int(rest[1])
+    found, frontier = [], [pid]
+    while frontier:
+        p = frontier.pop()
+        for child, parent in parents.items():
+            if parent == p:
+                try:
+                    cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                except OSError:
+                    continue
+                found.append((child, cmd))
+                frontier.append(child)
+    return found
+
+
+def _wait_for(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_a_run_locked_by_another_process_is_left_to_it(tmp_path):
+    """The lock on runs/<hash>/.lock, held here as another sweep would: the sweep trains nothing,
+    reports the run as held, and exits 0; once the lock is free, a probe finds it free."""
+    from fairtune.cli._sweep_procs import RunLock
+
+    spec_path = _plain_spec(tmp_path, ABLATIONS / "naive.yaml", seeds=[0, 1])
+    out = tmp_path / "out"
+    spec = load_spec(spec_path)
+    locks = [RunLock(out / "runs" / r.hash) for r in spec.runs]
+    assert all(lock.acquire() for lock in locks)
+    summary = run_sweep(spec_path, out)
+    assert summary["ran"] == [] and summary["busy"] == sorted(r.hash for r in spec.runs)
+    assert not summary["failed"] and len(summary["pending"]) == 2
+    assert not (out / "runs" / spec.runs[0].hash / "fit.log").exists()
+    # another process sees the lock held; released, it is free
+    check = (
+        "import fcntl, sys\nf = open(sys.argv[1])\ntry:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "    print(False)\nexcept BlockingIOError:\n    print(True)\n"
+    )
+    run_dir = str(out / "runs" / spec.runs[0].hash / ".lock")
+    held = subprocess.run([sys.executable, "-c", check, run_dir], capture_output=True, text=True)
+    assert held.stdout.strip() == "True", held.stderr
+    locks[0].release()
+    free = subprocess.run([sys.executable, "-c", check, run_dir], capture_output=True, text=True)
+    assert free.stdout.strip() == "False", free.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_children_die_with_their_parent_grandchildren_too(tmp_path, sig):
+    """A process using Children as the sweep does starts a child that starts a grandchild (as a DDP
+    launcher does); kill the parent: both are gone. SIGKILL: PDEATHSIG for the child, the reaper for
+    the group; SIGTERM: the parent's handler stops the group and exits 143."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import importlib.util, subprocess, sys, time\n"
+        "spec = importlib.util.spec_from_file_location('procs', sys.argv[1])\n"
+        "procs = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(procs)\n"
+        "c = procs.Children()\n"
+        "with procs.killed_with_us(c):\n"
+        "    p = c.popen(['bash', '-c', 'sleep 300 & echo $!; wait'], stdout=subprocess.PIPE, text=True)\n"
+        "    print(p.pid, p.stdout.readline().strip(), flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    procs = ROOT / "cli" / "_sweep_procs.py"  # loaded alone: no torch import, a fast start
+    parent = subprocess.Popen([sys.executable, str(script), str(procs)], stdout=subprocess.PIPE, text=True)
+    child, grandchild = (int(x) for x in parent.stdout.readline().split())
+    assert not _dead(child) and not _dead(grandchild)
+    assert os.getpgid(child) == child and os.getpgid(grandchild) == child  # their own group
+    parent.send_signal(sig)
+    assert parent.wait(30) == (-signal.SIGKILL if sig == signal.SIGKILL else 128 + signal.SIGTERM)
+    _wait_for(lambda: _dead(child) and _dead(grandchild), 10, "the orphans to die")
+
+
+def test_quoted_slurm_scripts_run_no_injected_command(tmp_path, monkeypatch):
+    """A sweep name and an out path with spaces, quotes and `;`: the scripts parse (bash -n), sbatch gets
+    each value as one argument (a fake sbatch on PATH records them), and nothing injected runs."""
+    weird = tmp_path / 'we\'ird dir; touch PWNED_DIR "q"'
+    weird.mkdir()
+    name = "x; touch PWNED $(touch PWNED2) `touch PWNED3` 'q\" %j"
+    spec_path = _plain_spec(weird, ABLATIONS / "naive.yaml", name=name)
+    raw = yaml.safe_load(spec_path.read_text())
+    raw["slurm"] = {"gpus_per_task": 0, "cpus_per_task": 1, "mem": "1G", "time": "00:10:00"}
+    spec_path.write_text(yaml.safe_dump(raw))
+    out = weird / "out 50% ;$(touch PWNED4)"
+    main(["sweep", str(spec_path), "--out", str(out), "--slurm", "true"])
+    sbatch, submit = out / "sweep.sbatch", out / "submit.sh"
+    for script in (sbatch, submit):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = sbatch.read_text()
+    assert "gres" not in text and "#SBATCH --cpus-per-task=1" in text  # gpus_per_task: 0 asks no GPU
+    line = next(ln for ln in text.splitlines() if "--index" in ln)
+    assert shlex.split(line)[3:] == [
+        "sweep",
+        str(spec_path.resolve()),
+        "--out",
+        str(out),
+        "--index",
+        "$SLURM_ARRAY_TASK_ID",
+    ]
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    record = tmp_path / "sbatch-calls"
+    (fake / "sbatch").write_text(
+        f'#!/bin/bash\nfor a in "$@"; do printf \'%s\\0\' "$a"; done >> {shlex.quote(str(record))}\n'
+        f"printf '\\n' >> {shlex.quote(str(record))}\necho 42\n"
+    )
+    (fake / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    res = subprocess.run(["bash", str(submit)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    calls = [c.split("\0") for c in record.read_text().split("\0\n") if c]
+    assert calls[0] == [
+        "--parsable",
+        f"--job-name=ft-{name}",
+        f"--output={str(out).replace('%', '%%')}/slurm/%A_%a.out",
+        str(sbatch),
+    ]
+    assert f"--job-name=ft-{name}-report" in calls[1] and "--dependency=afterany:42" in calls[1]
+    wrap = calls[1][calls[1].index("--wrap") + 1]
+    assert shlex.split(wrap)[-6:] == [
+        "sweep",
+        str(spec_path.resolve()),
+        "--out",
+        str(out),
+        "--aggregate_only",
+        "true",
+    ]
+    leftovers = [p for p in (tmp_path, weird, out, Path.cwd()) for p in p.glob("PWNED*")]
+    assert leftovers == []
+
+    raw["slurm"]["partition"] = "gpu\n#SBATCH --wrap=rm"
+    spec_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SweepError, match="slurm.partition"):
+        main(["sweep", str(spec_path), "--out", str(out), "--slurm", "true"])
+
+
+@pytest.mark.slow
+def test_a_sigkilled_sweep_leaves_no_orphan_and_its_restart_resumes_the_run(digits_dir, tiny_base, tmp_path):  # noqa: F811
+    base = tiny_config(digits_dir, tiny_base, tmp_path / "tiny.yaml", **{"trainer.max_steps": 100})
+    spec_path = _plain_spec(tmp_path, base)
+    out = tmp_path / "out"
+    run = out / "runs" / load_spec(spec_path).runs[0].hash
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    sweep = subprocess.Popen(_sweep_cmd(spec_path, out), cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: (run / "checkpoints" / "last.ckpt").exists(), 120, "the first checkpoint")
+    fits = [p for p, cmd in _descendants(sweep.pid) if "fairtune.cli fit" in cmd]
+    assert len(fits) == 1
+    sweep.kill()  # SIGKILL: no handler runs
+    sweep.wait()
+    _wait_for(lambda: _dead(fits[0]), 10, "the fit child to die with its sweep")
+    assert json.loads((run / "status.json").read_text())["state"] == "running"  # cut off
+
+    again = subprocess.run(_sweep_cmd(spec_path, out), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "done" and (run / "adapter" / LORA_WEIGHT_NAME).is_file()
+    log = (run / "fit.log").read_text()
+    assert log.count("\n$ ") == 2
+    assert "Restoring states from the checkpoint path" in log.split("\n$ ")[2]  # resumed, not restarted
+
+
+@pytest.mark.slow
+def test_two_sweeps_on_one_folder_never_train_a_run_twice(digits_dir, tiny_base, tmp_path):  # noqa: F811
+    base = tiny_config(digits_dir, tiny_base, tmp_path / "tiny.yaml", **{"trainer.max_steps": 4})
+    spec_path = _plain_spec(tmp_path, base, seeds=[0, 1, 2])
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(_sweep_cmd(spec_path, out), cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    ran = [int(re.search(r"\((\d+) run now", o).group(1)) for o in outputs]
+    assert sum(ran) == 3, outputs
+    for r in load_spec(spec_path).runs:
+        d = out / "runs" / r.hash
+        assert json.loads((d / "status.json").read_text())["state"] == "done"
+        assert (d / "fit.log").read_text().count("\n$ ") == 1  # trained once
+    events = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
+    assert sorted(e["hash"] for e in events if e["state"] == "done") == sorted(
+        r.hash for r in load_spec(spec_path).runs
+    )
