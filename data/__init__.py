@@ -38,6 +38,14 @@ from ._sources import (
     load_table,
     write_shards,
 )
+from ._streaming import (
+    ShardLoader,
+    StreamingRebalancedDataset,
+    index_path,
+    load_index,
+    scan_shard,
+    write_index,
+)
 
 __all__ = [
     "AttributeDataModule",
@@ -72,4 +80,10 @@ __all__ = [
     "render",
     "validate_record",
     "write_shards",
+    "ShardLoader",
+    "StreamingRebalancedDataset",
+    "index_path",
+    "load_index",
+    "scan_shard",
+    "write_index",
 ]

@@ -1,4 +1,5 @@
-"""The Lightning DataModule: a table of records, optionally rebalanced toward the target mix."""
+"""The Lightning DataModule: a table or webdataset shards of records, optionally rebalanced toward the
+target mix (the table sampler, or its streaming form over shards)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
 from ._schema import AttributeSpec, Record, SchemaError, Target, TargetConfig
-from ._sources import ColumnMap, TableDataset
+from ._sources import ColumnMap, ShardDataset, TableDataset, expand_shards
+from ._streaming import ShardLoader, StreamingRebalancedDataset
 
 
 @dataclass
@@ -21,16 +23,27 @@ class SourceConfig:
     """Where the training records come from.
 
     Attributes:
-        path: A ``save_to_disk`` folder, parquet file/folder/glob, imagefolder with metadata, or hub id.
-        format: How to read ``path`` (``auto`` decides from what is there).
-        split: Split to read.
-        columns: Which column holds each record field.
+        path: A ``save_to_disk`` folder, parquet file/folder/glob, imagefolder with metadata, hub id, or
+            webdataset shards: a ``.tar`` path, glob or brace pattern (``shards/train-{000000..000099}.tar``;
+            several separated by ``::``).
+        format: How to read ``path`` (``auto`` decides from what is there; a path naming ``.tar`` files
+            is read as shards).
+        split: Split to read (tables).
+        columns: Which column holds each record field (tables; shards carry ``png``/``jpg`` + ``json``).
+        shuffle_buffer: Shards only: records held to shuffle each worker's stream.
     """
 
     path: str = "runs/data/colored-digits/table"
-    format: Literal["auto", "disk", "parquet", "imagefolder", "hub"] = "auto"
+    format: Literal["auto", "disk", "parquet", "imagefolder", "hub", "shards"] = "auto"
     split: str = "train"
     columns: ColumnMap = field(default_factory=ColumnMap)
+    shuffle_buffer: int = 1000
+
+    def is_shards(self) -> bool:
+        return self.format == "shards" or (self.format == "auto" and ".tar" in str(self.path))
+
+    def shard_urls(self) -> list[str]:
+        return expand_shards(str(self.path).split("::"))
 
 
 def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
@@ -96,10 +109,33 @@ class AttributeDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.num_workers = num_workers
         self.seed = seed
-        self.dataset: _Subset | None = None
+        self.dataset: _Subset | StreamingRebalancedDataset | None = None
+
+    def _setup_shards(self) -> None:
+        ds = StreamingRebalancedDataset(
+            self.source.shard_urls(),
+            self.spec,
+            self.target,
+            rebalance_unknown=None if self.rebalance is None else self.rebalance.unknown,
+            concepts=self.concepts,
+            batch_size=self.batch_size,
+            samples_per_epoch=self.samples_per_epoch,
+            seed=self.seed,
+            shuffle_buffer=self.source.shuffle_buffer,
+        )
+        self.dataset = ds
+        self.record_concepts, self.record_groups = ds.concepts, ds.groups
+        self.weights = torch.from_numpy(ds.weights)
+        if self.image_size is None:
+            stream = ShardDataset(ds.urls[:1], self.spec, rank=0, world_size=1)
+            first = next(r for r in stream if r is not None)
+            self.image_size = first.image.size[0]
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
+            return
+        if self.source.is_shards():
+            self._setup_shards()
             return
         table = TableDataset(
             self.source.path,
@@ -141,6 +177,8 @@ class AttributeDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
+        if isinstance(self.dataset, StreamingRebalancedDataset):
+            return ShardLoader(self.dataset, collate_fn=self.collate, num_workers=self.num_workers)
         sampler = WeightedEpochSampler(self.weights, num_samples=self.samples_per_epoch, seed=self.seed)
         return DataLoader(
             self.dataset,
