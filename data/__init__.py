@@ -17,7 +17,8 @@ from ._colored_digits import (
 from ._colored_digits import (
     generate as generate_colored_digits,
 )
-from ._datamodule import AttributeDataModule, SourceConfig, to_pixels
+from ._datamodule import AttributeDataModule, CachedRecord, SourceConfig, to_pixels
+from ._latents import LatentCacheConfig, LatentEntry, cache_key, default_cache_dir, load_or_build
 from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
 from ._schema import (
     AttributeSpec,
@@ -80,6 +81,12 @@ __all__ = [
     "render",
     "validate_record",
     "write_shards",
+    "CachedRecord",
+    "LatentCacheConfig",
+    "LatentEntry",
+    "cache_key",
+    "default_cache_dir",
+    "load_or_build",
     "ShardLoader",
     "StreamingRebalancedDataset",
     "index_path",

@@ -311,6 +311,40 @@ class Backbone(nn.Module):
         return torch.stack([cache[p] for p in prompts]).to(device)
 
     # ----------------------------------------------------------------- image space
+    def vae_fingerprint(self) -> str:
+        """A hash of the VAE's config and weights (the latent cache's model key)."""
+        import hashlib
+
+        if self.vae is None:
+            raise ValueError(
+                f"backbone.kind={self.config.kind!r} has no VAE (it trains in pixel space): there are no "
+                "latents to cache; leave data.latents unset"
+            )
+        h = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+        for name, t in sorted(self.vae.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def encode_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1] to the VAE posterior's unscaled ``(mean, std)`` (what the latent cache keeps)."""
+        if self.vae is None:
+            raise ValueError("encode_moments needs a backbone with a VAE")
+        device = next(self.vae.parameters()).device
+        dist = self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def latents_from_moments(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A draw from a cached posterior, scaled for the UNet: the same draw :meth:`to_latents` makes from
+        the same generator."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise) * self.vae.config.scaling_factor
+
     def to_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training pixels in [-1, 1] to what the UNet denoises (the VAE's draw from ``generator``)."""
         if self.vae is None:
