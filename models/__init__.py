@@ -1,4 +1,4 @@
-"""Backbones (tiny text-to-image, Stable Diffusion), LoRA attach/export."""
+"""Backbones (tiny text-to-image, Stable Diffusion, SDXL), LoRA attach/export."""
 
 from ._adversary import (
     AdversaryConfig,
@@ -48,9 +48,10 @@ __all__ = [
     "save_lora",
 ]
 
+from ._sdxl import make_tiny_sdxl  # noqa: E402
 from ._tiny_sd import make_tiny_stable_diffusion  # noqa: E402
 
-__all__ += ["make_tiny_stable_diffusion"]
+__all__ += ["make_tiny_sdxl", "make_tiny_stable_diffusion"]
 
 from ._baselines import (  # noqa: E402
     FairDiffusionConfig,
