@@ -331,9 +331,9 @@ def markdown(r: dict) -> str:
         + (
             "the wall time between steps (CUDA synchronised)."
             if a["device"] == "cuda"
-            else "the process's CPU seconds between steps (`time.process_time`, one thread, no DataLoader "
-            "workers: the machine is shared, and CPU time does not count other jobs' share of it; wall "
-            "times are beside it)."
+            else f"the process's CPU seconds between steps (`time.process_time`, {a['threads']} thread(s), "
+            f"{a['workers']} DataLoader workers: the machine is shared, and CPU time does not count other "
+            "jobs' share of it; wall times are beside it)."
         ),
         "",
         "Both loops: the same tiny SD, data (ColoredDigits-Bias digits 0-7), batch, LoRA (rank, attention "
