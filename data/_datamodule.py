@@ -97,7 +97,9 @@ class AttributeDataModule(L.LightningDataModule):
 
     Each epoch draws ``samples_per_epoch`` records with replacement, as a function of (seed, epoch):
     uniformly without the lever, or rebalanced toward ``target`` within each concept with it. Under
-    DDP each rank draws its own part (set ``trainer.use_distributed_sampler: false``).
+    DDP each rank draws its own part (set ``trainer.use_distributed_sampler: false``). From webdataset
+    shards the same mix is drawn in streaming form (:class:`StreamingRebalancedDataset`: each rank and
+    worker streams its own shards, and the loader's place in the epoch is checkpointed).
 
     Args:
         source: Where the records come from.
