@@ -278,7 +278,10 @@ def _module():
     )
 
 
-def test_fit_resumed_mid_epoch_sees_the_batches_an_uninterrupted_run_sees(digits_dir, tmp_path):
+@pytest.mark.parametrize("at", [3, 6], ids=["mid_epoch", "epoch_end"])
+def test_fit_resumed_sees_the_batches_an_uninterrupted_run_sees(digits_dir, tmp_path, at):
+    """A checkpoint at step 3 (mid-epoch) or 6 (the last batch of epoch 0, where fit's own checkpoint is
+    written): the resumed run trains on the very batches an uninterrupted run trains on next."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def dm():
@@ -291,13 +294,13 @@ def test_fit_resumed_mid_epoch_sees_the_batches_an_uninterrupted_run_sees(digits
         )
 
     ref = _Record()
-    trainer = smoke_trainer(max_steps=5)
+    trainer = smoke_trainer(max_steps=at + 2)
     trainer.callbacks.append(ref)
     trainer.fit(_module(), dm())
 
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=at, save_top_k=-1)
     first = L.Trainer(
-        max_steps=3,
+        max_steps=at,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -307,11 +310,11 @@ def test_fit_resumed_mid_epoch_sees_the_batches_an_uninterrupted_run_sees(digits
     first.fit(_module(), dm())
     path = next(tmp_path.glob("*.ckpt"))
     resumed = _Record()
-    trainer = smoke_trainer(max_steps=5)
+    trainer = smoke_trainer(max_steps=at + 2)
     trainer.callbacks.append(resumed)
     trainer.fit(_module(), dm(), ckpt_path=str(path))
-    assert [s for s, _ in resumed.seen] == [4, 5]  # (global_step after the optimizer step)
-    assert resumed.seen == ref.seen[3:5]
+    assert [s for s, _ in resumed.seen] == [at + 1, at + 2]  # (global_step after the optimizer step)
+    assert resumed.seen == ref.seen[at : at + 2]
 
 
 RECORDER = """
