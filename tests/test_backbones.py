@@ -56,3 +56,34 @@ def test_stable_diffusion_layout_loads_through_the_real_path(tiny_sd):
     out = bb.sample(["a photo of a doctor"] * 2, seeds=[0, 1], steps=2)
     assert out.shape == (2, 3, 16, 16)
     assert not torch.allclose(out[0], out[1])
+
+
+def _grads(config: BackboneConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(0)
+    bb = Backbone.from_config(config)
+    bb.unet.train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, bb.latent_channels, bb.latent_size, bb.latent_size, generator=g)
+    ctx = bb.encode_prompts(["a red digit", "a blue digit"])
+    out = bb.unet(x, torch.tensor([10, 500]), encoder_hidden_states=ctx).sample
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in bb.unet.named_parameters() if p.grad is not None}
+
+
+def test_attention_and_checkpointing_switches_keep_the_outputs_and_gradients(tiny_sd):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    base = dict(kind="sd", pretrained=str(tiny_sd))
+    ref_out, ref_grads = _grads(BackboneConfig(**base))
+    bb = Backbone.from_config(BackboneConfig(**base, attention="eager", gradient_checkpointing=True))
+    assert all(isinstance(p, AttnProcessor) for p in bb.unet.attn_processors.values())
+    assert bb.unet.is_gradient_checkpointing
+    assert all(
+        isinstance(p, AttnProcessor2_0)
+        for p in Backbone.from_config(BackboneConfig(**base)).unet.attn_processors.values()
+    )
+    out, grads = _grads(BackboneConfig(**base, attention="eager", gradient_checkpointing=True))
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-3, atol=1e-5)

@@ -102,6 +102,7 @@ EXPECTED = {
     "multinode": {"num_nodes": 2, "devices": 4, "strategy": "ddp", "precision": "bf16-mixed"},
     "fsdp": {"accelerator": "gpu", "precision": "bf16-mixed"},
     "memory": {"accumulate_grad_batches": 4},
+    "bf16": {"precision": "bf16-mixed"},
     "wandb": {},
     "tensorboard": {},
 }

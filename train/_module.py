@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from fairtune.models import (
 )
 
 from ._fairness import FairnessConfig, FairnessLoss
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,12 +138,24 @@ class DebiasModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and getattr(dm, "latents", None) is not None and stage == "fit":
+            self.use_latent_cache(dm)
         if dm is not None and getattr(dm, "target", None) is not None:
             self.attach_target(dm.target)
             if self.fairness is not None and self.fairness.concepts is None:
                 self.fairness.concepts = (
                     sorted(set(dm.record_concepts)) if hasattr(dm, "record_concepts") else None
                 )
+
+    def use_latent_cache(self, dm) -> None:
+        """Have the data module train from cached VAE latents, encoding them (on the training device)
+        where the cache has no entry for this VAE; every rank takes the same entry."""
+        bb = self.backbone
+        fingerprint = bb.vae_fingerprint()  # a clear error where the backbone has no VAE
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        bb.vae.to(device)
+        entry = dm.use_latent_cache(fingerprint, bb.encode_moments)
+        log.info("latent cache: %s %s", "built" if entry.built else "reused", entry.path)
 
     # ----------------------------------------------------------------- parameters
     def trained_params(self) -> list[torch.nn.Parameter]:
@@ -182,8 +197,20 @@ class DebiasModule(L.LightningModule):
     def diffusion_loss(self, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         bb = self.backbone
         sched = bb.noise_scheduler
-        latents = bb.to_latents(batch["pixels"], generator=g)
-        n = latents.shape[0]
+        cached = "latent_mean" in batch
+        n = (batch["latent_mean"] if cached else batch["pixels"]).shape[0]
+        # the flip choice comes first from the step's generator, so both paths make the same choices
+        flip = torch.rand(n, generator=g) < 0.5 if batch.get("random_flip") else torch.zeros(n, dtype=bool)
+        if cached:
+            # (B, V, C, h, w): variant 1 is the flipped image where the cache holds it
+            variant = flip.long() if batch["latent_mean"].shape[1] > 1 else torch.zeros(n, dtype=torch.long)
+            pick = (torch.arange(n), variant)
+            latents = bb.latents_from_moments(batch["latent_mean"][pick], batch["latent_std"][pick], g)
+        else:
+            pixels = batch["pixels"]
+            if flip.any():
+                pixels = torch.where(flip.to(pixels.device)[:, None, None, None], pixels.flip(-1), pixels)
+            latents = bb.to_latents(pixels, generator=g)
         noise = torch.randn(latents.shape, generator=g).to(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=g).to(latents.device)
         # Drop some prompts to "" so the same model also learns the unconditional score (CFG).
