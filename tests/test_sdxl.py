@@ -18,7 +18,7 @@ from fairtune.models import (
     augment_prompts,
     fair_diffusion_sample,
 )
-from fairtune.train.cli import main
+from fairtune.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 

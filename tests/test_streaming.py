@@ -39,7 +39,7 @@ from fairtune.data import (
 )
 from fairtune.models import LORA_WEIGHT_NAME, BackboneConfig, LoraConfig, TinyUNetConfig
 from fairtune.train import DebiasModule, OptimConfig
-from fairtune.train.cli import main
+from fairtune.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -350,7 +350,7 @@ def test_ddp_fit_from_shards_two_cpu_processes(digits_dir, tmp_path):
         },
     )
     cmd = [
-        sys.executable, "-m", "fairtune.train.cli", "fit",
+        sys.executable, "-m", "fairtune.cli", "fit",
         "--config", str(cfg), "--config", str(CONFIGS / "launch" / "cpu_ddp.yaml"),
     ]  # fmt: skip
     env = {
