@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from _common import write_results
 
+from _common import write_results
 from fairtune.data import BACKGROUND, INK, render
 from fairtune.eval import HueJudge
 from fairtune.eval._correction import corrected_shares, judged_shares
@@ -116,7 +116,8 @@ def main() -> None:
         f"Coverage by simulation ({trials} trials, true red share {p_red}, {n_gen} generated and "
         f"{n_cal} calibration labels per trial, confusion red→(0.85, 0.10, 0.05), "
         f"blue→(0.30, 0.65, 0.05)): corrected 95 % interval covered the truth in "
-        f"{coverage['corrected_coverage']:.3f} of trials (mean width {coverage['corrected_mean_width']:.3f}); "
+        f"{coverage['corrected_coverage']:.3f} of trials "
+        f"(mean width {coverage['corrected_mean_width']:.3f}); "
         f"the raw judged share's binomial interval in {coverage['raw_binomial_coverage']:.3f}.",
         "",
     ]
