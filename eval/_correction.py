@@ -107,6 +107,7 @@ def corrected_shares(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    target=None,
 ) -> dict:
     """Judged shares corrected for the judge's own error, with a bootstrap interval.
 
@@ -119,6 +120,8 @@ def corrected_shares(
             the calibration images, and re-solves.
         level: Interval coverage.
         seed: Seed of the bootstrap.
+        target: ``(K,)`` target mix; with it, ``dev`` (``max_k |p_k − q_k|`` of the corrected shares)
+            and its percentile interval ``dev_low``/``dev_high`` are added.
 
     Returns:
         ``judged``: ``(K,)`` raw judged shares among all images (undetermined included in the
@@ -147,7 +150,17 @@ def corrected_shares(
     b_boot = rng.multinomial(len(j), b, size=n_boot) / len(j)
     reps = np.stack([solve_shares(c_boot[r], b_boot[r]) for r in range(n_boot)])
     alpha = (1 - level) / 2
+    extra = {}
+    if target is not None:
+        q = np.asarray(target, dtype=np.float64)
+        devs = np.abs(reps - q).max(1)
+        extra = {
+            "dev": float(np.abs(point - q).max()),
+            "dev_low": float(np.quantile(devs, alpha)),
+            "dev_high": float(np.quantile(devs, 1 - alpha)),
+        }
     return {
+        **extra,
         "judged": b[:n_classes],
         "undetermined": float(b[n_classes]),
         "corrected": point,
@@ -251,3 +264,103 @@ def change_score(
         "n": int(len(d)),
         "per_image": d,
     }
+
+
+def score_measurement(
+    labels,
+    entries,
+    *,
+    n_per_prompt: int,
+    n_classes: int,
+    target_of,
+    calibration: tuple | None = None,
+    second=None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """What an imperfect judge adds to one method's scores, prompt by prompt and in summary.
+
+    Args:
+        labels: ``(P * n_per_prompt,)`` the judge's labels, prompt-major (``-1`` undetermined).
+        entries: The prompts (objects with ``key`` and ``role`` and ``concept``), in that order.
+        n_per_prompt: Images per prompt.
+        n_classes: ``K``.
+        target_of: The target vector of a concept.
+        calibration: ``(true, judged)`` labels of the same judge on labelled held-out images; with it,
+            per prompt ``corrected`` shares, their interval and the corrected ``dev``.
+        second: A second judge's labels on the same images; with it, per prompt and overall
+            agreement and Cohen's kappa.
+        n_boot: Bootstrap replicates of the corrected intervals.
+        seed: Seed of the bootstraps.
+
+    Returns:
+        ``{"per_concept": {key: {...}}, "summary": {...}}``: per prompt ``corrected``,
+        ``corrected_low``, ``corrected_high``, ``dev_corrected`` (+ ``_low``/``_high``),
+        ``agreement``, ``kappa``; summary ``mean_dev_corrected_<role>``, ``agreement``, ``kappa``,
+        ``undetermined_rate_second``, ``calibration_accuracy`` and ``n_calibration``.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    y2 = None if second is None else np.asarray(second, dtype=np.int64)
+    per: dict = {}
+    for b, e in enumerate(entries):
+        sl = slice(b * n_per_prompt, (b + 1) * n_per_prompt)
+        r: dict = {}
+        if calibration is not None:
+            c = corrected_shares(
+                y[sl], calibration[0], calibration[1], n_classes,
+                n_boot=n_boot, seed=seed + b, target=target_of(e.concept),
+            )  # fmt: skip
+            r.update(
+                corrected=c["corrected"].tolist(),
+                corrected_low=c["low"].tolist(),
+                corrected_high=c["high"].tolist(),
+                dev_corrected=c["dev"],
+                dev_corrected_low=c["dev_low"],
+                dev_corrected_high=c["dev_high"],
+            )
+        if y2 is not None:
+            a = judge_agreement(y[sl], y2[sl], n_classes)
+            r.update(agreement=a["agreement"], kappa=a["kappa"], undetermined_second=a["undetermined_b"])
+        per[e.key] = r
+    summary: dict = {}
+    if calibration is not None:
+        ct, cj = np.asarray(calibration[0]), np.asarray(calibration[1])
+        summary["calibration_accuracy"] = float((ct == cj).mean())
+        summary["n_calibration"] = int(len(ct))
+        for role in ("seen", "heldout", "paraphrase"):
+            devs = [per[e.key]["dev_corrected"] for e in entries if e.role == role]
+            summary[f"mean_dev_corrected_{role}"] = float(np.mean(devs)) if devs else None
+    if y2 is not None:
+        a = judge_agreement(y, y2, n_classes)
+        kappa = None if np.isnan(a["kappa"]) else a["kappa"]
+        agreement = None if np.isnan(a["agreement"]) else a["agreement"]
+        summary.update(agreement=agreement, kappa=kappa, undetermined_rate_second=a["undetermined_b"])
+        for r in per.values():
+            for k in ("agreement", "kappa"):
+                if isinstance(r.get(k), float) and np.isnan(r[k]):
+                    r[k] = None
+    return {"per_concept": per, "summary": summary}
+
+
+def change_scores(features: dict, *, base: str, **kwargs) -> dict:
+    """Same-seed change score of every method against ``base`` (methods whose images come from the
+    same seeds and prompts, in the same order).
+
+    Args:
+        features: Method name to ``(N, D)`` features of its images.
+        base: The reference method's name.
+        **kwargs: Passed to :func:`change_score` (``metric``, ``n_boot``, ``seed``).
+
+    Returns:
+        Method name to the change score dict (without ``per_image``); ``base`` itself is skipped.
+    """
+    if base not in features:
+        raise ValueError(f"change score: base method {base!r} not among {list(features)}")
+    out = {}
+    for name, f in features.items():
+        if name == base:
+            continue
+        r = change_score(features[base], f, **kwargs)
+        r.pop("per_image")
+        out[name] = r
+    return out

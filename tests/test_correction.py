@@ -6,10 +6,12 @@ from sklearn.datasets import load_digits
 from fairtune.data import BACKGROUND, INK, render
 from fairtune.eval._correction import (
     change_score,
+    change_scores,
     confusion_matrix,
     corrected_shares,
     judge_agreement,
     judged_shares,
+    score_measurement,
     solve_shares,
 )
 
@@ -152,3 +154,51 @@ def test_change_score_is_zero_for_identical_images_and_grows_with_change():
     assert change_score(base, base + 1.0, metric="l2")["mean"] == pytest.approx(4.0)
     with pytest.raises(ValueError, match="same"):
         change_score(base, base[:10])
+
+
+class _Entry:
+    def __init__(self, key, role, concept):
+        self.key, self.role, self.concept = key, role, concept
+
+
+def test_score_measurement_per_prompt_and_summary():
+    rng = np.random.default_rng(3)
+    entries = [_Entry("g/a", "seen", "a"), _Entry("g/b", "seen", "b"), _Entry("h/c", "heldout", "c")]
+    truth = {"a": 0.2, "b": 0.5, "c": 0.8}
+    true = np.concatenate([(rng.random(600) >= truth[e.concept]).astype(int) for e in entries])
+    first = _noisy_labels(true, NOISY, rng)
+    second = _noisy_labels(true, NOISY, rng)
+    true_cal = np.repeat([0, 1], 300)
+    out = score_measurement(
+        first, entries, n_per_prompt=600, n_classes=2, target_of=lambda c: [0.5, 0.5],
+        calibration=(true_cal, _noisy_labels(true_cal, NOISY, rng)), second=second, n_boot=300,
+    )  # fmt: skip
+    for e in entries:
+        r = out["per_concept"][e.key]
+        assert r["corrected_low"][0] - 0.02 <= truth[e.concept] <= r["corrected_high"][0] + 0.02
+        assert abs(r["dev_corrected"] - abs(truth[e.concept] - 0.5)) < 0.08
+        assert r["dev_corrected_low"] <= r["dev_corrected"] <= r["dev_corrected_high"]
+        assert 0 < r["kappa"] < 1
+    s = out["summary"]
+    assert s["mean_dev_corrected_seen"] == pytest.approx(
+        np.mean([out["per_concept"][k]["dev_corrected"] for k in ("g/a", "g/b")])
+    )
+    assert s["mean_dev_corrected_paraphrase"] is None
+    assert s["n_calibration"] == 600 and 0.6 < s["calibration_accuracy"] < 0.85
+    # two judges with independent noise agree less than perfectly, above chance
+    assert 0.5 < s["agreement"] < 0.9 and 0.1 < s["kappa"] < 0.8
+    # without calibration or second judge: nothing to add
+    bare = score_measurement(first, entries, n_per_prompt=600, n_classes=2, target_of=lambda c: [0.5, 0.5])
+    assert bare["summary"] == {} and bare["per_concept"]["g/a"] == {}
+
+
+def test_change_scores_against_the_base_method():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(32, 8))
+    feats = {"base": base, "same": base.copy(), "moved": base + rng.normal(size=base.shape)}
+    out = change_scores(feats, base="base", n_boot=100)
+    assert set(out) == {"same", "moved"} and "per_image" not in out["same"]
+    assert out["same"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert out["moved"]["mean"] > 0.1
+    with pytest.raises(ValueError, match="base method 'nope'"):
+        change_scores(feats, base="nope")
