@@ -20,8 +20,8 @@ DATA_SKEW = [0.95, 0.90, 0.85, 0.80, 0.75, 0.25, 0.20, 0.15, 0.10, 0.05]
 
 def ensure_assets():
     """Render the benchmark data and train the judges if they are not there yet; return the judges."""
+    from fairtune.cli import prepare_assets
     from fairtune.eval import load_judges
-    from fairtune.train._demo import prepare_assets
 
     # OMP_NUM_THREADS lets two benchmark queues share the 2 cores, one each.
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
@@ -51,7 +51,7 @@ def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
     """A PNG grid (nearest-neighbour upscaled 3x) to look at samples."""
     from PIL import Image
 
-    from fairtune.train._tracking import image_grid
+    from fairtune.train import image_grid
 
     grid = image_grid(images, per_row)
     h, w = grid.shape[:2]

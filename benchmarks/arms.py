@@ -23,7 +23,7 @@ from fairtune.eval import GenerationConfig, evaluate_backbone_on_digits
 from fairtune.models import Backbone, BackboneConfig, load_adapter
 
 RUNNER = (
-    "import resource, sys; from fairtune.train.cli import main; main(sys.argv[1:]); "
+    "import resource, sys; from fairtune.cli import main; main(sys.argv[1:]); "
     "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
 )
 

@@ -7,9 +7,15 @@ from ._colored_digits import (
     ColoredDigitsConfig,
     concept_name,
     explicit_prompt,
+    ink_alpha,
     ink_hue,
+    ink_map,
+    mixed_ink,
     neutral_prompt,
+    perturb,
+    random_shift,
     render,
+    rgb_to_hue_chroma,
 )
 from ._colored_digits import (
     build as build_colored_digits,
@@ -18,6 +24,7 @@ from ._colored_digits import (
     generate as generate_colored_digits,
 )
 from ._datamodule import AttributeDataModule, SourceConfig, to_pixels
+from ._images import images_from_table
 from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
 from ._schema import (
     AttributeSpec,
@@ -66,7 +73,14 @@ __all__ = [
     "explicit_prompt",
     "generate_colored_digits",
     "group_counts",
+    "ink_alpha",
     "ink_hue",
+    "ink_map",
+    "images_from_table",
+    "mixed_ink",
+    "perturb",
+    "random_shift",
+    "rgb_to_hue_chroma",
     "load_table",
     "neutral_prompt",
     "render",

@@ -1,30 +1,38 @@
-"""Judges, fairness / fidelity / quality metrics, and (later) the comparison harness."""
+"""Evaluation: generation for judging, judges, the one scoring engine, compare / audit and reports.
 
-from ._harness import (
-    GenerationConfig,
+``fairtune.eval`` imports only ``fairtune.data`` and ``fairtune.models``.
+"""
+
+from ._benchmark import (
+    colored_digits_prompts,
+    digit_entries,
     evaluate_backbone_on_digits,
-    generate,
+    judge_colored_digits,
     judge_digit_images,
+    load_benchmark_judges,
 )
-from ._judges import (
-    UNDETERMINED,
-    HueJudge,
-    Judges,
-    JudgeTrainConfig,
-    SmallCNN,
-    images_from_table,
-    ink_map,
-    load_judges,
-    perturb,
-    rgb_to_hue_chroma,
-    train_attribute_classifier,
-    train_judges,
+from ._colored_digits import UNDETERMINED, HueJudge, Judges, JudgeTrainConfig, load_judges, train_judges
+from ._compare import (
+    audit,
+    backbone_for_model,
+    compare_methods,
+    judge_method,
+    run_comparison,
+    write_metrics,
 )
+from ._config import (
+    ROLES,
+    CompareConfig,
+    JudgeConfig,
+    MethodConfig,
+    PromptEntry,
+    PromptGroup,
+    load_prompt_file,
+    prompt_entries,
+)
+from ._generation import GenerationConfig, MethodImages, generate, generate_method, images_fingerprint
 from ._metrics import (
     KL_EPS,
-    ConceptResult,
-    bootstrap_ci,
-    concept_metrics,
     deviation,
     fairness_discrepancy,
     fidelity,
@@ -34,65 +42,73 @@ from ._metrics import (
     proportions,
     shen_bias,
 )
+from ._panel import JudgePanel, build_judges, build_target, colored_digits_panel, load_reference_images
+from ._report import summary_markdown, write_report
+from ._scoring import (
+    exact_interval,
+    mean_interval,
+    metric_intervals,
+    score_concept,
+    score_judged,
+    share_box,
+    summarize,
+    wilson_interval,
+)
 
 __all__ = [
-    "GenerationConfig",
-    "evaluate_backbone_on_digits",
-    "generate",
-    "judge_digit_images",
     "KL_EPS",
+    "ROLES",
     "UNDETERMINED",
-    "ConceptResult",
+    "CompareConfig",
+    "GenerationConfig",
     "HueJudge",
+    "JudgeConfig",
+    "JudgePanel",
     "JudgeTrainConfig",
     "Judges",
-    "SmallCNN",
-    "bootstrap_ci",
-    "concept_metrics",
+    "MethodConfig",
+    "MethodImages",
+    "PromptEntry",
+    "PromptGroup",
+    "audit",
+    "backbone_for_model",
+    "build_judges",
+    "build_target",
+    "colored_digits_panel",
+    "colored_digits_prompts",
+    "compare_methods",
     "deviation",
+    "digit_entries",
+    "evaluate_backbone_on_digits",
     "fairness_discrepancy",
     "fidelity",
     "frechet_distance",
-    "images_from_table",
-    "ink_map",
+    "generate",
+    "generate_method",
+    "images_fingerprint",
+    "judge_colored_digits",
+    "judge_digit_images",
+    "judge_method",
     "kl_divergence",
+    "load_benchmark_judges",
     "load_judges",
+    "load_prompt_file",
+    "load_reference_images",
+    "exact_interval",
+    "mean_interval",
+    "metric_intervals",
     "noise_floor",
-    "perturb",
+    "prompt_entries",
     "proportions",
-    "rgb_to_hue_chroma",
+    "run_comparison",
+    "score_concept",
+    "score_judged",
+    "share_box",
     "shen_bias",
-    "train_attribute_classifier",
+    "summarize",
+    "summary_markdown",
     "train_judges",
+    "wilson_interval",
+    "write_metrics",
+    "write_report",
 ]
-
-# The comparison (``fairtune compare`` / ``fairtune audit``) needs diffusers, the baselines and the
-# training package's classifier loader: imported on first use, so ``import fairtune.eval`` stays light.
-_COMPARE_EXPORTS = {
-    "CompareConfig": "._compare",
-    "JudgeConfig": "._compare",
-    "JudgePanel": "._compare",
-    "MethodConfig": "._compare",
-    "PromptEntry": "._compare",
-    "PromptGroup": "._compare",
-    "audit": "._compare",
-    "build_judges": "._compare",
-    "compare_methods": "._compare",
-    "colored_digits_prompts": "._compare",
-    "load_prompt_file": "._compare",
-    "load_reference_images": "._compare",
-    "mean_deviation_interval": "._compare",
-    "run_comparison": "._compare",
-    "write_metrics": "._compare",
-    "summary_markdown": "._report",
-    "write_report": "._report",
-}
-__all__ += list(_COMPARE_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _COMPARE_EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_COMPARE_EXPORTS[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

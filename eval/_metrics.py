@@ -8,8 +8,7 @@ are class indices with ``-1`` for images the judge cannot place (counted, report
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -82,28 +81,6 @@ def noise_floor(target, *, n: int) -> np.ndarray:
     return np.sqrt(q * (1 - q) / max(n, 1))
 
 
-def bootstrap_ci(
-    labels: Sequence[int] | np.ndarray,
-    metric: Callable[[np.ndarray], float],
-    *,
-    num_classes: int,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``metric(p_hat)`` over resamples of the placed labels."""
-    y = np.asarray(labels, dtype=np.int64)
-    y = y[y >= 0]
-    if y.size == 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, y.size, size=(n_boot, y.size))
-    counts = np.stack([np.bincount(row, minlength=num_classes) for row in y[idx]])
-    values = np.array([metric(c / y.size) for c in counts])
-    lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
-
-
 def fidelity(predicted: Sequence[int] | np.ndarray, *, expected: Sequence[int] | np.ndarray) -> float:
     """Share of images whose concept the judge recognises (prediction equals the prompted concept)."""
     a, b = np.asarray(predicted), np.asarray(expected)
@@ -133,72 +110,3 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         covmean = linalg.sqrtm((s_a + off) @ (s_b + off))
     covmean = np.real(covmean)
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
-
-
-@dataclass
-class ConceptResult:
-    """The fairness metrics of one concept, with 95% bootstrap intervals.
-
-    Attributes:
-        concept: The concept the images were prompted for.
-        p_hat: Judged class shares over the placed images.
-        target: The target shares.
-        n: Images the judge placed.
-        undetermined: Images the judge could not place.
-        dev, fd, kl, bias: The metrics of :func:`deviation`, :func:`fairness_discrepancy`,
-            :func:`kl_divergence`, :func:`shen_bias`.
-        dev_ci, fd_ci, kl_ci, bias_ci: Their 95% bootstrap intervals.
-        noise_floor: Per class, ``sqrt(q(1−q)/n)``.
-    """
-
-    concept: str
-    p_hat: list[float]
-    target: list[float]
-    n: int
-    undetermined: int
-    dev: float
-    fd: float
-    kl: float
-    bias: float
-    dev_ci: tuple[float, float]
-    fd_ci: tuple[float, float]
-    kl_ci: tuple[float, float]
-    bias_ci: tuple[float, float]
-    noise_floor: list[float]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def concept_metrics(
-    labels: Sequence[int] | np.ndarray,
-    *,
-    target: Sequence[float],
-    concept: str = "",
-    n_boot: int = 1000,
-    seed: int = 0,
-) -> ConceptResult:
-    """All fairness metrics of one concept's judged labels against its target."""
-    k = len(target)
-    p, n, und = proportions(labels, num_classes=k)
-    fns = {
-        "dev": lambda x: deviation(x, target=target),
-        "fd": lambda x: fairness_discrepancy(x, target=target),
-        "kl": lambda x: kl_divergence(x, target=target),
-        "bias": shen_bias,
-    }
-    values = {name: (fn(p) if n else math.nan) for name, fn in fns.items()}
-    cis = {
-        f"{name}_ci": bootstrap_ci(labels, fn, num_classes=k, n_boot=n_boot, seed=seed)
-        for name, fn in fns.items()
-    }
-    return ConceptResult(
-        concept=concept,
-        p_hat=p.tolist(),
-        target=list(map(float, target)),
-        n=n,
-        undetermined=und,
-        noise_floor=noise_floor(target, n=n).tolist(),
-        **values,
-        **cis,
-    )

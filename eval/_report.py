@@ -325,8 +325,9 @@ def _blocks(metrics: Mapping, figures: Mapping[str, str], grids: Mapping[str, st
             "p",
             "dev = max over classes of |judged share − target| per prompt; mean/worst over the prompts of "
             "each role (seen: neutral prompts of concepts the adapters trained on; held-out: concepts "
-            "they never saw; paraphrase: wordings they never saw). The 95% interval of the seen mean "
-            f"resamples the images within each prompt ({metrics['n_boot']} resamples), then averages. "
+            "they never saw; paraphrase: wordings they never saw). Intervals (95%) come from exact "
+            "intervals on the judged shares; the seen mean's holds for all its prompts at once "
+            "(docs/metrics.md). "
             f"Sampling-noise floor of one prompt's share: √(q(1−q)/N) ≤ {floor:.3f}. {fid_txt} {fr_txt} "
             "UNet evals/img is counted by a hook on the UNet; s/img is wall time of generation. Follows "
             "drawn class (inference-time baselines): share of placed images judged as the class drawn "

@@ -14,6 +14,19 @@ from ._backbones import (
     TinyTextToImagePipeline,
     TinyUNetConfig,
     default_text_encoder,
+    resolve_shipped,
+)
+from ._classifiers import (
+    ClassifierConfig,
+    CNNTrainConfig,
+    SmallCNN,
+    features_batched,
+    import_module_class,
+    load_classifier,
+    predict_batched,
+    save_safetensors_atomic,
+    train_attribute_classifier,
+    train_cnn,
 )
 from ._lora import (
     ATTENTION,
@@ -27,6 +40,16 @@ from ._lora import (
 )
 
 __all__ = [
+    "ClassifierConfig",
+    "CNNTrainConfig",
+    "SmallCNN",
+    "features_batched",
+    "import_module_class",
+    "load_classifier",
+    "predict_batched",
+    "save_safetensors_atomic",
+    "train_attribute_classifier",
+    "train_cnn",
     "AdversaryConfig",
     "AttributeHead",
     "MidBlockFeatures",
@@ -35,6 +58,7 @@ __all__ = [
     "ATTENTION",
     "ATTENTION_AND_CONVS",
     "BACKBONE_FILE",
+    "resolve_shipped",
     "LORA_WEIGHT_NAME",
     "Backbone",
     "BackboneConfig",
@@ -55,11 +79,13 @@ __all__ += ["make_tiny_stable_diffusion"]
 from ._baselines import (  # noqa: E402
     FairDiffusionConfig,
     FairDiffusionPipeline,
-    PromptAugmentationConfig,
     SemanticGuidance,
+    fair_diffusion_sample,
+)
+from ._prompt_augmentation import (  # noqa: E402
+    PromptAugmentationConfig,
     augment_prompts,
     draw_classes,
-    fair_diffusion_sample,
     unet_evals_per_image,
 )
 

@@ -41,5 +41,5 @@ export TOKENIZERS_PARALLELISM=false
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  -m fairtune.train.cli fit "$@" \
+  -m fairtune.cli fit "$@" \
   --trainer.devices "$NPROC_PER_NODE" --trainer.num_nodes "$NNODES"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fairtune.train.cli import main
+from fairtune.cli import main
 
 
 def test_colored_digits_command_writes_everything(tmp_path, capsys):

@@ -6,25 +6,24 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
+from fairtune.cli import main
 from fairtune.data import TargetConfig
-from fairtune.eval import GenerationConfig
-from fairtune.eval._compare import (
+from fairtune.eval import (
     CompareConfig,
+    GenerationConfig,
     JudgeConfig,
     MethodConfig,
     PromptGroup,
     audit,
     compare_methods,
     load_prompt_file,
-    mean_deviation_interval,
     run_comparison,
+    write_report,
 )
-from fairtune.eval._report import write_report
 from fairtune.models import (
     Backbone,
     BackboneConfig,
@@ -34,7 +33,6 @@ from fairtune.models import (
     attach_lora,
     save_lora,
 )
-from fairtune.train.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "compare"
 N, STEPS = 8, 4
@@ -256,19 +254,6 @@ def test_cli_rejects_an_unknown_kind(tmp_path, capsys):
     assert "magic" in capsys.readouterr().err
 
 
-def test_mean_deviation_interval():
-    # every image red against a uniform target: each resample has deviation 0.5 exactly
-    assert mean_deviation_interval([np.zeros(50, int)] * 3, [[0.5, 0.5]] * 3) == (0.5, 0.5)
-    # undetermined images are left out; a concept with none placed is skipped
-    assert mean_deviation_interval([np.array([-1, -1]), np.zeros(4, int)], [[0.5, 0.5]] * 2) == (0.5, 0.5)
-    assert mean_deviation_interval([np.array([-1])], [[0.5, 0.5]]) is None
-    # a balanced concept: the interval sits near 0 and narrows with more concepts
-    y = np.array([0, 1] * 64)
-    lo1, hi1 = mean_deviation_interval([y], [[0.5, 0.5]])
-    lo8, hi8 = mean_deviation_interval([y] * 8, [[0.5, 0.5]] * 8)
-    assert 0 <= lo1 <= lo8 and hi8 < hi1 < 0.2
-
-
 def test_prompt_files(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("# occupations\na photo of a doctor\n\na photo of a nurse\n")
@@ -297,14 +282,17 @@ def test_audit_tiny_stable_diffusion_with_a_classifier_judge(tiny_sd, tmp_path, 
     Fréchet are n/a."""
     from safetensors.torch import save_file
 
-    from fairtune.eval import SmallCNN
+    from fairtune.models import SmallCNN
 
     torch.manual_seed(0)
     weights = tmp_path / "clf.safetensors"
     save_file(SmallCNN(2, 4, 8).state_dict(), str(weights))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a doctor\na photo of a nurse\n")
-    clf = {"module": "fairtune.eval.SmallCNN", "init_args": {"num_classes": 2, "width": 4, "feature_dim": 8}}
+    clf = {
+        "module": "fairtune.models.SmallCNN",
+        "init_args": {"num_classes": 2, "width": 4, "feature_dim": 8},
+    }
     clf["weights"] = str(weights)
     out = tmp_path / "audit"
     main(

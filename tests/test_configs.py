@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fairtune.cli import FairtuneCLI
 from fairtune.data import AttributeDataModule
 from fairtune.train import DebiasModule
-from fairtune.train._cli_fit import FairtuneCLI
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 LORA_BASE = CONFIGS / "colored_digits" / "lora.yaml"
@@ -31,7 +31,7 @@ def classifier_weights(tmp_path_factory):
     """Stand-in weights for lever 3's classifier (the real ones come from `fairtune classifier train`)."""
     from safetensors.torch import save_file
 
-    from fairtune.eval import SmallCNN
+    from fairtune.models import SmallCNN
 
     path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
     save_file(SmallCNN(2, 8, 16).state_dict(), str(path))

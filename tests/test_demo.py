@@ -2,11 +2,11 @@
 
 import json
 
-from fairtune.train.cli import main
+from fairtune.cli import main
 
 
 def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path):
-    from fairtune.eval import train_attribute_classifier
+    from fairtune.models import train_attribute_classifier
 
     clf = tmp_path / "clf"
     train_attribute_classifier(digits_dir, clf, epochs=1)

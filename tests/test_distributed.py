@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 
+from fairtune.cli import FairtuneCLI
 from fairtune.data import AttributeDataModule, RebalanceConfig, SourceConfig, WeightedEpochSampler
 from fairtune.models import LORA_WEIGHT_NAME, Backbone, BackboneConfig, TinyUNetConfig, load_adapter
 from fairtune.train import DebiasModule
-from fairtune.train._cli_fit import FairtuneCLI
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -237,7 +237,7 @@ def test_ddp_fit_two_cpu_processes(digits_dir, tiny_base, tmp_path):
         },
     )
     cmd = [
-        sys.executable, "-m", "fairtune.train.cli", "fit",
+        sys.executable, "-m", "fairtune.cli", "fit",
         "--config", str(cfg), "--config", str(CONFIGS / "launch" / "cpu_ddp.yaml"),
         "--trainer.default_root_dir", str(run),
     ]  # fmt: skip
@@ -305,7 +305,7 @@ def test_gradient_checkpointing_recomputes_activations_and_keeps_the_gradients(d
     from diffusers.models.resnet import ResnetBlock2D
 
     from fairtune.models import LoraConfig
-    from fairtune.train._callbacks import GradientCheckpointing
+    from fairtune.train import GradientCheckpointing
 
     torch.manual_seed(0)
     module = DebiasModule(backbone=BackboneConfig(kind="tiny", unet=TINY), lora=LoraConfig(rank=4))

@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from fairtune.data import BACKGROUND, INK, load_table, render
-from fairtune.eval import UNDETERMINED, HueJudge, images_from_table, load_judges, perturb
+from fairtune.data import BACKGROUND, INK, images_from_table, load_table, perturb, render
+from fairtune.eval import UNDETERMINED, HueJudge, load_judges
 
 
 def _renders(colors, background_rgb, seed=0, noise=0.0):
@@ -87,7 +87,7 @@ def test_missing_judges_is_a_clear_error(tmp_path):
 
 
 def test_mixed_ink_labels_follow_each_inks_share():
-    from fairtune.eval._judges import mixed_ink
+    from fairtune.data import mixed_ink
 
     x = torch.cat([_renders(["red"] * 32, (1.0, 1.0, 1.0)), _renders(["blue"] * 32, (1.0, 1.0, 1.0), seed=1)])
     y = torch.tensor([0] * 32 + [1] * 32)
@@ -111,8 +111,8 @@ def test_mixed_ink_training_stops_the_classifier_calling_purple_confidently(digi
     fairness loss exploited); with mixed-ink training it reports the ink share."""
     from safetensors.torch import load_file
 
-    from fairtune.eval import SmallCNN, train_attribute_classifier
-    from fairtune.eval._judges import mixed_ink
+    from fairtune.data import mixed_ink
+    from fairtune.models import SmallCNN, train_attribute_classifier
 
     held = load_table(str(digits_dir / "table"), split="heldout").select(range(256))
     x, y = images_from_table(held), torch.tensor([["red", "blue"].index(c) for c in held["color"]])

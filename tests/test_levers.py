@@ -8,13 +8,14 @@ from fairtune.models import (
     AdversaryConfig,
     AttributeHead,
     BackboneConfig,
+    ClassifierConfig,
     LoraConfig,
     MidBlockFeatures,
     TinyUNetConfig,
     adversary_losses,
     grad_reverse,
 )
-from fairtune.train import ClassifierConfig, DebiasModule, FairnessConfig, alignment_loss, ot_assignment
+from fairtune.train import DebiasModule, FairnessConfig, alignment_loss, ot_assignment
 
 TINY = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
 SPEC = AttributeSpec({"color": ["red", "blue"]})
@@ -95,7 +96,7 @@ def test_ot_loss_skips_settled_samples_and_kl_matches_formula():
 def classifier_file(tmp_path_factory):
     from safetensors.torch import save_file
 
-    from fairtune.eval import SmallCNN
+    from fairtune.models import SmallCNN
 
     torch.manual_seed(0)
     m = SmallCNN(2, 4, 8)

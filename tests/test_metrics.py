@@ -6,8 +6,6 @@ from scipy import linalg, stats
 
 from fairtune.eval import (
     KL_EPS,
-    bootstrap_ci,
-    concept_metrics,
     deviation,
     fairness_discrepancy,
     fidelity,
@@ -48,28 +46,6 @@ def test_kl_matches_scipy_with_stated_smoothing():
 
 def test_noise_floor():
     assert noise_floor([0.5, 0.5], n=256).tolist() == pytest.approx([1 / 32, 1 / 32])
-
-
-def test_bootstrap_interval_brackets_and_narrows():
-    rng = np.random.default_rng(0)
-    small = rng.binomial(1, 0.7, size=100)
-    large = rng.binomial(1, 0.7, size=4000)
-    f = lambda x: float(x[0])  # noqa: E731
-    lo_s, hi_s = bootstrap_ci(small, f, num_classes=2)
-    lo_l, hi_l = bootstrap_ci(large, f, num_classes=2)
-    assert lo_s <= np.mean(small == 0) <= hi_s
-    assert (hi_l - lo_l) < (hi_s - lo_s) / 3
-    # about the binomial interval's width
-    assert (hi_l - lo_l) == pytest.approx(2 * 1.96 * math.sqrt(0.21 / 4000), rel=0.2)
-
-
-def test_concept_metrics_bundle():
-    labels = [0] * 70 + [1] * 30 + [-1] * 5
-    r = concept_metrics(labels, target=[0.5, 0.5], concept="digit 1", n_boot=200)
-    assert r.n == 100 and r.undetermined == 5
-    assert r.dev == pytest.approx(0.2) and r.bias == pytest.approx(0.4)
-    assert r.dev_ci[0] <= r.dev <= r.dev_ci[1]
-    assert r.to_dict()["concept"] == "digit 1"
 
 
 def test_fidelity():

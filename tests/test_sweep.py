@@ -14,9 +14,9 @@ import yaml
 from scipy import stats
 from test_distributed import tiny_base, tiny_config  # noqa: F401 - tiny_base is a fixture
 
+from fairtune.cli import SweepError, load_spec, main, run_sweep, t_interval
+from fairtune.cli._sweep import _error_summary
 from fairtune.models import LORA_WEIGHT_NAME
-from fairtune.train._sweep import SweepError, _error_summary, load_spec, run_sweep, t_interval
-from fairtune.train.cli import main
 
 ABLATIONS = Path(__file__).resolve().parent.parent / "configs" / "ablations"
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from test_distributed import tiny_base, tiny_config  # noqa: F401 - tiny_base is a fixture
 
-from fairtune.train._tracking import prepare_logger_config, redact, wandb_offline_reason
-from fairtune.train.cli import main
+from fairtune.cli import main
+from fairtune.train import prepare_logger_config, redact, wandb_offline_reason
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 KEY = "dummy-wandb-key-0123456789abcdef0123456789"
@@ -135,9 +135,7 @@ def test_logger_config_defaults_to_the_run_folder_and_redacts(monkeypatch, tmp_p
         class_path="lightning.pytorch.loggers.WandbLogger",
         init_args=Namespace(save_dir=".", dir=None, offline=False, log_model="all", mode="online"),
     )
-    tb = Namespace(
-        class_path="fairtune.train._tracking.TensorBoardLogger", init_args=Namespace(save_dir="/elsewhere")
-    )
+    tb = Namespace(class_path="fairtune.train.TensorBoardLogger", init_args=Namespace(save_dir="/elsewhere"))
     prepare_logger_config([wandb, tb], str(tmp_path))
     assert wandb.init_args.save_dir == str(tmp_path) and wandb.init_args.offline is True
     assert wandb.init_args.mode == "offline" and wandb.init_args.log_model is False  # nothing uploaded

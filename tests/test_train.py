@@ -11,10 +11,10 @@ import yaml
 from conftest import smoke_trainer
 from safetensors.torch import load_file
 
+from fairtune.cli import main
 from fairtune.data import AttributeDataModule, RebalanceConfig, SourceConfig
 from fairtune.models import LORA_WEIGHT_NAME, BackboneConfig, LoraConfig, TinyUNetConfig
 from fairtune.train import DebiasModule, EmaConfig, OptimConfig
-from fairtune.train.cli import main
 
 TINY = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
 
@@ -136,7 +136,7 @@ def test_empty_target_group_fails_before_training(digits_dir, tmp_path):
 
 
 def _fit_cmd(cfg):
-    return [sys.executable, "-m", "fairtune.train.cli", "fit", "--config", str(cfg)]
+    return [sys.executable, "-m", "fairtune.cli", "fit", "--config", str(cfg)]
 
 
 def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):

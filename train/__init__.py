@@ -1,25 +1,41 @@
-"""LightningModules, callbacks and the ``fairtune`` CLI."""
+"""Training: the LightningModule, lever losses, callbacks and loggers (imports data and models only)."""
 
-from ._callbacks import ExportWeights
-from ._fairness import (
-    ClassifierConfig,
-    FairnessConfig,
-    FairnessLoss,
-    alignment_loss,
-    load_classifier,
-    ot_assignment,
-)
+from ._callbacks import AtomicCheckpointIO, EpochCheckpoint, ExportWeights, GradientCheckpointing
+from ._fairness import FairnessConfig, FairnessLoss, alignment_loss, ot_assignment
 from ._module import DebiasModule, EmaConfig, OptimConfig
+from ._tracking import (
+    BatchMixMonitor,
+    LearningRateLog,
+    ProgressLog,
+    SampleGrid,
+    TensorBoardLogger,
+    finish_wandb,
+    image_grid,
+    prepare_logger_config,
+    redact,
+    wandb_offline_reason,
+)
 
 __all__ = [
-    "ClassifierConfig",
+    "AtomicCheckpointIO",
+    "EpochCheckpoint",
+    "finish_wandb",
+    "BatchMixMonitor",
+    "GradientCheckpointing",
+    "LearningRateLog",
+    "SampleGrid",
+    "TensorBoardLogger",
+    "image_grid",
+    "prepare_logger_config",
+    "redact",
+    "wandb_offline_reason",
     "DebiasModule",
     "EmaConfig",
     "ExportWeights",
+    "ProgressLog",
     "FairnessConfig",
     "FairnessLoss",
     "OptimConfig",
     "alignment_loss",
-    "load_classifier",
     "ot_assignment",
 ]

@@ -8,7 +8,6 @@ output close to the frozen base model (the same UNet with the adapter disabled).
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,46 +15,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass
-class ClassifierConfig:
-    """The frozen, differentiable attribute classifier the fairness loss uses (never the judge).
-
-    Attributes:
-        module: Import path of a ``torch.nn.Module`` class.
-        init_args: Its constructor arguments.
-        weights: A safetensors file with its state dict.
-        input: ``pixels`` (images in [0, 1]) or ``latents`` (what the UNet denoises).
-        temperature: Logits are divided by this before the softmax; > 1 keeps outputs soft.
-    """
-
-    module: str = "fairtune.eval.SmallCNN"
-    init_args: dict = field(default_factory=lambda: {"num_classes": 2, "width": 8, "feature_dim": 16})
-    weights: str = "runs/classifiers/color-train-16/classifier.safetensors"
-    input: Literal["pixels", "latents"] = "pixels"
-    temperature: float = 1.0
-
-
-def load_classifier(cfg: ClassifierConfig) -> nn.Module:
-    """Instantiate ``cfg.module`` and load its safetensors weights; frozen and in eval mode."""
-    mod_name, _, cls_name = cfg.module.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(mod_name), cls_name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"fairness.classifier.module={cfg.module!r} cannot be imported: {exc}") from exc
-    model = cls(**cfg.init_args)
-    try:
-        state = load_file(cfg.weights)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"fairness.classifier.weights={cfg.weights!r} does not exist "
-            "(for ColoredDigits-Bias: `fairtune classifier train`)"
-        ) from exc
-    model.load_state_dict(state)
-    return model.eval().requires_grad_(False)
+from fairtune.data import ink_map
+from fairtune.models import ClassifierConfig, load_classifier
 
 
 @dataclass
@@ -211,7 +174,7 @@ class FairnessLoss(nn.Module):
     def __init__(self, cfg: FairnessConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.classifier = load_classifier(cfg.classifier)
+        self.classifier = load_classifier(cfg.classifier, what="model.fairness.classifier")
 
     def _eps(self, unet, x, t, ctx, guidance):
         inp = torch.cat([x, x])
@@ -303,8 +266,6 @@ class FairnessLoss(nn.Module):
                 ref = self.generate(backbone, prompts, noise)
             # Compared on the ink map (distance to the background colour): shape, placement and
             # contrast are kept, while the attribute (the ink's colour) is free to change.
-            from fairtune.eval import ink_map
-
             preserve = F.mse_loss(ink_map(backbone.to_pixels(x0)), ink_map(backbone.to_pixels(ref)))
         share = probs.detach().view(len(concepts), m, -1).mean(1)
         return {"align": align, "preserve": preserve, "share": share}

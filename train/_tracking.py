@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
@@ -355,3 +357,34 @@ def finish_wandb(trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
             logger.experiment.finish()
+
+
+class ProgressLog(L.Callback):
+    """One line per ``every_n_steps`` optimizer steps on stderr: step, rate, time left (rank 0 only).
+
+    For runs without a progress bar (a child process of ``fairtune demo`` or ``sweep``, batch jobs
+    whose logs are files), so a long step shows it is alive and how long it will take.
+
+    Args:
+        every_n_steps: Steps between lines.
+        prefix: Put before every line (e.g. ``[demo] all``).
+    """
+
+    def __init__(self, every_n_steps: int = 25, prefix: str = "[fit]") -> None:
+        self.every_n_steps, self.prefix = max(1, every_n_steps), prefix
+        self._t0: float | None = None
+        self._step0 = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0, self._step0 = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or self._t0 is None or step % self.every_n_steps:
+            return
+        done = step - self._step0
+        rate = done / max(time.perf_counter() - self._t0, 1e-9)
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        left = f", {(total - step) / rate / 60:.1f} min left" if total and rate > 0 else ""
+        of = f"/{total}" if total else ""
+        print(f"{self.prefix} step {step}{of}, {rate:.2f} steps/s{left}", file=sys.stderr, flush=True)

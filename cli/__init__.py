@@ -1,4 +1,4 @@
-"""The ``fairtune`` command line.
+"""The ``fairtune`` command line: the only layer that imports every package.
 
 ``fairtune data colored-digits --out DIR``   render the ColoredDigits-Bias benchmark data
 ``fairtune judges train --data DIR --out DIR`` train and measure the benchmark's judges
@@ -19,10 +19,15 @@ import sys
 from pathlib import Path
 
 from fairtune.data import DEFAULT_RED_SHARE, ColoredDigitsConfig, build_colored_digits
-from fairtune.eval import JudgeTrainConfig, train_attribute_classifier, train_judges
+from fairtune.eval import JudgeTrainConfig, train_judges
+from fairtune.models import train_attribute_classifier
 
-from ._demo import demo
-from ._sweep import sweep
+from ._commands import audit_command, compare_command
+from ._demo import demo, prepare_assets
+from ._fit import FairtuneCLI, run_fit_cli
+from ._sweep import run_sweep, sweep
+from ._sweep_report import t_interval, write_report, write_slurm
+from ._sweep_spec import SweepError, load_spec
 
 
 def colored_digits(
@@ -134,6 +139,29 @@ def classifier_train(
     print(json.dumps({k: report[k] for k in ("heldout_accuracy", "heldout_accuracy_perturbed")}, indent=2))
 
 
+__all__ = [
+    "FairtuneCLI",
+    "SweepError",
+    "audit_command",
+    "compare_command",
+    "demo",
+    "load_spec",
+    "main",
+    "prepare_assets",
+    "run_fit_cli",
+    "run_sweep",
+    "sweep",
+    "t_interval",
+    "write_report",
+    "write_slurm",
+]
+
+
+def fit() -> None:
+    """Train an adapter (or a full fine-tune): LightningCLI over model / data / trainer; resumes a
+    killed run. Run ``fairtune fit --help`` for its options."""
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fairtune`` console script."""
     from jsonargparse import CLI
@@ -141,24 +169,34 @@ def main(argv: list[str] | None = None) -> None:
     from_shell = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("fit", "validate"):
-        from ._cli_fit import run_fit_cli
+        from ._fit import run_fit_cli
 
         run_fit_cli(None if from_shell else argv)
         return
-    from fairtune.eval._compare import audit_command, compare_command
-
     CLI(
         {
+            "fit": fit,
             "demo": demo,
             "compare": compare_command,
             "audit": audit_command,
-            "data": {"colored-digits": colored_digits},
-            "judges": {"train": judges_train},
-            "classifier": {"train": classifier_train},
             "sweep": sweep,
+            "data": {
+                "_help": "Render benchmark data (ColoredDigits-Bias).",
+                "colored-digits": colored_digits,
+            },
+            "judges": {
+                "_help": "Train the benchmark's judges (never used by training).",
+                "train": judges_train,
+            },
+            "classifier": {
+                "_help": "Train lever 3's attribute classifier (not a judge).",
+                "train": classifier_train,
+            },
         },
         args=argv,
         prog="fairtune",
+        description="Debias text-to-image diffusion models at training time, and compare with "
+        "inference-time fixes. `fairtune <command> --help` lists a command's options.",
     )
 
 

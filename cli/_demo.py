@@ -16,17 +16,25 @@ import json
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+def configs_dir() -> Path:
+    """The shipped configs (package data, so the demo works from an installed wheel too)."""
+    return Path(str(resources.files("fairtune.configs")))
+
+
+DEMO_COMPARE = "compare/colored_digits.yaml"
 
 
 def prepare_assets(data: Path, judges: Path, classifier: Path) -> None:
     """Render ColoredDigits-Bias and train the judges and the training classifier, if missing."""
     from fairtune.data import ColoredDigitsConfig, build_colored_digits
-    from fairtune.eval import train_attribute_classifier, train_judges
+    from fairtune.eval import train_judges
+    from fairtune.models import train_attribute_classifier
 
     if not (data / "stats.json").exists():
         print(f"[demo] rendering ColoredDigits-Bias into {data}", file=sys.stderr)
@@ -58,12 +66,13 @@ def train_arm(
     if done.exists() and json.loads(done.read_text()).get("steps") == steps:
         print(f"[demo] {arm}: finished earlier ({run}), skipped", file=sys.stderr)
         return float(json.loads(done.read_text())["seconds"])
-    base_cfg, overlay = CONFIGS / "colored_digits" / "lora.yaml", CONFIGS / "ablations" / f"{arm}.yaml"
+    configs = configs_dir()
+    base_cfg, overlay = configs / "colored_digits" / "lora.yaml", configs / "ablations" / f"{arm}.yaml"
     for f in (base_cfg, overlay):
         if not f.exists():
-            raise FileNotFoundError(f"{f} is missing: fairtune demo runs from a checkout of the repository")
+            raise FileNotFoundError(f"{f} is missing from the installed fairtune.configs package data")
     cmd = [
-        sys.executable, "-m", "fairtune.train.cli", "fit",
+        sys.executable, "-m", "fairtune.cli", "fit",
         "--config", str(base_cfg), "--config", str(overlay),
         "--trainer.max_steps", str(steps),
         "--trainer.default_root_dir", str(run),
@@ -76,75 +85,24 @@ def train_arm(
         cmd += ["--model.fairness.classifier.weights", str(classifier / "classifier.safetensors")]
     print(f"[demo] training {arm} ({steps} steps) into {run}", file=sys.stderr)
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The child's progress bar is off; a line per logged interval (step, rate, time left) goes to
+    # stderr through the ProgressLog callback, and its last lines are kept for the error message.
+    proc = subprocess.Popen(
+        [*cmd, "--trainer.callbacks+=fairtune.train.ProgressLog", f"--trainer.callbacks.prefix=[demo] {arm}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    tail: list[str] = []
+    for line in proc.stderr:
+        if line.startswith("[demo]"):
+            print(line.rstrip(), file=sys.stderr, flush=True)
+        tail = (tail + [line])[-60:]
+    proc.wait()
     seconds = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise RuntimeError(
-            f"fairtune fit for arm {arm!r} failed (exit {res.returncode}):\n{res.stderr[-4000:]}"
-        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"fairtune fit for arm {arm!r} failed (exit {proc.returncode}):\n{''.join(tail)}")
     done.write_text(json.dumps({"steps": steps, "seconds": seconds}))
     print(f"[demo] {arm}: {seconds:.0f} s", file=sys.stderr)
     return seconds
-
-
-def demo_compare_config(
-    out: Path,
-    *,
-    data: Path,
-    judges: Path,
-    n_per_prompt: int,
-    sampling_steps: int,
-    batch_size: int,
-    paraphrase_digits: list[int],
-):
-    """The comparison of the demo: configs/compare/colored_digits.yaml with this run's adapters."""
-    from fairtune.data import TargetConfig
-    from fairtune.eval import GenerationConfig
-    from fairtune.eval._compare import CompareConfig, JudgeConfig, MethodConfig, PromptGroup
-    from fairtune.models import BackboneConfig, FairDiffusionConfig, PromptAugmentationConfig
-
-    classes = {"red": "red", "blue": "blue"}
-    return CompareConfig(
-        methods=[
-            MethodConfig(name="base", kind="base"),
-            MethodConfig(name="naive", kind="adapter", adapter=str(out / "naive" / "adapter")),
-            MethodConfig(name="debiased", kind="adapter", adapter=str(out / "all" / "adapter")),
-            # SEGA with the paper's defaults (edit scale 4 at CFG 7.5, warm-up 5, threshold 0.95) made
-            # 0 of 16 images per digit follow the drawn colour on this 16x16 pixel model (measured); an
-            # edit scale in the paper's ratio to CFG (~1 at CFG 2), warm-up 2 and no threshold made
-            # 94-100% follow it. The comparison uses those.
-            MethodConfig(
-                name="fair_diffusion",
-                kind="fair_diffusion",
-                fair_diffusion=FairDiffusionConfig(
-                    classes, edit_guidance_scale=1.0, edit_warmup_steps=2, edit_threshold=0.0
-                ),
-            ),
-            MethodConfig(
-                name="prompt_augmentation",
-                kind="prompt_augmentation",
-                prompt_augmentation=PromptAugmentationConfig(classes),
-            ),
-        ],
-        prompts=[
-            PromptGroup("seen", "seen", "a handwritten digit {value}", list(range(8)), "digit {value}"),
-            PromptGroup("heldout", "heldout", "a handwritten digit {value}", [8, 9], "digit {value}"),
-            PromptGroup(
-                "paraphrase",
-                "paraphrase",
-                "a drawing of the number {value}",
-                paraphrase_digits,
-                "digit {value}",
-            ),
-        ],
-        backbone=BackboneConfig(kind="tiny", pretrained="colored-digits-16"),
-        judges=JudgeConfig(kind="colored_digits", path=str(judges), reference=str(data)),
-        target=TargetConfig(),
-        generation=GenerationConfig(
-            n_per_prompt=n_per_prompt, steps=sampling_steps, guidance_scale=2.0, seed=0, batch_size=batch_size
-        ),
-        title="fairtune demo: training-time debiasing vs inference-time baselines (ColoredDigits-Bias)",
-    )
 
 
 def demo(
@@ -154,7 +112,7 @@ def demo(
     n_per_prompt: int = 128,
     sampling_steps: int = 15,
     batch_size: int = 512,
-    paraphrase_digits: list[int] = [3],  # noqa: B006 - jsonargparse reads the default
+    paraphrase_digits: list[int] | None = None,
     data: Path = Path("runs/data/colored-digits-16"),
     judges: Path = Path("runs/judges/colored-digits-16"),
     classifier: Path = Path("runs/classifiers/color-train-16"),
@@ -171,7 +129,8 @@ def demo(
             ±0.03 over the 8 seen digits).
         sampling_steps: DDIM steps of every method at comparison time.
         batch_size: Images per UNet batch when generating (large batches are cheap per image on CPU).
-        paraphrase_digits: Seen digits also prompted with a wording never trained on.
+        paraphrase_digits: Seen digits also prompted with a wording never trained on (default:
+            those of configs/compare/colored_digits.yaml).
         data: ColoredDigits-Bias folder (rendered if missing).
         judges: Judges folder (trained if missing).
         classifier: Lever 3's colour classifier (trained if missing; never a judge).
@@ -181,7 +140,9 @@ def demo(
     Returns:
         The comparison's metrics (also in ``out/compare/metrics.json``).
     """
-    from fairtune.eval._compare import run_comparison
+    from fairtune.eval import run_comparison
+
+    from ._commands import load_compare_config
 
     if threads:
         torch.set_num_threads(threads)
@@ -195,15 +156,22 @@ def demo(
         timings[f"train_{arm}_s"] = train_arm(
             arm, out / arm, steps=steps, data=Path(data), classifier=Path(classifier), seed=seed
         )
-    cfg = demo_compare_config(
-        out,
-        data=Path(data),
-        judges=Path(judges),
-        n_per_prompt=n_per_prompt,
-        sampling_steps=sampling_steps,
-        batch_size=batch_size,
-        paraphrase_digits=list(paraphrase_digits),
-    )
+    # The comparison is configs/compare/colored_digits.yaml, with this run's adapters, judges and
+    # generation budget.
+    cfg = load_compare_config(
+        configs_dir() / DEMO_COMPARE,
+        "--judges.path", str(judges), "--judges.reference", str(data),
+        "--generation.n_per_prompt", str(n_per_prompt), "--generation.steps", str(sampling_steps),
+        "--generation.batch_size", str(batch_size),
+    )  # fmt: skip
+    adapters = {"naive": out / "naive" / "adapter", "debiased": out / "all" / "adapter"}
+    for m in cfg.methods:
+        if m.name in adapters:
+            m.adapter = str(adapters[m.name])
+    if paraphrase_digits is not None:
+        for g in cfg.prompts:
+            if g.role == "paraphrase":
+                g.values = list(paraphrase_digits)
     t1 = time.perf_counter()
     metrics = run_comparison(cfg, out / "compare")
     timings["compare_s"] = time.perf_counter() - t1

@@ -12,11 +12,13 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from fairtune.data import AttributeDataModule
-
-from ._callbacks import AtomicCheckpointIO, EpochCheckpoint, ExportWeights, GradientCheckpointing
-from ._module import DebiasModule
-from ._tracking import (
+from fairtune.train import (
+    AtomicCheckpointIO,
     BatchMixMonitor,
+    DebiasModule,
+    EpochCheckpoint,
+    ExportWeights,
+    GradientCheckpointing,
     LearningRateLog,
     SampleGrid,
     finish_wandb,

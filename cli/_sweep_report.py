@@ -1,0 +1,213 @@
+"""The sweep's report (``ablation.{csv,md,png}``: mean and 95% t-interval over seeds per arm) and its
+SLURM scripts (a job array and the aggregation job)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from ._sweep_spec import RunSpec, Spec, read_status, summarize
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the two ends of the Student-t interval of the mean (``nan`` ends for fewer than 2)."""
+    import numpy as np
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if len(x) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return mean, mean - half, mean + half
+
+
+def aggregate_rows(spec: Spec, out: Path) -> tuple[list[dict], list[str]]:
+    """One row per report label: counts and, per metric, mean, std and 95% t-interval over seeds."""
+    import numpy as np
+
+    labels: dict[str, list[RunSpec]] = {}
+    for r in spec.runs:
+        labels.setdefault(r.label, []).append(r)
+    statuses = {r.hash: read_status(out / "runs" / r.hash) for r in spec.runs}
+    metrics: list[str] = []
+    for s in statuses.values():
+        if s.get("state") == "done":
+            for k, v in (s.get("metrics") or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in metrics:
+                    metrics.append(k)
+    if spec.report_metrics:
+        metrics = [m for m in spec.report_metrics if m in metrics] + [
+            m for m in metrics if m not in spec.report_metrics
+        ]
+    rows = []
+    for label, runs in labels.items():
+        sts = [statuses[r.hash] for r in runs]
+        done = [s for s in sts if s.get("state") == "done" and s.get("judge_hash") == spec.judge_hash]
+        row: dict[str, Any] = {
+            "arm": label,
+            "arm_name": runs[0].arm,
+            "values": json.dumps(runs[0].values, sort_keys=True),
+            "n": len(done),
+            "n_failed": sum(s.get("state") == "failed" for s in sts),
+            "n_pending": len(sts) - len(done) - sum(s.get("state") == "failed" for s in sts),
+            "seeds": " ".join(str(s["seed"]) for s in done),
+        }
+        for m in metrics:
+            vals = [float(s["metrics"][m]) for s in done if m in (s.get("metrics") or {})]
+            mean, lo, hi = t_interval(vals)
+            row[f"{m}_mean"] = mean
+            row[f"{m}_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan
+            row[f"{m}_ci_low"] = lo
+            row[f"{m}_ci_high"] = hi
+        rows.append(row)
+    return rows, metrics
+
+
+def write_report(spec: Spec, out: Path) -> dict[str, Path]:
+    """Write ``ablation.csv`` (every metric), ``ablation.md`` (the report metrics) and ``ablation.png``."""
+    rows, metrics = aggregate_rows(spec, out)
+    summary = summarize(spec, out)
+    paths = {"csv": out / "ablation.csv", "md": out / "ablation.md", "png": out / "ablation.png"}
+    fields = ["arm", "arm_name", "values", "n", "n_failed", "n_pending", "seeds"]
+    fields += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "ci_low", "ci_high")]
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: row.get(k, "") for k in fields})
+
+    shown = [m for m in (spec.report_metrics or metrics) if m in metrics] or metrics
+    lines = [
+        f"# Ablation: {spec.name}",
+        "",
+        f"{len(summary['done'])} of {len(summary['runs'])} runs done, {len(summary['failed'])} failed, "
+        f"{len(summary['pending'])} pending. Each cell: mean ± half-width of the 95% Student-t interval "
+        "over seeds (n = seeds done; no interval for n = 1).",
+        "",
+        "| arm | n | " + " | ".join(shown) + " |",
+        "|---|---|" + "---|" * len(shown),
+    ]
+    for row in rows:
+        cells = []
+        for m in shown:
+            mean, lo, hi = row.get(f"{m}_mean", math.nan), row.get(f"{m}_ci_low"), row.get(f"{m}_ci_high")
+            if mean is None or math.isnan(mean):
+                cells.append("")
+            elif lo is None or math.isnan(lo):
+                cells.append(f"{mean:.4g}")
+            else:
+                cells.append(f"{mean:.4g} ± {(hi - lo) / 2:.2g}")
+        n = f"{row['n']}" + (f" ({row['n_failed']} failed)" if row["n_failed"] else "")
+        lines.append(f"| {row['arm']} | {n} | " + " | ".join(cells) + " |")
+    failed = [s for s in summary["runs"].values() if s.get("state") == "failed"]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        for s in failed:
+            first = (s.get("error") or "").strip().splitlines()
+            lines.append(
+                f"- `{s['hash']}` {s.get('label')} seed {s.get('seed')} ({s.get('stage')}): "
+                f"{first[0] if first else 'unknown error'} — see runs/{s['hash']}/status.json"
+            )
+    lines += ["", f"Spec: `{spec.path}`; runs in `runs/<hash>/`; every metric in `ablation.csv`."]
+    paths["md"].write_text("\n".join(lines) + "\n")
+    _plot(rows, shown[:6], paths["png"], spec.name)
+    return paths
+
+
+def _plot(rows: list[dict], metrics: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = max(1, len(metrics))
+    fig, axes = plt.subplots(1, k, figsize=(3.2 * k + 1, 3.4), squeeze=False)
+    names = [r["arm"] for r in rows]
+    for ax, m in zip(axes[0], metrics or [None]):
+        if m is None:
+            ax.text(0.5, 0.5, "no finished run yet", ha="center", va="center")
+            ax.set_axis_off()
+            continue
+        means = [r.get(f"{m}_mean", math.nan) for r in rows]
+        err = [
+            (r[f"{m}_ci_high"] - r[f"{m}_ci_low"]) / 2
+            if not math.isnan(r.get(f"{m}_ci_low", math.nan))
+            else 0.0
+            for r in rows
+        ]
+        ax.bar(
+            range(len(rows)), [0 if math.isnan(v) else v for v in means], yerr=err, capsize=3, color="#4c72b0"
+        )
+        ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(m, fontsize=9)
+    fig.suptitle(f"{title}: mean and 95% t-interval over seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_slurm(spec: Spec, spec_path: Path, out: Path) -> dict[str, Path]:
+    """Write ``DIR/sweep.sbatch`` (a job array, one task per run: ``fairtune sweep ... --index I``) and
+    ``DIR/submit.sh`` (submits it, then the aggregation once every task has ended)."""
+    cfg = {"time": "04:00:00", "gpus_per_task": 1, "cpus_per_task": 8, "mem": "32G", **spec.slurm}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "slurm").mkdir(exist_ok=True)
+    n = len(spec.runs)
+    array = f"0-{n - 1}" + (f"%{cfg['max_parallel']}" if cfg.get("max_parallel") else "")
+    py = shlex.quote(sys.executable)
+    spec_arg, out_arg = shlex.quote(str(spec_path.resolve())), shlex.quote(str(out))
+    base = f"{py} -m fairtune.cli sweep {spec_arg} --out {out_arg}"
+    header = [
+        "#!/bin/bash",
+        f"# fairtune sweep {spec.name}: {n} runs, one array task each (written by `fairtune sweep --slurm`).",
+        f"#SBATCH --job-name=ft-{spec.name}",
+        f"#SBATCH --array={array}",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --cpus-per-task={cfg['cpus_per_task']}",
+        f"#SBATCH --mem={cfg['mem']}",
+        f"#SBATCH --time={cfg['time']}",
+        f"#SBATCH --output={out}/slurm/%A_%a.out",
+    ]
+    if cfg.get("gpus_per_task"):
+        header.append(f"#SBATCH --gres=gpu:{cfg['gpus_per_task']}")
+    if cfg.get("partition"):
+        header.append(f"#SBATCH --partition={cfg['partition']}")
+    if cfg.get("account"):
+        header.append(f"#SBATCH --account={cfg['account']}")
+    header += [str(x) for x in cfg.get("extra") or []]
+    body = [
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(Path.cwd()))}",
+        *[str(x) for x in cfg.get("setup") or []],
+        "export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false",
+        "# A finished run is skipped, so resubmitting the array (or one index) only redoes what is missing.",
+        f'{base} --index "$SLURM_ARRAY_TASK_ID"',
+    ]
+    sbatch = out / "sweep.sbatch"
+    sbatch.write_text("\n".join(header + [""] + body) + "\n")
+    submit = out / "submit.sh"
+    submit.write_text(
+        "\n".join(
+            [
+                "#!/bin/bash",
+                "# Submit the sweep's job array, then the aggregation once every task has ended.",
+                "set -euo pipefail",
+                f"jid=$(sbatch --parsable {shlex.quote(str(sbatch))})",
+                f"sbatch --dependency=afterany:$jid --job-name=ft-{spec.name}-report "
+                f"--output={out}/slurm/report-%j.out --time=00:30:00 "
+                f"--wrap {shlex.quote(f'cd {shlex.quote(str(Path.cwd()))} && {base} --aggregate_only true')}",
+                'echo "submitted array $jid"',
+            ]
+        )
+        + "\n"
+    )
+    submit.chmod(0o755)
+    return {"sbatch": sbatch, "submit": submit}

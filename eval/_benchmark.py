@@ -1,0 +1,263 @@
+"""ColoredDigits-Bias evaluation of one backbone: neutral prompts per digit, the benchmark's judges,
+the one scoring engine. Used by the sweep's judge function and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from fairtune.data import AttributeSpec, Target, TargetConfig, concept_name
+from fairtune.models import LORA_WEIGHT_NAME, Backbone, BackboneConfig, TinyUNetConfig, load_adapter
+
+from ._colored_digits import Judges, load_judges
+from ._config import PromptEntry, PromptGroup
+from ._generation import GenerationConfig, generate
+from ._panel import JudgePanel, colored_digits_panel, load_reference_images
+from ._scoring import score_judged
+
+
+def colored_digits_prompts(
+    *,
+    seen: Sequence[int] = tuple(range(8)),
+    heldout: Sequence[int] = (8, 9),
+    paraphrase: Sequence[int] = (1, 3, 5, 7),
+    paraphrase_template: str = "a drawing of the number {value}",
+) -> list[PromptGroup]:
+    """The ColoredDigits-Bias prompt groups: neutral prompts of seen and held-out digits, and a
+    paraphrase the training never saw."""
+    groups = [
+        PromptGroup("seen", "seen", "a handwritten digit {value}", list(seen), "digit {value}"),
+        PromptGroup("heldout", "heldout", "a handwritten digit {value}", list(heldout), "digit {value}"),
+        PromptGroup("paraphrase", "paraphrase", paraphrase_template, list(paraphrase), "digit {value}"),
+    ]
+    return [g for g in groups if g.values]
+
+
+def digit_entries(digits: Sequence[int], seen: Sequence[int], prompt: str) -> list[PromptEntry]:
+    """One prompt per digit, keyed by its concept (``digit 3``), role ``seen`` or ``heldout``."""
+    return [
+        PromptEntry(
+            key=concept_name(d),
+            group="",
+            role="seen" if d in seen else "heldout",
+            concept=concept_name(d),
+            prompt=prompt.format(d=d),
+        )
+        for d in digits
+    ]
+
+
+def _target_of(target: Sequence[float] | Mapping[str, Sequence[float]]):
+    return lambda c: target[c] if isinstance(target, Mapping) else target
+
+
+def judge_digit_images(
+    images: torch.Tensor,
+    *,
+    digits: Sequence[int],
+    n_per_prompt: int,
+    judges: Judges | JudgePanel,
+    target: Sequence[float] | Mapping[str, Sequence[float]],
+    color_judge: str = "hue",
+    reference: torch.Tensor | None = None,
+    seen: Sequence[int] = tuple(range(8)),
+    prompt: str = "a handwritten digit {d}",
+) -> dict:
+    """Per-digit colour metrics, fidelity and (with ``reference``) the Fréchet distance.
+
+    Args:
+        images: ``len(digits) * n_per_prompt`` images in digit-major order.
+        digits: The digit of each block of images.
+        n_per_prompt: Images per digit.
+        judges: The ColoredDigits-Bias judges (or a panel built from them).
+        target: The colour target, one vector or per concept (``"digit 3"``).
+        color_judge: ``hue`` or ``cnn``.
+        reference: Held-out real images for the Fréchet distance.
+        seen: Digits trained on; the rest count as held-out concepts.
+        prompt: The neutral prompt (recorded with each concept).
+    """
+    panel = (
+        judges
+        if isinstance(judges, JudgePanel)
+        else colored_digits_panel(judges, color_judge=color_judge, reference=reference)
+    )
+    judged = panel.judge(images, progress=False)
+    return score_judged(
+        judged,
+        digit_entries(digits, seen, prompt),
+        n_per_prompt=n_per_prompt,
+        target_of=_target_of(target),
+        classes=panel.classes,
+        concept_index=panel.concept_index,
+        reference_features=panel.reference_features(progress=False),
+    )
+
+
+def evaluate_backbone_on_digits(
+    backbone,
+    judges: Judges | JudgePanel,
+    *,
+    digits: Sequence[int] = tuple(range(10)),
+    seen: Sequence[int] = tuple(range(8)),
+    target: Sequence[float] | Mapping[str, Sequence[float]] = (0.5, 0.5),
+    generation: GenerationConfig | None = None,
+    reference: torch.Tensor | None = None,
+    prompt: str = "a handwritten digit {d}",
+    color_judge: str = "hue",
+) -> dict:
+    """Generate ``n_per_prompt`` images per digit from a neutral prompt, judge and score them."""
+    gen = generation or GenerationConfig()
+    prompts = [prompt.format(d=d) for d in digits]
+    images, seconds = generate(backbone.sample, prompts, gen)
+    out = judge_digit_images(
+        images,
+        digits=digits,
+        n_per_prompt=gen.n_per_prompt,
+        judges=judges,
+        target=target,
+        color_judge=color_judge,
+        reference=reference,
+        seen=seen,
+        prompt=prompt,
+    )
+    out["summary"]["sec_per_image"] = seconds / len(images)
+    out["generation"] = asdict(gen)
+    out["images"] = images
+    return out
+
+
+def load_benchmark_judges(judges: str | Path, data: str | Path, *, n_reference: int = 2000, seed: int = 0):
+    """The benchmark's judges and its held-out real images (the Fréchet reference): the one way the
+    sweep, the demo and the benchmarks load them."""
+    j = load_judges(judges)
+    ref = load_reference_images(data, n=n_reference, image_size=j.report.get("image_size"), seed=seed)
+    return j, ref
+
+
+@lru_cache(maxsize=4)
+def _cached_judges(path: str) -> Judges:
+    return load_judges(path)
+
+
+@lru_cache(maxsize=4)
+def _cached_reference(path: str, n: int, image_size: int | None) -> torch.Tensor:
+    p = Path(path)
+    return load_reference_images(p.parent if p.name == "table" else p, n=n, image_size=image_size)
+
+
+def judge_colored_digits(
+    run_dir: Path,
+    config: dict,
+    *,
+    judges: str = "runs/judges/colored-digits-16",
+    n_per_prompt: int = 128,
+    steps: int = 25,
+    guidance_scale: float = 2.0,
+    seed: int = 0,
+    batch_size: int = 512,
+    digits: list[int] | None = None,
+    prompt: str = "a handwritten digit {d}",
+    color_judge: str = "hue",
+    reference: str | None = None,
+    reference_n: int = 2000,
+) -> dict[str, float]:
+    """Judge a trained run on ColoredDigits-Bias: the base model (``model.backbone`` of the run's
+    resolved config) with the run's adapter fused in, ``n_per_prompt`` images per digit from a neutral
+    prompt, scored against the run's own target (``data.target``); digits in ``data.concepts`` count as
+    seen, the others as held out.
+
+    Args:
+        run_dir: The run folder (``adapter/`` or ``model/``, ``config.yaml``).
+        config: The run's resolved config.
+        judges: Folder written by ``fairtune judges train``.
+        n_per_prompt: Images per digit (≥ 128 for a usable interval; see DESIGN §10).
+        steps: DDIM steps.
+        guidance_scale: Judging guidance (≤ 2, DESIGN §10).
+        seed: Image i of every prompt starts from seed ``seed + i``.
+        batch_size: Images per UNet batch.
+        digits: Digits to judge (default 0-9).
+        prompt: Neutral prompt template.
+        color_judge: ``hue`` or ``cnn``.
+        reference: A ColoredDigits data folder (or its ``table``) whose held-out split is the real
+            reference for the Fréchet distance; ``None`` skips it.
+        reference_n: Real images in the reference.
+
+    Returns:
+        Flat metrics: the scoring engine's summary (``mean_dev_seen``, ``worst_dev_seen``,
+        ``mean_dev_heldout``,
+        ``fidelity``, ``frechet``, ...) and the first group's share per digit (``red_share_d3``).
+    """
+    run_dir = Path(run_dir)
+    bcfg = dict(config["model"]["backbone"])
+    if isinstance(bcfg.get("unet"), dict):
+        bcfg["unet"] = TinyUNetConfig(**bcfg["unet"])
+    if (run_dir / "adapter" / LORA_WEIGHT_NAME).is_file():
+        if bcfg.get("pretrained") is None:
+            raise ValueError(
+                f"{run_dir}: the run trained an adapter on a randomly initialised UNet "
+                "(model.backbone.pretrained: null); judging needs the base it was trained on"
+            )
+        bb = Backbone.from_config(BackboneConfig(**bcfg))
+        load_adapter(bb, run_dir / "adapter", fuse=True)
+    elif (run_dir / "model").is_dir():
+        bb = Backbone.from_config(BackboneConfig(**{**bcfg, "pretrained": str(run_dir / "model")}))
+    else:
+        raise ValueError(f"{run_dir}: no adapter/ or model/ to judge")
+    data = config.get("data") or {}
+    target = Target(
+        TargetConfig(**(data.get("target") or {})),
+        AttributeSpec(data.get("attributes") or {"color": ["red", "blue"]}),
+    )
+    jd = _cached_judges(str(Path(judges).resolve()))
+    if list(jd.colors) != list(target.groups):
+        raise ValueError(
+            f"the judges score colours {jd.colors} but the run's target groups are {target.groups}"
+        )
+    digits = list(range(10)) if digits is None else list(digits)
+    concepts = data.get("concepts")
+    seen = [d for d in digits if concepts is None or f"digit {d}" in concepts]
+    ref = (
+        _cached_reference(str(Path(reference).resolve()), reference_n, jd.report.get("image_size"))
+        if reference
+        else None
+    )
+    ev = evaluate_backbone_on_digits(
+        bb,
+        jd,
+        digits=digits,
+        seen=seen,
+        target={f"digit {d}": target.proportions(f"digit {d}") for d in digits},
+        generation=GenerationConfig(
+            n_per_prompt=n_per_prompt,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            batch_size=batch_size,
+        ),
+        reference=ref,
+        prompt=prompt,
+        color_judge=color_judge,
+    )
+    out = {
+        k: float(v)
+        for k, v in ev["summary"].items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    first = target.groups[0]
+    for d in digits:
+        out[f"{first}_share_d{d}"] = float(ev["per_concept"][f"digit {d}"]["p_hat"][0])
+    return out
+
+
+__all__ = [
+    "colored_digits_prompts",
+    "judge_colored_digits",
+    "digit_entries",
+    "evaluate_backbone_on_digits",
+    "judge_digit_images",
+    "load_benchmark_judges",
+]

@@ -1,0 +1,343 @@
+"""What a comparison or an audit is made of: prompt groups, methods, judges, and their validation.
+
+Prompts come in groups with a role: ``seen`` (neutral prompts of concepts the adapter trained on),
+``heldout`` (concepts it never saw) and ``paraphrase`` (wordings it never saw).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from fairtune.data import TargetConfig
+from fairtune.models import (
+    LORA_WEIGHT_NAME,
+    BackboneConfig,
+    ClassifierConfig,
+    FairDiffusionConfig,
+    PromptAugmentationConfig,
+)
+
+from ._generation import GenerationConfig
+
+ROLES = ("seen", "heldout", "paraphrase")
+METHOD_KINDS = ("base", "adapter", "fair_diffusion", "prompt_augmentation")
+
+
+@dataclass
+class PromptGroup:
+    """A group of prompts with one role, one prompt per concept.
+
+    Either ``template`` and ``values`` (``template`` and ``concept`` formatted with each value), or
+    ``prompts`` (concept to prompt).
+
+    Attributes:
+        name: Unique name of the group; an entry of it is keyed ``"<name>/<concept>"``.
+        role: ``seen`` (neutral prompts of concepts the adapter trained on), ``heldout`` (concepts it
+            never trained on) or ``paraphrase`` (wordings it never trained on).
+        template: Prompt with a ``{value}`` field, e.g. ``"a handwritten digit {value}"``.
+        values: What ``{value}`` takes, one prompt each (e.g. the digits ``[0, 1, 2]``).
+        concept: Concept name with a ``{value}`` field (``"digit {value}"``); a concept judge and a
+            per-concept target look concepts up by this name.
+        prompts: Concept to prompt, instead of ``template`` and ``values``.
+    """
+
+    name: str
+    role: Literal["seen", "heldout", "paraphrase"] = "seen"
+    template: str | None = None
+    values: list[int | str] = field(default_factory=list)
+    concept: str = "{value}"
+    prompts: dict[str, str] | None = None
+
+    def entries(self) -> list[PromptEntry]:
+        """The group's prompts, one :class:`PromptEntry` per concept.
+
+        Raises:
+            ValueError: When the group names no prompt, names both forms, or has a bad template.
+        """
+        if self.role not in ROLES:
+            raise ValueError(f"prompt group {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
+        if self.prompts is not None and (self.template is not None or self.values):
+            raise ValueError(
+                f"prompt group {self.name!r}: give either prompts (concept -> prompt) or template + "
+                "values, not both"
+            )
+        if self.prompts is not None:
+            pairs = list(self.prompts.items())
+        else:
+            if self.template is None or "{value}" not in self.template:
+                raise ValueError(
+                    f"prompt group {self.name!r} needs a template with a {{value}} field (got "
+                    f"{self.template!r}) and values, or prompts (concept -> prompt)"
+                )
+            pairs = [(self.concept.format(value=v), self.template.format(value=v)) for v in self.values]
+        if not pairs:
+            raise ValueError(f"prompt group {self.name!r} is empty: give it values or prompts")
+        for concept, prompt in pairs:
+            if not str(concept).strip() or not str(prompt).strip():
+                raise ValueError(f"prompt group {self.name!r} has an empty concept or prompt: {concept!r}")
+        return [
+            PromptEntry(
+                key=f"{self.name}/{c}", group=self.name, role=self.role, concept=str(c), prompt=str(p)
+            )
+            for c, p in pairs
+        ]
+
+
+@dataclass
+class PromptEntry:
+    """One prompt of the comparison (``n_per_prompt`` images are generated for it).
+
+    Attributes:
+        key: ``"<group>/<concept>"``, unique in a comparison.
+        group: Name of its :class:`PromptGroup`.
+        role: The group's role.
+        concept: The concept it prompts for.
+        prompt: The prompt text.
+    """
+
+    key: str
+    group: str
+    role: str
+    concept: str
+    prompt: str
+
+
+@dataclass
+class MethodConfig:
+    """One method of a comparison.
+
+    Attributes:
+        name: Unique name (a column of the report).
+        kind: ``base`` (the backbone as it is), ``adapter`` (with a LoRA adapter), ``fair_diffusion``
+            (semantic guidance toward a class drawn per image) or ``prompt_augmentation`` (the class's
+            word written into the prompt); the last two may also run on an adapter.
+        adapter: A folder holding ``pytorch_lora_weights.safetensors`` (a run's ``adapter/``);
+            required for ``adapter``, optional for the two inference-time baselines.
+        fuse: Merge the adapter into the UNet's weights, so it costs what the base model costs.
+        fair_diffusion: ``fair_diffusion`` only: edit prompts per class and SEGA parameters.
+        prompt_augmentation: ``prompt_augmentation`` only: the word per class.
+    """
+
+    name: str
+    kind: Literal["base", "adapter", "fair_diffusion", "prompt_augmentation"] = "base"
+    adapter: str | None = None
+    fuse: bool = True
+    fair_diffusion: FairDiffusionConfig | None = None
+    prompt_augmentation: PromptAugmentationConfig | None = None
+
+
+@dataclass
+class JudgeConfig:
+    """The judges that score generated images (never a model used in training).
+
+    Attributes:
+        kind: ``colored_digits``: the ColoredDigits-Bias judges written by ``fairtune judges train``
+            (colour by hue or CNN, the digit CNN for fidelity and Fréchet features). ``classifier``: any
+            attribute classifier module with safetensors weights (e.g. for Stable Diffusion).
+        path: ``colored_digits``: the judges folder (``judges.json``).
+        color_judge: ``colored_digits``: ``hue`` (exact on the benchmark) or ``cnn``.
+        attribute: ``classifier``: name of the attribute it judges (must be the target's attribute).
+        classes: ``classifier``: the attribute's class names, in the order of its outputs.
+        classifier: ``classifier``: the attribute classifier (module path, init args, safetensors
+            weights); its ``weights`` must be set (empty: none given).
+        min_confidence: ``classifier``: an image whose top softmax probability is below this is
+            counted as undetermined.
+        concept_classifier: ``classifier``: an optional concept classifier, used when its
+            ``weights`` are set; with it, fidelity is reported (and its ``features``, if it has
+            them, feed the Fréchet distance).
+        concept_classes: Its class names: the concept names of the prompts it recognises.
+        reference: Real images for the Fréchet distance: a ColoredDigits-Bias data folder (its
+            held-out split) or a folder of image files; ``None``: no Fréchet distance.
+        n_reference: Reference images used (a seeded random subset).
+        batch_size: Images per judge batch.
+    """
+
+    kind: Literal["colored_digits", "classifier"] = "colored_digits"
+    path: str | None = "runs/judges/colored-digits-16"
+    color_judge: Literal["hue", "cnn"] = "hue"
+    attribute: str = "color"
+    classes: list[str] | None = None
+    classifier: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(weights=""))
+    min_confidence: float = 0.0
+    concept_classifier: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(weights=""))
+    concept_classes: list[str] | None = None
+    reference: str | None = "runs/data/colored-digits-16"
+    n_reference: int = 2000
+    batch_size: int = 512
+
+
+def _default_backbone() -> BackboneConfig:
+    return BackboneConfig(kind="tiny", pretrained="colored-digits-16")
+
+
+@dataclass
+class CompareConfig:
+    """A comparison: methods, prompts, judges, target and generation settings.
+
+    Attributes:
+        methods: The methods, each with a unique name.
+        prompts: Prompt groups (seen, held-out, paraphrase).
+        backbone: The base model every method starts from.
+        judges: The judges.
+        target: The attribute mix the outputs should follow (over the judges' classes).
+        generation: Images per prompt, DDIM steps, guidance, first seed, batch size (the same for
+            every method, so the timings compare).
+        n_boot: Unused (intervals are exact, docs/metrics.md); kept so older configs still run.
+        grid_columns: Images per prompt shown in each method's image grid.
+        frechet_roles: Prompt roles whose images enter the Fréchet distance (the neutral prompts of
+            every concept by default, matching the reference set's concept mix).
+        title: Title of the report.
+    """
+
+    methods: list[MethodConfig]
+    prompts: list[PromptGroup]
+    backbone: BackboneConfig = field(default_factory=_default_backbone)
+    judges: JudgeConfig = field(default_factory=JudgeConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    n_boot: int = 1000
+    grid_columns: int = 8
+    frechet_roles: list[Literal["seen", "heldout", "paraphrase"]] = field(
+        default_factory=lambda: ["seen", "heldout"]
+    )
+    title: str = "fairtune compare"
+
+
+def prompt_entries(groups: Sequence[PromptGroup]) -> list[PromptEntry]:
+    """All prompts of the groups, in order.
+
+    Raises:
+        ValueError: When there is no prompt, or two groups share a name.
+    """
+    if not groups:
+        raise ValueError("prompts is empty: give at least one prompt group (e.g. seen digits)")
+    names = [g.name for g in groups]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"prompt group names must be unique, repeated: {dup}")
+    entries = [e for g in groups for e in g.entries()]
+    keys = [e.key for e in entries]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"a prompt group names a concept twice: {dup}")
+    return entries
+
+
+def validate_methods(methods: Sequence[MethodConfig]) -> None:
+    """Check every method before any work: names, kinds, adapters and baseline settings.
+
+    Raises:
+        ValueError: An empty list, a repeated name, an unknown kind, or a missing baseline setting.
+        FileNotFoundError: An adapter folder without ``pytorch_lora_weights.safetensors``.
+    """
+    if not methods:
+        raise ValueError("methods is empty: give at least one method (e.g. {name: base, kind: base})")
+    names = [m.name for m in methods]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"method names must be unique, repeated: {dup}")
+    for m in methods:
+        if not m.name or "/" in m.name:
+            raise ValueError(f"method name {m.name!r} must be non-empty and contain no '/'")
+        if m.kind not in METHOD_KINDS:
+            raise ValueError(f"method {m.name!r}: unknown kind {m.kind!r}; known kinds: {list(METHOD_KINDS)}")
+        if m.kind == "adapter" and m.adapter is None:
+            raise ValueError(f"method {m.name!r} has kind 'adapter' but no adapter folder")
+        if m.kind == "base" and m.adapter is not None:
+            raise ValueError(f"method {m.name!r} has kind 'base' but names an adapter; use kind 'adapter'")
+        if m.adapter is not None and not (Path(m.adapter) / LORA_WEIGHT_NAME).is_file():
+            raise FileNotFoundError(
+                f"method {m.name!r}: adapter folder {m.adapter!r} has no {LORA_WEIGHT_NAME} "
+                "(train one with `fairtune fit`; the run writes it to <root>/adapter/)"
+            )
+        if m.kind == "fair_diffusion" and m.fair_diffusion is None:
+            raise ValueError(
+                f"method {m.name!r} has kind 'fair_diffusion' but no fair_diffusion settings "
+                "(e.g. fair_diffusion: {edit_prompts: {red: red, blue: blue}})"
+            )
+        if m.kind == "prompt_augmentation" and m.prompt_augmentation is None:
+            raise ValueError(
+                f"method {m.name!r} has kind 'prompt_augmentation' but no prompt_augmentation settings "
+                "(e.g. prompt_augmentation: {words: {red: red, blue: blue}})"
+            )
+        if m.fair_diffusion is not None and m.kind != "fair_diffusion":
+            raise ValueError(f"method {m.name!r}: fair_diffusion settings on a {m.kind!r} method")
+        if m.prompt_augmentation is not None and m.kind != "prompt_augmentation":
+            raise ValueError(f"method {m.name!r}: prompt_augmentation settings on a {m.kind!r} method")
+
+
+def _check_baseline_classes(methods: Sequence[MethodConfig], classes: list[str]) -> None:
+    for m in methods:
+        named = (
+            m.fair_diffusion.edit_prompts
+            if m.fair_diffusion is not None
+            else m.prompt_augmentation.words
+            if m.prompt_augmentation is not None
+            else None
+        )
+        if named is not None and set(named) != set(classes):
+            what = "edit_prompts" if m.fair_diffusion is not None else "words"
+            raise ValueError(
+                f"method {m.name!r}: {what} names classes {sorted(named)} but the judged classes are "
+                f"{classes}"
+            )
+
+
+def load_prompt_file(path: str | Path) -> list[PromptGroup]:
+    """Prompt groups from a file.
+
+    - a text file: one prompt per line (blank lines and lines starting with ``#`` skipped); each
+      prompt is its own concept;
+    - YAML or JSON: a list of prompts (as above); a list of prompt groups
+      (``{name, role, template, values, concept}`` or ``{name, role, prompts: {concept: prompt}}``);
+      ``{prompts: <either list>}``; or a mapping concept -> prompt (or -> list of prompts: the first
+      is ``seen``, the others ``paraphrase``).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The file holds no prompt or an unreadable structure.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    else:
+        data = [
+            line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")
+        ]
+    if isinstance(data, dict) and set(data) == {"prompts"}:
+        data = data["prompts"]
+    if not data:
+        raise ValueError(f"prompts file {str(path)!r} holds no prompt")
+    if isinstance(data, list) and all(isinstance(p, str) for p in data):
+        return [PromptGroup(name="prompts", role="seen", prompts={p: p for p in data})]
+    if isinstance(data, list) and all(isinstance(g, dict) for g in data):
+        try:
+            return [PromptGroup(**g) for g in data]
+        except TypeError as e:
+            raise ValueError(f"prompts file {str(path)!r}: bad prompt group: {e}") from e
+    if isinstance(data, dict):
+        lists = {str(c): ([p] if isinstance(p, str) else list(p)) for c, p in data.items()}
+        if not all(isinstance(p, str) for ps in lists.values() for p in ps):
+            raise ValueError(f"prompts file {str(path)!r}: map each concept to a prompt or a list of prompts")
+        depth = max(len(ps) for ps in lists.values())
+        groups = []
+        for j in range(depth):
+            prompts = {c: ps[j] for c, ps in lists.items() if len(ps) > j}
+            role = "seen" if j == 0 else "paraphrase"
+            groups.append(
+                PromptGroup(name="prompts" if j == 0 else f"paraphrase-{j}", role=role, prompts=prompts)
+            )
+        return groups
+    raise ValueError(
+        f"prompts file {str(path)!r}: expected a list of prompts, a list of prompt groups, or a mapping "
+        f"concept -> prompt; got {type(data).__name__}"
+    )
