@@ -210,6 +210,8 @@ class CLIPImageFeatures(nn.Module):
         dtype: Weights' dtype (``float32``, ``float16``, ``bfloat16``); outputs are float32.
     """
 
+    loads_own_weights = True  # from the CLIP folder: a classifier config needs no weights file
+
     def __init__(
         self, clip: str, *, normalize: bool = True, projection: bool = True, dtype: str = "float32"
     ) -> None:

@@ -3,6 +3,7 @@
 from ._callbacks import AtomicCheckpointIO, EpochCheckpoint, ExportWeights, GradientCheckpointing
 from ._fairness import FairnessConfig, FairnessLoss, alignment_loss, ot_assignment
 from ._module import DebiasModule, EmaConfig, OptimConfig
+from ._preservation import PreservationConfig, PreservationFeatures
 from ._tracking import (
     BatchMixMonitor,
     LearningRateLog,
@@ -36,6 +37,8 @@ __all__ = [
     "FairnessConfig",
     "FairnessLoss",
     "OptimConfig",
+    "PreservationConfig",
+    "PreservationFeatures",
     "alignment_loss",
     "ot_assignment",
 ]

@@ -14,13 +14,14 @@ and prompt, in a feature space chosen by the recipe (DESIGN §4.3):
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fairtune.models import import_module_class
 
 
 @dataclass
@@ -44,24 +45,6 @@ class PreservationConfig:
     init_args: dict = field(default_factory=dict)
     weights: str | None = None
     distance: Literal["mse", "cosine"] | None = None
-
-
-def import_module_class(path: str, *, what: str) -> type[nn.Module]:
-    """The ``torch.nn.Module`` subclass at import path ``path`` (``package.module.Class``).
-
-    Raises:
-        ValueError: It cannot be imported or is not an ``nn.Module`` subclass.
-    """
-    mod_name, _, cls_name = path.rpartition(".")
-    if not mod_name:
-        raise ValueError(f"{what}={path!r} is not an import path (package.module.Class)")
-    try:
-        cls = getattr(importlib.import_module(mod_name), cls_name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"{what}={path!r} cannot be imported: {exc}") from exc
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"{what}={path!r} is not a torch.nn.Module subclass")
-    return cls
 
 
 class PreservationFeatures(nn.Module):
