@@ -6,7 +6,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from fairtune.cli import main
 from fairtune.models import make_tiny_clip
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "occupations"
