@@ -133,3 +133,36 @@ def load_labelled_images(
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0
     y = np.array([classes.index(str(raw[i])) for i in keep], dtype=np.int64)
     return x, y
+
+
+def attach_measurement(panel, cfg, *, image_size: int | None = None) -> None:
+    """Give a judge panel what measuring with imperfect judges needs, as ``cfg`` (a ``JudgeConfig``)
+    names it: a second CLIP judge, labelled calibration images, features for the change score.
+
+    Raises:
+        ValueError: A second judge or calibration set that does not fit the panel's classes.
+        FileNotFoundError: Missing calibration images.
+    """
+    notes = []
+    if cfg.second is not None:
+        _, panel.second_fn, how = build_clip_judge(cfg.second, classes=panel.classes, what="judges.second")
+        panel.second_description = how
+        notes.append(f"second judge: {how}")
+    if cfg.calibration is not None:
+        panel.calibration = load_labelled_images(
+            cfg.calibration, attribute=panel.attribute, classes=panel.classes, image_size=image_size,
+            n=cfg.n_calibration,
+        )  # fmt: skip
+        notes.append(f"shares corrected with the judge's confusion on {len(panel.calibration[1])} labelled "
+                     f"images from `{cfg.calibration}`")  # fmt: skip
+    if cfg.change_features is not None:
+        from fairtune.models import CLIPImageFeatures
+
+        feats = CLIPImageFeatures(cfg.change_features)
+        panel.change_fn = feats.features
+        notes.append(f"change score on CLIP embeddings of `{cfg.change_features}`")
+    elif cfg.kind == "clip":
+        panel.change_fn = panel.feature_fn
+        notes.append("change score on the CLIP judge's image embeddings")
+    if notes:
+        panel.description += "; " + "; ".join(notes)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fairtune.data import Target, TargetConfig
-from fairtune.models import BACKBONE_FILE, Backbone, BackboneConfig, resolve_shipped
+from fairtune.models import BACKBONE_FILE, Backbone, BackboneConfig, add_audit_to_model_card, resolve_shipped
 
 from ._config import (
     ROLES,
@@ -39,6 +39,7 @@ from ._config import (
     prompt_entries,
     validate_methods,
 )
+from ._correction import change_scores, confusion_matrix, score_measurement
 from ._generation import GenerationConfig, MethodImages, generate_method, images_fingerprint, method_backbone
 from ._panel import JudgePanel, build_judges, build_target
 from ._scoring import score_judged
@@ -54,9 +55,12 @@ def judge_method(
     frechet_roles: Sequence[str] = ("seen", "heldout"),
     progress: bool = True,
     desc: str = "judge",
+    correction_boot: int = 1000,
 ) -> dict:
     """Judge one method's images and score them with the scoring engine (:func:`score_judged`),
-    adding the method's cost (UNet evaluations and seconds per image)."""
+    adding the method's cost (UNet evaluations and seconds per image) and, where the panel has them,
+    judge-corrected shares and two-judge agreement (:func:`score_measurement`); the change-score
+    features ride along under ``change_features`` (``None`` without)."""
     judged = panel.judge(result.images, desc=desc, progress=progress)
     scored = score_judged(
         judged,
@@ -69,6 +73,17 @@ def judge_method(
         frechet_roles=frechet_roles,
         drawn=result.drawn,
     )
+    cal = panel.calibration_labels(progress=progress)
+    if cal is not None or judged.get("second") is not None:
+        extra = score_measurement(
+            judged["attribute"], entries, n_per_prompt=n_per_prompt, n_classes=len(target.groups),
+            target_of=target.proportions, calibration=None if cal is None else (cal["true"], cal["first"]),
+            second=judged.get("second"), n_boot=correction_boot,
+        )  # fmt: skip
+        for key, rec in extra["per_concept"].items():
+            scored["per_concept"][key].update(rec)
+        scored["summary"].update(extra["summary"])
+    scored["change_features"] = judged.get("change")
     n_images = len(result.images)
     scored["summary"].update(
         unet_evals_per_image=result.unet_rows / max(n_images, 1),
@@ -142,6 +157,7 @@ def compare_methods(
 
     methods_out: dict[str, dict] = {}
     images_by_method: dict[str, torch.Tensor] = {}
+    change_feats: dict[str, np.ndarray | None] = {}
     for m in config.methods:
         bb = method_backbone(backbone, m)
         res = generate_method(bb, m, entries, generation=gen, target=target, progress=progress)
@@ -155,7 +171,9 @@ def compare_methods(
             frechet_roles=config.frechet_roles,
             progress=progress,
             desc=f"judge {m.name}",
+            correction_boot=config.judges.correction_boot,
         )
+        change_feats[m.name] = judged.pop("change_features")
         methods_out[m.name] = {
             "kind": m.kind,
             "adapter": m.adapter,
@@ -163,6 +181,21 @@ def compare_methods(
             **judged,
         }
         images_by_method[m.name] = res.images
+
+    measurement = add_change_scores(methods_out, change_feats, config.methods)
+    cal = panel.calibration_labels(progress=progress)
+    if cal is not None:
+        k = len(target.groups)
+        second = cal["second"]
+        measurement["calibration"] = {
+            "n": int(len(cal["true"])),
+            "confusion_first": confusion_matrix(cal["true"], cal["first"], k),
+            "accuracy_first": float(np.mean(cal["true"] == cal["first"])),
+            "confusion_second": None if second is None else confusion_matrix(cal["true"], second, k),
+            "accuracy_second": None if second is None else float(np.mean(cal["true"] == second)),
+        }
+    if panel.second_fn is not None:
+        measurement["second_judge"] = panel.second_description
 
     metrics = _jsonable(
         {
@@ -178,10 +211,30 @@ def compare_methods(
             "frechet_roles": list(config.frechet_roles),
             "prompts": [asdict(e) for e in entries],
             "methods": methods_out,
+            "measurement": measurement,
             "config": asdict(config),
         }
     )
     return metrics, images_by_method
+
+
+def add_change_scores(
+    methods_out: dict[str, dict], features: Mapping[str, np.ndarray | None], methods: Sequence[MethodConfig]
+) -> dict:
+    """Same-seed change score of every method against the ``base`` method (into each summary as
+    ``change_score`` and ``change_score_ci``); returns what ``metrics["measurement"]`` records."""
+    base = next((m.name for m in methods if m.kind == "base"), None)
+    feats = {n: f for n, f in features.items() if f is not None}
+    for m in methods_out.values():
+        m["summary"].setdefault("change_score", None)
+        m["summary"].setdefault("change_score_ci", None)
+    if base is None or base not in feats or len(feats) < 2:
+        return {"change_base": None}
+    for name, r in change_scores(feats, base=base).items():
+        methods_out[name]["summary"]["change_score"] = r["mean"]
+        methods_out[name]["summary"]["change_score_ci"] = [r["low"], r["high"]]
+    methods_out[base]["summary"]["change_score"] = 0.0
+    return {"change_base": base, "change_metric": "cosine distance (1 - cos) of paired image embeddings"}
 
 
 def write_metrics(metrics: Mapping, out: str | Path) -> Path:
@@ -230,6 +283,15 @@ def run_comparison(
         write_report(metrics, images, out, grid_columns=config.grid_columns)
         print(summary_markdown(metrics))
         print(f"wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'report.html'}", file=sys.stderr)
+    # An adapter's model card (written at export) gets the figures just measured.
+    for m in config.methods:
+        if m.kind == "adapter" and m.adapter is not None:
+            try:
+                add_audit_to_model_card(
+                    m.adapter, metrics, method=m.name, command=f"see {out / 'metrics.json'}"
+                )
+            except OSError as exc:
+                print(f"could not update the model card in {m.adapter}: {exc}", file=sys.stderr)
     return metrics
 
 

@@ -231,6 +231,11 @@ class CLIPImageFeatures(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``(B, D)`` of images in [0, 1] (also for a classifier subclass, whose
+        ``forward`` gives logits: the Fréchet distance and the change score read these)."""
         x = self.preprocess(images).to(next(self.vision.parameters()).dtype)
         feats = self.vision(pixel_values=x).pooler_output
         if self.projection is not None:
@@ -341,7 +346,7 @@ class CLIPZeroShotClassifier(_Predicts, CLIPImageFeatures):
         self.__dict__["_text_source"] = None  # the text tower is no longer needed
 
     def judge_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.scale * super().forward(images) @ self.text.T
+        return self.scale * self.features(images) @ self.text.T
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K)`` over ``classes`` for images in [0, 1]."""
@@ -399,7 +404,7 @@ class CLIPLinearProbe(_Predicts, CLIPImageFeatures):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K)`` over ``classes`` for images in [0, 1]."""
-        return self.head(super().forward(images))
+        return self.head(self.features(images))
 
 
 def _image_tensor(img, side: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
     if isinstance(v, (dict, list)):
-        return json.dumps(v, sort_keys=False)
+        return json.dumps(v, sort_keys=False, default=str)
     return str(v)
 
 
@@ -124,15 +124,19 @@ SUMMARY_ROWS = (
     ("mean_dev_seen", "mean deviation from target, seen concepts"),
     ("mean_dev_heldout", "mean deviation from target, held-out concepts"),
     ("mean_dev_paraphrase", "mean deviation from target, paraphrases"),
+    ("mean_dev_corrected_seen", "mean deviation, judge-corrected, seen concepts"),
+    ("agreement", "agreement of two judges"),
     ("fidelity", "fidelity (concept recognised)"),
     ("frechet", "Fréchet distance to real images"),
     ("change_score", "same-seed change vs base"),
 )
 
 
-def audit_section(metrics: Mapping, *, method: str | None = None, command: str | None = None) -> str:
+def audit_section(
+    metrics: Mapping, *, method: str | None = None, command: str | None = None, source: str | None = None
+) -> str:
     """Markdown for the audit section from a ``metrics.json`` dict: the adapter's summary beside the
-    base model's, who judged, and the command that measured it."""
+    base model's, who judged, and the command (or the metrics file) that measured it."""
     methods = metrics.get("methods", {})
     if not methods:
         raise ValueError("metrics has no methods")
@@ -155,6 +159,8 @@ def audit_section(metrics: Mapping, *, method: str | None = None, command: str |
         lines.append(f"| {label} | " + " | ".join(_fmt(v) for v in vals) + " |")
     if command:
         lines += ["", f"Measured with: `{command}`"]
+    if source:
+        lines += ["", f"Figures from `{source}`."]
     return "\n".join(lines)
 
 
