@@ -189,9 +189,9 @@ def compare_methods(
         second = cal["second"]
         measurement["calibration"] = {
             "n": int(len(cal["true"])),
-            "confusion_first": confusion_matrix(cal["true"], cal["first"], k),
+            "confusion_first": confusion_matrix(cal["true"], cal["first"], k).tolist(),
             "accuracy_first": float(np.mean(cal["true"] == cal["first"])),
-            "confusion_second": None if second is None else confusion_matrix(cal["true"], second, k),
+            "confusion_second": None if second is None else confusion_matrix(cal["true"], second, k).tolist(),
             "accuracy_second": None if second is None else float(np.mean(cal["true"] == second)),
         }
     if panel.second_fn is not None:

@@ -247,7 +247,7 @@ def change_score(
     if metric == "cosine":
         nx = np.linalg.norm(x, axis=1).clip(1e-12)
         ny = np.linalg.norm(y, axis=1).clip(1e-12)
-        d = 1.0 - (x * y).sum(1) / (nx * ny)
+        d = np.clip(1.0 - (x * y).sum(1) / (nx * ny), 0.0, 2.0)  # rounding can dip below 0
     elif metric == "l2":
         d = np.linalg.norm(x - y, axis=1)
     else:

@@ -6,6 +6,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from fairtune.cli import main
 from fairtune.models import make_tiny_clip
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "occupations"
@@ -102,7 +103,7 @@ def fit_args(s: dict, out: Path, *configs: str) -> list[str]:
     for c in configs:
         args += ["--config", str(c)]
     sizes = {
-        "trainer.max_steps": 2,
+        "trainer.max_steps": 1,
         "trainer.accelerator": "cpu",
         "trainer.devices": 1,
         "trainer.default_root_dir": str(out),
@@ -123,3 +124,100 @@ def fit_args(s: dict, out: Path, *configs: str) -> list[str]:
     for k, v in sizes.items():
         args += [f"--{k}", str(v)]
     return args
+
+
+def test_recipe_trains_with_tiny_stand_ins(stand_ins, tmp_path):
+    """configs/occupations/sd15.yaml, unchanged but for paths and sizes: lever 3 with the CLIP
+    zero-shot classifier and CLIP preservation trains the LoRA and exports a loadable adapter."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "run"
+    main(fit_args(stand_ins, out))
+    adapter = out / "adapter"
+    card = (adapter / "README.md").read_text()
+    assert "| levers | fairness |" in card and stand_ins["sd"] in card and "| steps | 1 |" in card
+    assert '"rank": 50' in card  # the recipe's LoRA, unchanged
+    pipe = StableDiffusionPipeline.from_pretrained(stand_ins["sd"], safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(adapter))
+    img = pipe("a photo of the face of a nurse, a person", num_inference_steps=2, output_type="pt").images
+    assert img.shape == (1, 3, SD, SD)
+
+
+def test_gender_race_and_cheap_overlays_build(stand_ins, tmp_path):
+    from fairtune.cli import FairtuneCLI
+    from fairtune.data import AttributeDataModule
+    from fairtune.models import CLIPZeroShotClassifier
+    from fairtune.train import DebiasModule
+
+    args = fit_args(stand_ins, tmp_path / "joint", CONFIGS / "gender_race.yaml", CONFIGS / "cheap.yaml")[1:]
+    cli = FairtuneCLI(DebiasModule, AttributeDataModule, args=args, run=False)
+    clf = cli.model.fairness_loss.classifier
+    assert isinstance(clf, CLIPZeroShotClassifier) and clf.clip == stand_ins["clip_train"]
+    assert clf.classes[0] == "male+WMELH" and len(clf.classes) == 8
+    assert cli.model.lora.rank == 8 and cli.model.fairness.path == "ddim"
+    cli.datamodule.setup("fit")
+    assert cli.datamodule.target.groups == clf.classes  # the classifier's outputs are the target's groups
+
+
+@pytest.mark.slow
+def test_end_to_end_all_levers_then_compare_with_two_clip_judges(stand_ins, tmp_path):
+    """Tiny SD + tiny CLIPs: train with all three levers (sampler, adversary, lever 3 with the CLIP
+    zero-shot classifier and CLIP preservation), export, then compare base / adapter / Fair Diffusion /
+    prompt augmentation with the occupations compare config (CLIP judge, second CLIP judge, judge-error
+    correction on labelled calibration images, same-seed change score) into metrics.json and
+    report.html."""
+    run = tmp_path / "run"
+    main(
+        fit_args(stand_ins, run)
+        + ["--trainer.max_steps", "3", "--data.rebalance", "{unknown: keep}",
+           "--model.adversary", "{weight: 0.5, warmup_steps: 0}"]
+    )  # fmt: skip
+    adapter = run / "adapter"
+    card = (adapter / "README.md").read_text()
+    assert "| levers | sampler, adversary, fairness |" in card
+
+    cmp = _yaml("compare.yaml")
+    for m in cmp["methods"]:
+        if m["kind"] == "adapter":
+            m["adapter"] = str(adapter)  # a path
+    methods = tmp_path / "methods.yaml"
+    methods.write_text(yaml.safe_dump({"methods": cmp["methods"]}))
+    out = tmp_path / "compare"
+    main(
+        ["compare", "--config", str(CONFIGS / "compare.yaml"), "--config", str(methods), "--out", str(out),
+         "--backbone.pretrained", stand_ins["sd"], "--backbone.resolution", str(SD),
+         "--judges.clip.clip", stand_ins["clip_judge"], "--judges.second.clip", stand_ins["clip_second"],
+         "--judges.calibration", stand_ins["calibration"],
+         "--judges.change_features", stand_ins["clip_judge"], "--judges.correction_boot", "100",
+         "--generation.n_per_prompt", "2", "--generation.steps", "2", "--generation.batch_size", "256"]
+    )  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["methods"]) == ["base", "debiased", "fair_diffusion", "prompt_augmentation"]
+    assert "CLIP zero-shot" in metrics["judges"] and "second judge" in metrics["judges"]
+    meas = metrics["measurement"]
+    assert meas["calibration"]["n"] == 40 and meas["change_base"] == "base"
+    assert len(meas["calibration"]["confusion_first"]) == 2
+    n_prompts = len(metrics["prompts"])
+    assert n_prompts == 103 + 26 + 36 + 6
+    for name, m in metrics["methods"].items():
+        s = m["summary"]
+        assert s["mean_dev_corrected_seen"] is not None and 0 <= s["mean_dev_corrected_seen"] <= 1
+        assert s["agreement"] is None or 0 <= s["agreement"] <= 1
+        assert s["n_images"] == 2 * n_prompts
+        r = next(iter(m["per_concept"].values()))
+        assert (
+            len(r["corrected"]) == 2 and r["corrected_low"][0] <= r["corrected"][0] <= r["corrected_high"][0]
+        )
+        if name == "base":
+            assert s["change_score"] == 0.0
+        else:
+            lo, hi = s["change_score_ci"]
+            assert 0 <= lo <= s["change_score"] <= hi
+    # Fair Diffusion changes the base image of the same seed more than nothing does
+    assert metrics["methods"]["fair_diffusion"]["summary"]["change_score"] > 0
+    html = (out / "report.html").read_text()
+    assert "Measurement: judge error, agreement, change" in html and "corrected mean dev seen" in html
+    # the adapter's model card now carries the figures measured
+    card = (adapter / "README.md").read_text()
+    assert "No audit recorded yet" not in card and "mean deviation, judge-corrected" in card
