@@ -156,3 +156,36 @@ def test_probe_data_errors_name_the_record(tiny_clip, tmp_path):
         train_clip_probe(data, tmp_path / "p", clip=str(tiny_clip), attribute="gender")
     with pytest.raises(FileNotFoundError, match="probe.json"):
         CLIPLinearProbe(probe=str(tmp_path))
+
+
+def test_probe_from_the_cli_serves_as_lever_3_classifier_and_as_judge(tiny_clip, tmp_path, capsys):
+    from fairtune.cli import main
+    from fairtune.eval._clip_judge import ClipJudgeConfig, build_clip_judge
+    from fairtune.models import ClassifierConfig, load_classifier
+
+    data = _color_folder(tmp_path / "data")
+    main(["classifier", "clip-probe", "--data", str(data), "--out", str(tmp_path / "probe"),
+          "--clip", str(tiny_clip), "--attribute", "color", "--classes", "[red, blue]"])  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["val_accuracy"] >= 0.875
+    # lever 3's classifier config: no weights file, the probe folder carries them
+    probe = {"probe": str(tmp_path / "probe")}
+    clf = load_classifier(ClassifierConfig(module="fairtune.models.CLIPLinearProbe", init_args=probe))
+    zero_shot = {"clip": str(tiny_clip), "classes": ["red", "blue"]}
+    zs = load_classifier(
+        ClassifierConfig(module="fairtune.models.CLIPZeroShotClassifier", init_args=zero_shot)
+    )
+    x = torch.rand(4, 3, 16, 16)
+    assert clf(x).shape == zs(x).shape == (4, 2)
+    assert not clf.training and not any(p.requires_grad for p in clf.parameters())
+    # a module that does not load its own weights still needs a weights file
+    with pytest.raises(ValueError, match="weights is not set"):
+        load_classifier(ClassifierConfig(module="fairtune.models.SmallCNN", weights=None))
+    # the same probe as a judge; a probe over other classes is refused
+    _, predict, how = build_clip_judge(
+        ClipJudgeConfig(probe=str(tmp_path / "probe")), classes=["red", "blue"]
+    )
+    assert "linear probe" in how and set(predict(x).tolist()) <= {0, 1}
+    with pytest.raises(ValueError, match="has classes"):
+        build_clip_judge(ClipJudgeConfig(probe=str(tmp_path / "probe")), classes=["blue", "red"])
+    with pytest.raises(ValueError, match="needs clip"):
+        build_clip_judge(ClipJudgeConfig(), classes=["red", "blue"])
