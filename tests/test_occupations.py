@@ -221,3 +221,31 @@ def test_end_to_end_all_levers_then_compare_with_two_clip_judges(stand_ins, tmp_
     # the adapter's model card now carries the figures measured
     card = (adapter / "README.md").read_text()
     assert "No audit recorded yet" not in card and "mean deviation, judge-corrected" in card
+
+
+def test_audit_with_a_clip_judge_a_second_judge_and_calibration(stand_ins, tmp_path):
+    """`fairtune audit` on the tiny SD, judged by CLIP zero-shot, with agreement and corrected shares."""
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump([{"name": "seen", "role": "seen", "template": "a photo of a {value}",
+                                        "values": ["nurse", "pilot"]}]))  # fmt: skip
+    out = tmp_path / "audit"
+    main(
+        ["audit", "--model", stand_ins["sd"], "--prompts", str(prompts), "--out", str(out),
+         "--judges.kind", "clip", "--judges.attribute", "gender", "--judges.classes", "[male, female]",
+         "--judges.clip.clip", stand_ins["clip_judge"],
+         "--judges.clip.prompts", json.dumps({"male": ["a man"], "female": ["a woman"]}),
+         "--judges.second.clip", stand_ins["clip_second"], "--judges.calibration", stand_ins["calibration"],
+         "--judges.correction_boot", "50", "--judges.reference", "null", "--target.attributes", "[gender]",
+         "--generation.n_per_prompt", "6", "--generation.steps", "2"]
+    )  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    (m,) = metrics["methods"].values()
+    s = m["summary"]
+    assert metrics["measurement"]["calibration"]["n"] == 40
+    assert 0 <= s["calibration_accuracy"] <= 1 and s["n_calibration"] == 40
+    assert s["mean_dev_corrected_seen"] is not None and s["mean_dev_heldout"] is None
+    assert s["change_score"] is None  # no base method to compare with
+    for r in m["per_concept"].values():
+        assert r["corrected_low"][0] <= r["corrected"][0] <= r["corrected_high"][0]
+        assert r["n"] + r["undetermined"] == 6
+    assert "Measurement: judge error, agreement, change" in (out / "report.md").read_text()
