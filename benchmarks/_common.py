@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,13 +29,10 @@ def ensure_assets():
 
 
 def reference_images(n: int = 2000, seed: int = 0) -> torch.Tensor:
-    """Held-out real renders (never trained on) for the Fréchet distance."""
-    from fairtune.data import load_table
-    from fairtune.eval import images_from_table
+    """Held-out real renders (never trained on) for the Fréchet distance, loaded as compare loads them."""
+    from fairtune.eval import load_reference_images
 
-    held = load_table(str(DATA / "table"), split="heldout")
-    idx = np.random.default_rng(seed).permutation(len(held))[:n]
-    return images_from_table(held.select(sorted(idx.tolist())))
+    return load_reference_images(DATA, n=n, seed=seed)
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:

@@ -1,149 +1,116 @@
-"""Ablation arms of the LoRA fine-tune on the shipped base model, same budget and seed.
+"""A benchmark group: a sweep spec (``benchmarks/specs/*.yaml``) run by the sweep runner, tabulated
+per digit into ``benchmarks/results/<name>.{json,md}`` with the spec's goals.
 
-    python benchmarks/arms.py --name sampler --arms naive sampler          # issue 3
-    python benchmarks/arms.py --name levers_uniform --arms naive sampler adversary fairness \
-        sampler_adversary sampler_fairness all [--target red30_blue70]      # one group of issue 4
-    python benchmarks/levers.py                                             # every group + summary
+    python benchmarks/arms.py benchmarks/specs/sampler.yaml            # issue 3
+    python benchmarks/arms.py benchmarks/specs/levers_uniform.yaml     # one group of issue 4
+    python benchmarks/arms.py benchmarks/specs/sampler.yaml --report_only true
+    python benchmarks/levers.py                                        # every levers group + summary
 
-Each arm is ``configs/colored_digits/lora.yaml`` + ``configs/ablations/<arm>.yaml`` (+ a target
-overlay), trained on digits 0-7; N images per digit are judged for digits 0-9 (guidance 2, hue
-judge). Writes benchmarks/results/<name>.{json,md}.
+Training, skipping what is done, resuming what was cut off and judging are ``fairtune sweep``'s
+(the same runner, the same judge function, the same scoring engine). Runs live in
+``runs/bench/runs/<hash>``: a run that two specs share (the same configs, values and seed) is trained
+once.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
-import sys
-import time
+import math
+import shutil
+from pathlib import Path
 
-from _common import DATA, RESULTS, ROOT, ensure_assets, reference_images, save_grid, write_results
-from fairtune.eval import GenerationConfig, evaluate_backbone_on_digits
-from fairtune.models import Backbone, BackboneConfig, load_adapter
+from _common import RESULTS, ROOT, ensure_assets, write_results
+from fairtune.cli import check_goals, load_spec, read_status, run_sweep
 
-RUNNER = (
-    "import resource, sys; from fairtune.cli import main; main(sys.argv[1:]); "
-    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-)
+OUT = ROOT / "runs" / "bench"
 
 
-def train_arm(arm: str, steps: int, out_root, target: str | None, overrides: list[str] = ()) -> dict:
-    run = out_root / arm
-    overlays = [ROOT / f"configs/ablations/{arm}.yaml"]
-    if target:
-        overlays.append(ROOT / f"configs/targets/{target}.yaml")
-    cmd = [sys.executable, "-c", RUNNER, "fit", "--config", str(ROOT / "configs/colored_digits/lora.yaml")]
-    for o in overlays:
-        cmd += ["--config", str(o)]
-    cmd += [
-        "--trainer.max_steps", str(steps),
-        "--trainer.default_root_dir", str(run),
-        "--trainer.enable_progress_bar", "false",
-        "--data.source.path", str(DATA / "table"),
-    ]  # fmt: skip
-    for kv in overrides:  # --set model.fairness.weight=2 -> --model.fairness.weight 2
-        key, _, value = kv.partition("=")
-        cmd += [f"--{key}", value]
-    t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    seconds = time.perf_counter() - t0
-    if res.returncode != 0:
-        raise RuntimeError(f"arm {arm} failed:\n{res.stderr[-3000:]}")
-    peak = [int(line.split()[1]) for line in res.stdout.splitlines() if line.startswith("PEAK_RSS_KB")]
-    return {"run": str(run), "train_seconds": seconds, "peak_rss_mb": peak[-1] / 1024 if peak else None}
+def _f(x, digits: int = 3) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def report(args, q, results) -> None:
-    """Write the table so far (after every arm, so an interrupted run still leaves its numbers)."""
-    naive_s = results.get("naive", {}).get("train_seconds")
-    for r in results.values():
+def tabulate(spec, out: Path) -> tuple[dict, list[str]]:
+    """Per arm: the judge's metrics (first seed), red share per digit, train time; and the markdown."""
+    arms: dict[str, dict] = {}
+    for run in spec.runs:
+        s = read_status(out / "runs" / run.hash)
+        if run.arm in arms or s.get("state") != "done":
+            continue
+        arms[run.arm] = {"run": str(out / "runs" / run.hash), "seed": run.seed, **(s.get("metrics") or {})}
+    naive_s = (arms.get("naive") or {}).get("train_seconds")
+    for r in arms.values():
         if naive_s and r.get("train_seconds"):
             r["time_ratio_vs_naive"] = r["train_seconds"] / naive_s
+    opts = (spec.judge or {}).get("options", {})
     lines = [
-        f"# {args.name}: LoRA arms ({args.steps} steps, rank 8, lr 2e-3 cosine, batch 64, digits 0-7; "
-        f"target red {q[0]:.2f}; N={args.n} per digit, guidance 2, hue judge)",
+        f"# {spec.name}: N={opts.get('n_per_prompt', 128)} per digit, {opts.get('steps', 25)} DDIM steps, "
+        f"guidance {opts.get('guidance_scale', 2.0)}, hue judge (spec `{spec.path.relative_to(ROOT)}`)",
         "",
         "| arm | "
         + " | ".join(f"d{d}" for d in range(10))
-        + " | mean dev 0-7 | worst 0-7 | mean dev 8-9 | fidelity | FD | train s | × naive | peak MB |",
-        "|---|" + "---|" * 10 + "---|---|---|---|---|---|---|---|",
+        + " | mean dev seen | worst seen | mean dev held-out | fidelity | Fréchet | undetermined"
+        + " | train s | × naive | peak MB |",
+        "|---|" + "---|" * 10 + "---|---|---|---|---|---|---|---|---|",
     ]
-    for arm, r in results.items():
+    for arm, r in arms.items():
+        shares = [r.get(f"red_share_d{d}") for d in range(10)]
         lines.append(
             f"| {arm} | "
-            + " | ".join(f"{s:.2f}" for s in r["red_share"])
-            + f" | {r['mean_dev_seen']:.3f} | {r['worst_dev_seen']:.3f} | {r['mean_dev_heldout']:.3f}"
-            + f" | {r['fidelity']:.3f} | {r['frechet']:.2f}"
-            + f" | {r.get('train_seconds', 0):.0f} | {r.get('time_ratio_vs_naive', 0):.2f}"
-            + f" | {r.get('peak_rss_mb') or 0:.0f} |"
+            + " | ".join(_f(x, 2) for x in shares)
+            + f" | {_f(r.get('mean_dev_seen'))} | {_f(r.get('worst_dev_seen'))}"
+            + f" | {_f(r.get('mean_dev_heldout'))} | {_f(r.get('fidelity'))} | {_f(r.get('frechet'), 1)}"
+            + f" | {int(r.get('undetermined', 0))}/{int(r.get('n_images', 0))}"
+            + f" | {_f(r.get('train_seconds'), 0)} | {_f(r.get('time_ratio_vs_naive'), 2)}"
+            + f" | {_f(r.get('peak_rss_mb'), 0)} |"
         )
     lines += [
         "",
-        "Columns d0-d9: red share per digit. dev = max over colours of |share − target| (for two "
-        "colours |red share − target red|). Train seconds: wall time of the whole `fairtune fit` "
-        "process (the same start-up cost in every arm).",
+        "Columns d0-d9: red share per digit. dev = max over colours of |share − target| (for two colours "
+        "|red share − target red|); seen = the digits the arm trained on. Train s: wall time of the whole "
+        "`fairtune fit` process; × naive against the naive arm of this spec (same machine load only when "
+        "they ran together).",
     ]
-    payload = {"steps": args.steps, "n": args.n, "target": q, "arms": results}
-    write_results(args.name, payload, "\n".join(lines) + "\n")
+    rows = [{"arm_name": a, **{f"{k}_mean": v for k, v in r.items()}} for a, r in arms.items()]
+    goals = check_goals(spec, rows)
+    if goals:
+        lines += ["", "Goals:", ""]
+        for g in goals:
+            ref = f" vs {g['relative_to']}" if g.get("relative_to") else ""
+            bound = f"≤ {g['max']}" if "max" in g else f"≥ {g['min']}"
+            verdict = (
+                "not measured"
+                if g["met"] is None
+                else "met"
+                if g["met"]
+                else f"missed by {g['missed_by']:.3g}"
+            )
+            lines.append(f"- {g['arm']} {g['metric']}{ref} = {_f(g['value'])} (goal {bound}): {verdict}")
+    return {"spec": str(spec.path.relative_to(ROOT)), "arms": arms, "goals": goals}, lines
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--name", default="sampler")
-    ap.add_argument("--arms", nargs="+", default=["naive", "sampler"])
-    ap.add_argument("--target", default=None, help="a configs/targets/ overlay, e.g. red30_blue70")
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--set", nargs="*", default=[], help="overrides for every arm: key=value")
-    ap.add_argument("--report-only", action="store_true", help="tabulate the finished arms, train nothing")
-    args = ap.parse_args()
-    from pathlib import Path
+def main(spec: Path, *, report_only: bool = False, workers: int = 1) -> dict:
+    """Run (or resume) one benchmark spec and write its results.
 
-    out_root = ROOT / "runs" / "bench" / args.name
-    judges = ensure_assets()
-    ref = reference_images()
-    gen = GenerationConfig(n_per_prompt=args.n)
-    q = [0.5, 0.5]
-    if args.target:
-        import yaml
-
-        props = yaml.safe_load((ROOT / f"configs/targets/{args.target}.yaml").read_text())
-        props = props["data"]["target"]["proportions"]
-        q = [props[c] for c in judges.colors]
-    results = {}
-    for arm in ["base", *args.arms]:
-        # A finished arm is kept in runs/bench/<name>/<arm>.json, so an interrupted run resumes.
-        cache = out_root / f"{arm}.json"
-        if cache.exists():
-            results[arm] = json.loads(cache.read_text())
-            continue
-        if args.report_only:
-            continue
-        bb = Backbone.from_config(BackboneConfig(kind="tiny", pretrained="colored-digits-16"))
-        info = {}
-        if arm != "base":
-            info = train_arm(arm, args.steps, out_root, args.target, args.set)
-            load_adapter(bb, Path(info["run"]) / "adapter", fuse=True)
-        ev = evaluate_backbone_on_digits(bb, judges, generation=gen, reference=ref, target=q)
-        save_grid(ev["images"][:: args.n // 8][:80], RESULTS / f"{args.name}_{arm}_samples.png", per_row=8)
-        results[arm] = {
-            **info,
-            "red_share": [ev["per_concept"][f"digit {d}"]["p_hat"][0] for d in range(10)],
-            "per_concept": {
-                k: {kk: v[kk] for kk in ("p_hat", "dev", "dev_ci", "n", "undetermined", "fidelity")}
-                for k, v in ev["per_concept"].items()
-            },
-            **ev["summary"],
-        }
-        out_root.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(results[arm]))
-        print(
-            arm, json.dumps({k: results[arm][k] for k in ("mean_dev_seen", "mean_dev_heldout", "fidelity")})
-        )
-        report(args, q, results)
-    report(args, q, results)
+    Args:
+        spec: A sweep spec in ``benchmarks/specs/``.
+        report_only: Tabulate the finished arms; train and judge nothing.
+        workers: Runs trained at the same time.
+    """
+    parsed = load_spec(spec)
+    if not report_only:
+        ensure_assets()
+        run_sweep(parsed, OUT, workers=workers, aggregate=False)
+    payload, lines = tabulate(parsed, OUT)
+    for arm, r in payload["arms"].items():
+        grid = Path(r["run"]) / "samples.png"
+        if grid.is_file():
+            shutil.copyfile(grid, RESULTS / f"{parsed.name}_{arm}_samples.png")
+    write_results(parsed.name, payload, "\n".join(lines) + "\n")
+    return payload
 
 
 if __name__ == "__main__":
-    main()
+    from jsonargparse import CLI
+
+    CLI(main, as_positional=True)
+    print(json.dumps({"results": str(RESULTS)}))

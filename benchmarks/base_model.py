@@ -1,13 +1,13 @@
 """Measure the shipped biased base model (issue 3): per-digit red share, fidelity, skew amplification.
 
-    python benchmarks/base_model.py [--n 128] [--guidance 2.0] [--extra-guidance 1.0 4.0]
+    python benchmarks/base_model.py [--n 128] [--guidance 2.0] [--extra_guidance '[1.0, 4.0]']
 
 Writes benchmarks/results/base_model.{json,md} and a sample grid.
 """
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,13 +24,27 @@ def measure(bb, judges, n, guidance, ref):
     return out, red
 
 
+@dataclass
+class Options:
+    """Options of the base-model benchmark.
+
+    Attributes:
+        model: Tiny backbone (folder or shipped name).
+        n: Images per digit.
+        guidance: The judging guidance scale.
+        extra_guidance: Other guidance scales to measure too.
+    """
+
+    model: str = "colored-digits-16"
+    n: int = 128
+    guidance: float = 2.0
+    extra_guidance: list[float] = field(default_factory=lambda: [1.0, 4.0])
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="colored-digits-16")
-    ap.add_argument("--n", type=int, default=128)
-    ap.add_argument("--guidance", type=float, default=2.0)
-    ap.add_argument("--extra-guidance", type=float, nargs="*", default=[1.0, 4.0])
-    args = ap.parse_args()
+    from jsonargparse import CLI
+
+    args = CLI(Options, as_positional=False)
     judges = ensure_assets()
     ref = reference_images()
     bb = Backbone.from_config(BackboneConfig(kind="tiny", pretrained=args.model))

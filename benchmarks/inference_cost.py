@@ -1,7 +1,7 @@
 """Per-image inference cost of each method (DESIGN §5): base, LoRA adapter (unfused and fused), prompt
 augmentation and Fair Diffusion, on the shipped tiny backbone and on a tiny Stable Diffusion.
 
-    python benchmarks/inference_cost.py [--n 32] [--steps 25] [--repeats 2] [--batch-size 64] [--threads 1]
+    python benchmarks/inference_cost.py [--n 32] [--steps 25] [--repeats 2] [--batch_size 64] [--threads 1]
 
 UNet evaluations are counted by a forward hook on the UNet (images through it, divided by images
 generated) and checked against ``unet_evals_per_image``; seconds per image are the minimum over
@@ -11,10 +11,10 @@ Writes benchmarks/results/inference_cost.{json,md}.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -156,18 +156,33 @@ def measure_backbone(name: str, bb: Backbone, workdir: Path, args, *, prompts, c
     }
 
 
+@dataclass
+class Options:
+    """Options of the inference-cost benchmark.
+
+    Attributes:
+        model: Tiny backbone (folder or shipped name).
+        n: Images per method and repeat.
+        steps: DDIM steps.
+        guidance: Classifier-free guidance scale.
+        batch_size: Images per UNet batch.
+        repeats: Timed repeats (the minimum is reported).
+        threads: torch threads (2 on 2 busy shared cores ran 7-10x slower).
+    """
+
+    model: str = "colored-digits-16"
+    n: int = 32
+    steps: int = 25
+    guidance: float = 2.0
+    batch_size: int = 64
+    repeats: int = 2
+    threads: int = 1
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="colored-digits-16", help="tiny backbone (folder or shipped name)")
-    ap.add_argument("--n", type=int, default=32, help="images per method and repeat")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--guidance", type=float, default=2.0)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument(
-        "--threads", type=int, default=1, help="torch threads (2 on 2 busy shared cores ran 7-10x slower)"
-    )
-    args = ap.parse_args()
+    from jsonargparse import CLI
+
+    args = CLI(Options, as_positional=False)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     results = []

@@ -26,18 +26,18 @@ from ._commands import audit_command, compare_command
 from ._demo import demo, prepare_assets
 from ._fit import FairtuneCLI, run_fit_cli
 from ._sweep import run_sweep, sweep
-from ._sweep_report import t_interval, write_report, write_slurm
-from ._sweep_spec import SweepError, load_spec
+from ._sweep_report import check_goals, t_interval, write_report, write_slurm
+from ._sweep_spec import Spec, SweepError, load_spec, read_status
 
 
 def colored_digits(
     *,
     out: Path,
     size: int = 16,
-    colors: list[str] = ["red", "blue"],  # noqa: B006 - jsonargparse reads the default
+    colors: list[str] = ["red", "blue"],
     background: bool = False,
-    red_share: list[float] = DEFAULT_RED_SHARE,  # noqa: B006
-    dark_share: list[float] = [0.3] * 10,  # noqa: B006
+    red_share: list[float] = DEFAULT_RED_SHARE,
+    dark_share: list[float] = [0.3] * 10,
     explicit_share: float = 0.25,
     renders_per_image: int = 4,
     heldout_fraction: float = 0.5,
@@ -88,7 +88,7 @@ def judges_train(
     *,
     data: Path,
     out: Path,
-    train: JudgeTrainConfig = JudgeTrainConfig(),  # noqa: B008
+    train: JudgeTrainConfig = JudgeTrainConfig(),
 ) -> None:
     """Train the colour and digit CNN judges on DATA's held-out split; write weights and judges.json.
 
@@ -178,7 +178,10 @@ def classifier_clip_probe(
 
 __all__ = [
     "FairtuneCLI",
+    "Spec",
     "SweepError",
+    "check_goals",
+    "read_status",
     "audit_command",
     "compare_command",
     "demo",
@@ -195,8 +198,10 @@ __all__ = [
 
 
 def fit() -> None:
-    """Train an adapter (or a full fine-tune): LightningCLI over model / data / trainer; resumes a
-    killed run. Run ``fairtune fit --help`` for its options."""
+    """Train an adapter or a full fine-tune (resumes a killed run); ``fairtune fit --help``.
+
+    LightningCLI over model / data / trainer; handled before this parser, listed here for --help.
+    """
 
 
 def main(argv: list[str] | None = None) -> None:

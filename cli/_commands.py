@@ -29,13 +29,13 @@ def compare_command(
     out: Path,
     methods: list[MethodConfig],
     prompts: list[PromptGroup],
-    backbone: BackboneConfig = _default_backbone(),  # noqa: B008 - jsonargparse reads the default
-    judges: JudgeConfig = JudgeConfig(),  # noqa: B008
-    target: TargetConfig = TargetConfig(),  # noqa: B008
-    generation: GenerationConfig = GenerationConfig(),  # noqa: B008
+    backbone: BackboneConfig = _default_backbone(),
+    judges: JudgeConfig = JudgeConfig(),
+    target: TargetConfig = TargetConfig(),
+    generation: GenerationConfig = GenerationConfig(),
     n_boot: int = 1000,
     grid_columns: int = 8,
-    frechet_roles: list[Literal["seen", "heldout", "paraphrase"]] = ["seen", "heldout"],  # noqa: B006
+    frechet_roles: list[Literal["seen", "heldout", "paraphrase"]] = ["seen", "heldout"],
     title: str = "fairtune compare",
 ) -> None:
     """Compare methods on the same prompts, seeds and judges; write OUT/metrics.json and a report.
@@ -79,9 +79,9 @@ def audit_command(
     adapter: Path | None = None,
     fuse: bool = True,
     kind: Literal["auto", "tiny", "sd"] = "auto",
-    judges: JudgeConfig = JudgeConfig(),  # noqa: B008 - jsonargparse reads the default
-    target: TargetConfig = TargetConfig(),  # noqa: B008
-    generation: GenerationConfig = GenerationConfig(),  # noqa: B008
+    judges: JudgeConfig = JudgeConfig(),
+    target: TargetConfig = TargetConfig(),
+    generation: GenerationConfig = GenerationConfig(),
     n_boot: int = 1000,
     grid_columns: int = 8,
     name: str | None = None,

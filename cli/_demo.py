@@ -1,19 +1,20 @@
 """``fairtune demo``: the main job on the embedded ColoredDigits-Bias benchmark, end to end.
 
 1. render the data, train the judges and lever 3's classifier (skipped when already there);
-2. fine-tune two LoRA adapters on the shipped biased base model with the same budget and seed: the
-   naive control (no lever) and the debiased one (all three levers);
-3. compare, on the same prompts, seeds and judges: base, naive, debiased, Fair Diffusion and prompt
-   augmentation; write ``OUT/compare/{metrics.json,report.md,report.html}`` and print the table.
+2. the sweep spec ``configs/demo/sweep.yaml``: two LoRA adapters on the shipped biased base model with
+   the same budget and seed, the naive control (no lever) and the debiased one (all three levers);
+3. the comparison ``configs/compare/colored_digits.yaml`` with those adapters: base, naive, debiased,
+   Fair Diffusion and prompt augmentation on the same prompts, seeds and judges; writes
+   ``OUT/compare/{metrics.json,report.md,report.html}`` and prints the table.
 
-Every stage is resumable: a finished training is skipped (``OUT/<arm>/finished.json``), a killed one
-resumes from its last checkpoint (``fairtune fit`` does), and the assets are built once.
+Every stage is resumable: the sweep runner skips a finished training and a killed one resumes from
+its last checkpoint; the assets are built once.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
+import os
 import sys
 import time
 from importlib import resources
@@ -28,6 +29,8 @@ def configs_dir() -> Path:
 
 
 DEMO_COMPARE = "compare/colored_digits.yaml"
+DEMO_SWEEP = "demo/sweep.yaml"
+CLF_FILE = "classifier.safetensors"
 
 
 def prepare_assets(data: Path, judges: Path, classifier: Path) -> None:
@@ -47,64 +50,6 @@ def prepare_assets(data: Path, judges: Path, classifier: Path) -> None:
         train_attribute_classifier(data, classifier)
 
 
-def train_arm(
-    arm: str,
-    run: Path,
-    *,
-    steps: int,
-    data: Path,
-    classifier: Path,
-    seed: int,
-    extra: list[str] | None = None,
-) -> float:
-    """Fine-tune one ablation arm (``configs/ablations/<arm>.yaml``) with ``fairtune fit``; seconds taken.
-
-    Runs in a child process (a clean Lightning state per arm); skipped when ``run/finished.json``
-    says the same budget already finished; a killed run resumes from ``run/checkpoints/last.ckpt``.
-    """
-    done = run / "finished.json"
-    if done.exists() and json.loads(done.read_text()).get("steps") == steps:
-        print(f"[demo] {arm}: finished earlier ({run}), skipped", file=sys.stderr)
-        return float(json.loads(done.read_text())["seconds"])
-    configs = configs_dir()
-    base_cfg, overlay = configs / "colored_digits" / "lora.yaml", configs / "ablations" / f"{arm}.yaml"
-    for f in (base_cfg, overlay):
-        if not f.exists():
-            raise FileNotFoundError(f"{f} is missing from the installed fairtune.configs package data")
-    cmd = [
-        sys.executable, "-m", "fairtune.cli", "fit",
-        "--config", str(base_cfg), "--config", str(overlay),
-        "--trainer.max_steps", str(steps),
-        "--trainer.default_root_dir", str(run),
-        "--trainer.enable_progress_bar", "false",
-        "--data.source.path", str(data / "table"),
-        "--model.seed", str(seed),
-        *(extra or []),
-    ]  # fmt: skip
-    if arm in ("fairness", "sampler_fairness", "all"):
-        cmd += ["--model.fairness.classifier.weights", str(classifier / "classifier.safetensors")]
-    print(f"[demo] training {arm} ({steps} steps) into {run}", file=sys.stderr)
-    t0 = time.perf_counter()
-    # The child's progress bar is off; a line per logged interval (step, rate, time left) goes to
-    # stderr through the ProgressLog callback, and its last lines are kept for the error message.
-    proc = subprocess.Popen(
-        [*cmd, "--trainer.callbacks+=fairtune.train.ProgressLog", f"--trainer.callbacks.prefix=[demo] {arm}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    tail: list[str] = []
-    for line in proc.stderr:
-        if line.startswith("[demo]"):
-            print(line.rstrip(), file=sys.stderr, flush=True)
-        tail = (tail + [line])[-60:]
-    proc.wait()
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"fairtune fit for arm {arm!r} failed (exit {proc.returncode}):\n{''.join(tail)}")
-    done.write_text(json.dumps({"steps": steps, "seconds": seconds}))
-    print(f"[demo] {arm}: {seconds:.0f} s", file=sys.stderr)
-    return seconds
-
-
 def demo(
     out: Path = Path("runs/demo"),
     *,
@@ -119,14 +64,17 @@ def demo(
     seed: int = 0,
     threads: int | None = None,
 ) -> dict:
-    """Train the debiased adapter and compare it with the baselines (the main job; 18 min on 2 cores).
+    """The main job: train the naive and the debiased adapter, compare them with the baselines.
+
+    Training is the sweep spec configs/demo/sweep.yaml (run by the sweep runner: a finished arm is
+    skipped, a cut-off one resumes); the comparison is configs/compare/colored_digits.yaml with this
+    run's adapters.
 
     Args:
-        out: Run folder: ``naive/`` and ``all/`` (training runs with their adapters), ``compare/``
-            (``metrics.json``, ``report.md``, ``report.html``) and ``demo.json`` (timings).
+        out: Run folder: ``runs/<hash>/`` (the two training runs, ``plan.json`` says which arm is
+            which), ``compare/`` (``metrics.json``, ``report.md``, ``report.html``), ``demo.json``.
         steps: Training steps of each adapter (both arms get the same budget and seed).
-        n_per_prompt: Images per prompt and method (128 gives a mean-deviation interval of about
-            ±0.03 over the 8 seen digits).
+        n_per_prompt: Images per prompt and method.
         sampling_steps: DDIM steps of every method at comparison time.
         batch_size: Images per UNet batch when generating (large batches are cheap per image on CPU).
         paraphrase_digits: Seen digits also prompted with a wording never trained on (default:
@@ -143,6 +91,8 @@ def demo(
     from fairtune.eval import run_comparison
 
     from ._commands import load_compare_config
+    from ._sweep import run_sweep
+    from ._sweep_spec import load_spec
 
     if threads:
         torch.set_num_threads(threads)
@@ -152,10 +102,27 @@ def demo(
     timings: dict[str, float] = {}
     prepare_assets(Path(data), Path(judges), Path(classifier))
     timings["assets_s"] = time.perf_counter() - t0
-    for arm in ("naive", "all"):
-        timings[f"train_{arm}_s"] = train_arm(
-            arm, out / arm, steps=steps, data=Path(data), classifier=Path(classifier), seed=seed
+
+    spec = load_spec(
+        configs_dir() / DEMO_SWEEP,
+        overrides={"trainer.max_steps": steps, "data.source.path": str(Path(data).resolve() / "table")},
+        arm_values={"all": {"model.fairness.classifier.weights": str(Path(classifier).resolve() / CLF_FILE)}},
+        seeds=[seed],
+    )
+    print(
+        f"[demo] training {', '.join(r.arm for r in spec.runs)} ({steps} steps each) into {out}/runs",
+        file=sys.stderr,
+    )
+    summary = run_sweep(spec, out, aggregate=False)
+    if summary["failed"]:
+        s = summary["runs"][summary["failed"][0]]
+        raise RuntimeError(
+            f"training arm {s.get('arm')!r} failed: {s.get('error')} (see {out}/runs/{s['hash']}/fit.log)"
         )
+    runs = {r.arm: out / "runs" / r.hash for r in spec.runs}
+    for arm, d in runs.items():
+        timings[f"train_{arm}_s"] = float(summary["runs"][d.name].get("train_seconds") or 0.0)
+
     # The comparison is configs/compare/colored_digits.yaml, with this run's adapters, judges and
     # generation budget.
     cfg = load_compare_config(
@@ -164,7 +131,7 @@ def demo(
         "--generation.n_per_prompt", str(n_per_prompt), "--generation.steps", str(sampling_steps),
         "--generation.batch_size", str(batch_size),
     )  # fmt: skip
-    adapters = {"naive": out / "naive" / "adapter", "debiased": out / "all" / "adapter"}
+    adapters = {"naive": runs["naive"] / "adapter", "debiased": runs["all"] / "adapter"}
     for m in cfg.methods:
         if m.name in adapters:
             m.adapter = str(adapters[m.name])
@@ -176,12 +143,16 @@ def demo(
     metrics = run_comparison(cfg, out / "compare")
     timings["compare_s"] = time.perf_counter() - t1
     timings["total_s"] = time.perf_counter() - t0
-    (out / "demo.json").write_text(
-        json.dumps(
-            {"steps": steps, "n_per_prompt": n_per_prompt, "sampling_steps": sampling_steps, **timings},
-            indent=2,
-        )
-    )
+    record = {
+        "steps": steps,
+        "n_per_prompt": n_per_prompt,
+        "sampling_steps": sampling_steps,
+        "runs": {arm: str(d) for arm, d in runs.items()},
+        **timings,
+    }
+    tmp = out / ".demo.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out / "demo.json")
     print(
         f"[demo] done in {timings['total_s'] / 60:.1f} min; report: {out / 'compare' / 'report.html'}",
         file=sys.stderr,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import sys
 from pathlib import Path
 
 import yaml
@@ -25,6 +27,8 @@ from fairtune.train import (
     prepare_logger_config,
     redact,
 )
+
+PEAK_RSS = "[fit] peak RSS"
 
 
 class RunConfigCallback(SaveConfigCallback):
@@ -136,3 +140,6 @@ def run_fit_cli(args: list[str] | None) -> None:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "fairtune"},
     )
+    # The peak memory of this process, for the sweep's and the benchmarks' tables.
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{PEAK_RSS} {peak_mb:.0f} MB", file=sys.stderr, flush=True)

@@ -43,6 +43,7 @@ import os
 import shlex
 import socket
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -52,8 +53,10 @@ from pathlib import Path
 
 import yaml
 
+from ._fit import PEAK_RSS
 from ._sweep_report import write_report, write_slurm
 from ._sweep_spec import (
+    PROGRESS,
     RunSpec,
     Spec,
     SweepError,
@@ -131,7 +134,7 @@ class _Runner:
     def __call__(self, run: RunSpec) -> dict:
         d = self.run_dir(run)
         status = read_status(d)
-        trained = status.get("state") in ("trained", "done") and _has_export(d)
+        trained = status.get("state") in ("trained", "done") and (_has_export(d) or not run.train)
         status.update(
             {
                 "hash": run.hash,
@@ -150,13 +153,27 @@ class _Runner:
         )
         status.pop("finished", None)
         write_status(d, status)
-        if not trained:
+        if not run.train and not trained:
+            # Judged as it is: the resolved config (what `fairtune fit` would train) is all it needs.
+            cmd = [*run.fit_command(d), "--print_config"]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=self.env(), cwd=Path.cwd())
+            if res.returncode != 0:
+                return self._fail(run, d, status, "config", _error_summary(res.stderr), res.stderr[-4000:])
+            tmp = d / ".config.yaml.tmp"
+            tmp.write_text(res.stdout)
+            os.replace(tmp, d / "config.yaml")
+            status["state"] = "trained"
+            write_status(d, status)
+        elif not trained:
             cmd = run.fit_command(d)
             status["command"] = shlex.join(cmd)
             write_status(d, status)
             t0 = time.perf_counter()
             rc, log = self._fit(cmd, d)
             status["train_seconds"] = time.perf_counter() - t0
+            peaks = [ln.split()[3] for ln in log.splitlines() if ln.startswith(PEAK_RSS)]
+            if peaks:
+                status["peak_rss_mb"] = float(peaks[-1])
             if rc != 0:
                 return self._fail(run, d, status, "train", _error_summary(log), log[-4000:], rc=rc)
             if not _has_export(d):
@@ -176,8 +193,9 @@ class _Runner:
             except Exception as e:  # a judge failure is this run's, not the sweep's
                 tb = traceback.format_exc()
                 return self._fail(run, d, status, "judge", f"{type(e).__name__}: {e}", tb[-4000:])
-        if "train_seconds" in status:
-            metrics.setdefault("train_seconds", status["train_seconds"])
+        for key in ("train_seconds", "peak_rss_mb"):
+            if key in status:
+                metrics.setdefault(key, status[key])
         status.update(
             {"state": "done", "metrics": metrics, "judge_hash": self.spec.judge_hash, "finished": _now()}
         )
@@ -191,9 +209,21 @@ class _Runner:
         with open(log_path, "a") as log:
             log.write(f"\n$ {shlex.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), cwd=Path.cwd())
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=self.env(),
+                cwd=Path.cwd(),
+            )
             self.procs.add(proc)
             try:
+                for line in proc.stdout:  # everything to fit.log; the progress lines to the terminal too
+                    log.write(line)
+                    if line.startswith(PROGRESS):
+                        log.flush()
+                        print(line.rstrip(), file=sys.stderr, flush=True)
                 rc = proc.wait()
             finally:
                 self.procs.discard(proc)
@@ -234,7 +264,7 @@ def _now() -> str:
 
 # --------------------------------------------------------------------------------------------- sweep
 def run_sweep(
-    spec_path: str | os.PathLike,
+    spec_path: str | os.PathLike | Spec,
     out: str | os.PathLike,
     *,
     workers: int = 1,
@@ -246,7 +276,7 @@ def run_sweep(
     """Run (or resume) a sweep; return a summary ``{"done", "failed", "pending", "ran", "runs"}``.
 
     Args:
-        spec_path: The sweep spec (YAML).
+        spec_path: The sweep spec (YAML), or one already loaded by :func:`load_spec`.
         out: The sweep folder (``runs/<hash>/``, ``plan.json``, ``sweep.jsonl``, ``ablation.*``).
         workers: Runs trained at the same time on this machine.
         max_runs: Start at most this many runs this time (the rest stay pending for the next start).
@@ -254,7 +284,7 @@ def run_sweep(
         retry_failed: Try failed runs again.
         aggregate: Write ``ablation.md``, ``.csv`` and ``.png`` at the end.
     """
-    spec = load_spec(spec_path)
+    spec = spec_path if isinstance(spec_path, Spec) else load_spec(spec_path)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if workers < 1:

@@ -116,6 +116,7 @@ def write_report(spec: Spec, out: Path) -> dict[str, Path]:
                 f"- `{s['hash']}` {s.get('label')} seed {s.get('seed')} ({s.get('stage')}): "
                 f"{first[0] if first else 'unknown error'} — see runs/{s['hash']}/status.json"
             )
+    lines += goal_lines(spec, rows)
     lines += ["", f"Spec: `{spec.path}`; runs in `runs/<hash>/`; every metric in `ablation.csv`."]
     paths["md"].write_text("\n".join(lines) + "\n")
     _plot(rows, shown[:6], paths["png"], spec.name)
@@ -211,3 +212,49 @@ def write_slurm(spec: Spec, spec_path: Path, out: Path) -> dict[str, Path]:
     )
     submit.chmod(0o755)
     return {"sbatch": sbatch, "submit": submit}
+
+
+def check_goals(spec: Spec, rows: list[dict]) -> list[dict]:
+    """The spec's goals against the arms' means: per goal its value, whether it is met, and by how much
+    it is missed (``value`` is ``arm − relative_to`` or ``arm / relative_to`` when a reference arm is
+    named)."""
+    means = {r["arm_name"]: r for r in rows}
+    out = []
+    for g in spec.goals:
+        m = g["metric"]
+        v = (means.get(g["arm"]) or {}).get(f"{m}_mean")
+        ref_arm = g.get("relative_to")
+        if ref_arm is not None and v is not None:
+            ref = (means.get(ref_arm) or {}).get(f"{m}_mean")
+            ratio = g.get("as", "difference") == "ratio"
+            v = None if ref is None or (ratio and ref == 0) else (v / ref if ratio else v - ref)
+        bound, upper = (g["max"], True) if "max" in g else (g["min"], False)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            met, miss = None, None
+        else:
+            met = v <= bound if upper else v >= bound
+            miss = 0.0 if met else abs(v - bound)
+        out.append({**g, "value": v, "met": met, "missed_by": miss})
+    return out
+
+
+def goal_lines(spec: Spec, rows: list[dict]) -> list[str]:
+    """The goals section of the report (nothing when the spec sets no goals)."""
+    checks = check_goals(spec, rows)
+    if not checks:
+        return []
+    lines = ["", "## Goals", ""]
+    for c in checks:
+        what = c["metric"]
+        if c.get("relative_to"):
+            op = "/" if c.get("as") == "ratio" else "−"
+            what = f"{what} ({c['arm']} {op} {c['relative_to']})"
+        else:
+            what = f"{what} ({c['arm']})"
+        bound = f"≤ {c['max']}" if "max" in c else f"≥ {c['min']}"
+        if c["met"] is None:
+            lines.append(f"- {what} {bound}: not measured yet")
+        else:
+            verdict = "met" if c["met"] else f"**missed by {c['missed_by']:.3g}**"
+            lines.append(f"- {what} = {c['value']:.4g} (goal {bound}): {verdict}")
+    return lines

@@ -17,8 +17,11 @@ from typing import Any
 
 import yaml
 
-SPEC_KEYS = {"name", "base", "arms", "grid", "seeds", "seed_keys", "overrides", "judge", "report", "slurm"}
-ARM_KEYS = {"configs", "values", "seeds"}
+SPEC_KEYS = {
+    "name", "base", "arms", "grid", "seeds", "seed_keys", "overrides", "judge", "report", "slurm", "goals",
+}  # fmt: skip
+ARM_KEYS = {"configs", "values", "seeds", "train"}
+GOAL_KEYS = {"arm", "metric", "max", "min", "relative_to", "as"}
 SLURM_KEYS = {
     "partition", "account", "time", "gpus_per_task", "cpus_per_task", "mem", "max_parallel", "extra", "setup",
 }  # fmt: skip
@@ -27,6 +30,7 @@ DEFAULT_JUDGE = "fairtune.eval:judge_colored_digits"
 # Judge functions of earlier releases, still accepted in specs.
 JUDGE_ALIASES = {"fairtune.train._sweep:judge_colored_digits": DEFAULT_JUDGE}
 STATUS = "status.json"
+PROGRESS = "[sweep]"
 
 
 class SweepError(ValueError):
@@ -47,6 +51,8 @@ class RunSpec:
         seed: The seed, written to every key of ``seed_keys``.
         seed_keys: Where the seed goes.
         hash: The run's identity (folder name under ``DIR/runs``).
+        train: ``False``: nothing is trained; the model the configs describe is judged as it is
+            (the base row of a benchmark).
     """
 
     index: int
@@ -58,6 +64,7 @@ class RunSpec:
     seed: int
     seed_keys: list[str]
     hash: str = ""
+    train: bool = True
 
     def fit_command(self, run_dir: Path) -> list[str]:
         """The ``fairtune fit`` command line of this run."""
@@ -70,7 +77,16 @@ class RunSpec:
         for key in self.seed_keys:
             cmd.append(f"--{key}={self.seed}")
         cmd.append(f"--trainer.default_root_dir={run_dir}")
+        # a line per 25 steps (step, rate, time left), echoed by the runner while the child trains
+        cmd += [
+            "--trainer.callbacks+=fairtune.train.ProgressLog",
+            f"--trainer.callbacks.prefix={self.progress_prefix}",
+        ]
         return cmd
+
+    @property
+    def progress_prefix(self) -> str:
+        return f"{PROGRESS} {self.label} seed {self.seed}:"
 
 
 def _cli_value(value: Any) -> str:
@@ -87,6 +103,7 @@ class Spec:
     judge: dict | None
     report_metrics: list[str] | None
     slurm: dict = field(default_factory=dict)
+    goals: list[dict] = field(default_factory=list)
 
     @property
     def judge_hash(self) -> str:
@@ -122,8 +139,21 @@ def _as_list(value: Any, what: str) -> list:
     return value
 
 
-def load_spec(path: str | os.PathLike) -> Spec:
+def load_spec(
+    path: str | os.PathLike,
+    *,
+    overrides: dict[str, Any] | None = None,
+    arm_values: dict[str, dict[str, Any]] | None = None,
+    seeds: list[int] | None = None,
+) -> Spec:
     """Read and check a sweep spec; expand it into its runs (arm-major, then grid values, then seeds).
+
+    Args:
+        path: The spec (YAML).
+        overrides: Values given to every run on top of the spec's ``overrides`` (part of each
+            run's identity, like them).
+        arm_values: Per arm, values on top of its own.
+        seeds: Replace the spec's seeds.
 
     Raises:
         SweepError: an unknown key, a missing config file, an empty grid axis, a bad seed.
@@ -145,6 +175,17 @@ def load_spec(path: str | os.PathLike) -> Spec:
         arms_raw = {Path(str(p)).stem: [p] for p in arms_raw}
     if not isinstance(arms_raw, dict) or not arms_raw:
         raise SweepError(f"{path}: arms must be a mapping of name to overlays (or a list of overlays)")
+    if overrides:
+        raw["overrides"] = {**(raw.get("overrides") or {}), **overrides}
+    if seeds is not None:
+        raw["seeds"] = list(seeds)
+    for arm, extra in (arm_values or {}).items():
+        if arm not in arms_raw:
+            raise SweepError(f"{path}: no arm {arm!r} to set values on; arms: {sorted(arms_raw)}")
+        a = arms_raw[arm]
+        a = dict(a) if isinstance(a, dict) else {"configs": _as_list(a, f"arms.{arm}")}
+        a["values"] = {**(a.get("values") or {}), **extra}
+        arms_raw[arm] = a
     seeds = [_seed(s, "seeds") for s in _as_list(raw.get("seeds", [0]), "seeds")]
     if not seeds:
         raise SweepError(f"{path}: seeds is empty")
@@ -168,11 +209,14 @@ def load_spec(path: str | os.PathLike) -> Spec:
                 )
             overlays = _as_list(arm_raw.get("configs"), f"arms.{arm}.configs")
             arm_values = arm_raw.get("values") or {}
+            arm_train = arm_raw.get("train", True)
+            if not isinstance(arm_train, bool):
+                raise SweepError(f"{path}: arms.{arm}.train must be true or false, got {arm_train!r}")
             arm_seeds = [
                 _seed(s, f"arms.{arm}.seeds") for s in _as_list(arm_raw.get("seeds"), "seeds")
             ] or seeds
         else:
-            overlays, arm_values, arm_seeds = _as_list(arm_raw, f"arms.{arm}"), {}, seeds
+            overlays, arm_values, arm_seeds, arm_train = _as_list(arm_raw, f"arms.{arm}"), {}, seeds, True
         configs = base + [_resolve(str(p), spec_dir, f"arms.{arm}") for p in overlays]
         for combo in itertools.product(*grid.values()) if grid else [()]:
             grid_values = dict(zip(grid.keys(), combo))
@@ -188,6 +232,7 @@ def load_spec(path: str | os.PathLike) -> Spec:
                     overrides=dict(overrides),
                     seed=seed,
                     seed_keys=seed_keys,
+                    train=arm_train,
                 )
                 identity = {
                     "configs": [content(c) for c in run.configs],
@@ -195,6 +240,7 @@ def load_spec(path: str | os.PathLike) -> Spec:
                     "overrides": run.overrides,
                     "seed": seed,
                     "seed_keys": seed_keys,
+                    **({} if arm_train else {"train": False}),
                 }
                 run.hash = _digest(identity)[:12]
                 runs.append(run)
@@ -206,6 +252,20 @@ def load_spec(path: str | os.PathLike) -> Spec:
         judge = {"function": judge.get("function") or DEFAULT_JUDGE, "options": judge.get("options") or {}}
         _import_function(judge["function"])  # fail now, not after the first training
     report = raw.get("report") or {}
+    goals = _as_list(raw.get("goals") or [], "goals")
+    for i, g in enumerate(goals):
+        if not isinstance(g, dict) or set(g) - GOAL_KEYS or not {"arm", "metric"} <= set(g):
+            raise SweepError(
+                f"{path}: goals[{i}] must be a mapping with arm, metric and max or min; "
+                f"known keys: {sorted(GOAL_KEYS)}"
+            )
+        if ("max" in g) == ("min" in g):
+            raise SweepError(f"{path}: goals[{i}] needs exactly one of max and min")
+        for a in (g["arm"], g.get("relative_to")):
+            if a is not None and a not in arms_raw:
+                raise SweepError(
+                    f"{path}: goals[{i}] names arm {a!r}, not an arm of the spec ({sorted(arms_raw)})"
+                )
     slurm = raw.get("slurm") or {}
     bad = set(slurm) - SLURM_KEYS
     if bad:
@@ -217,6 +277,7 @@ def load_spec(path: str | os.PathLike) -> Spec:
         judge=judge,
         report_metrics=report.get("metrics"),
         slurm=slurm,
+        goals=goals,
     )
 
 

@@ -17,6 +17,7 @@ from ._colored_digits import Judges, load_judges
 from ._config import PromptEntry, PromptGroup
 from ._generation import GenerationConfig, generate
 from ._panel import JudgePanel, colored_digits_panel, load_reference_images
+from ._report import image_grid
 from ._scoring import score_judged
 
 
@@ -164,11 +165,12 @@ def judge_colored_digits(
     color_judge: str = "hue",
     reference: str | None = None,
     reference_n: int = 2000,
+    sample_grid: bool = False,
 ) -> dict[str, float]:
-    """Judge a trained run on ColoredDigits-Bias: the base model (``model.backbone`` of the run's
-    resolved config) with the run's adapter fused in, ``n_per_prompt`` images per digit from a neutral
-    prompt, scored against the run's own target (``data.target``); digits in ``data.concepts`` count as
-    seen, the others as held out.
+    """Judge a run on ColoredDigits-Bias: the base model (``model.backbone`` of the run's resolved
+    config) with the run's adapter fused in (or as it is, for a run that trains nothing),
+    ``n_per_prompt`` images per digit from a neutral prompt, scored against the run's own target
+    (``data.target``); digits in ``data.concepts`` count as seen, the others as held out.
 
     Args:
         run_dir: The run folder (``adapter/`` or ``model/``, ``config.yaml``).
@@ -185,6 +187,7 @@ def judge_colored_digits(
         reference: A ColoredDigits data folder (or its ``table``) whose held-out split is the real
             reference for the Fréchet distance; ``None`` skips it.
         reference_n: Real images in the reference.
+        sample_grid: Also write ``run_dir/samples.png`` (8 images per digit).
 
     Returns:
         Flat metrics: the scoring engine's summary (``mean_dev_seen``, ``worst_dev_seen``,
@@ -205,8 +208,10 @@ def judge_colored_digits(
         load_adapter(bb, run_dir / "adapter", fuse=True)
     elif (run_dir / "model").is_dir():
         bb = Backbone.from_config(BackboneConfig(**{**bcfg, "pretrained": str(run_dir / "model")}))
+    elif bcfg.get("pretrained") is not None:  # nothing trained: the base model as it is
+        bb = Backbone.from_config(BackboneConfig(**bcfg))
     else:
-        raise ValueError(f"{run_dir}: no adapter/ or model/ to judge")
+        raise ValueError(f"{run_dir}: no adapter/ or model/ to judge, and no pretrained base in its config")
     data = config.get("data") or {}
     target = Target(
         TargetConfig(**(data.get("target") or {})),
@@ -249,7 +254,14 @@ def judge_colored_digits(
     }
     first = target.groups[0]
     for d in digits:
-        out[f"{first}_share_d{d}"] = float(ev["per_concept"][f"digit {d}"]["p_hat"][0])
+        share = ev["per_concept"][f"digit {d}"]["p_hat"][0]
+        out[f"{first}_share_d{d}"] = float("nan") if share is None else float(share)
+    if sample_grid:  # the first 8 images of every digit, upscaled 3x, to look at
+        from PIL import Image
+
+        grid = image_grid(ev["images"], n_prompts=len(digits), n_per_prompt=n_per_prompt, columns=8)
+        h, w = grid.shape[:2]
+        Image.fromarray(grid).resize((w * 3, h * 3), Image.NEAREST).save(run_dir / "samples.png")
     return out
 
 

@@ -336,9 +336,9 @@ def audit(
     adapter: Path | None = None,
     fuse: bool = True,
     kind: Literal["auto", "tiny", "sd"] = "auto",
-    judges: JudgeConfig = JudgeConfig(),  # noqa: B008 - jsonargparse reads the default
-    target: TargetConfig = TargetConfig(),  # noqa: B008
-    generation: GenerationConfig = GenerationConfig(),  # noqa: B008
+    judges: JudgeConfig = JudgeConfig(),
+    target: TargetConfig = TargetConfig(),
+    generation: GenerationConfig = GenerationConfig(),
     n_boot: int = 1000,
     grid_columns: int = 8,
     name: str | None = None,

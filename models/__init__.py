@@ -1,5 +1,10 @@
-"""Backbones (tiny text-to-image, Stable Diffusion), LoRA attach/export."""
+"""Backbones (tiny text-to-image, Stable Diffusion), LoRA attach / export, the adversary head,
+attribute classifiers, and the inference-time baselines (Fair Diffusion, prompt augmentation).
 
+``fairtune.models`` imports only ``fairtune.data``.
+"""
+
+from . import _quiet as _quiet  # first: silences an import-time notice of transformers
 from ._adversary import (
     AdversaryConfig,
     AttributeHead,
@@ -15,6 +20,12 @@ from ._backbones import (
     TinyUNetConfig,
     default_text_encoder,
     resolve_shipped,
+)
+from ._baselines import (
+    FairDiffusionConfig,
+    FairDiffusionPipeline,
+    SemanticGuidance,
+    fair_diffusion_sample,
 )
 from ._classifiers import (
     ClassifierConfig,
@@ -38,65 +49,53 @@ from ._lora import (
     lora_state_dict,
     save_lora,
 )
-
-__all__ = [
-    "ClassifierConfig",
-    "CNNTrainConfig",
-    "SmallCNN",
-    "features_batched",
-    "import_module_class",
-    "load_classifier",
-    "predict_batched",
-    "save_safetensors_atomic",
-    "train_attribute_classifier",
-    "train_cnn",
-    "AdversaryConfig",
-    "AttributeHead",
-    "MidBlockFeatures",
-    "adversary_losses",
-    "grad_reverse",
-    "ATTENTION",
-    "ATTENTION_AND_CONVS",
-    "BACKBONE_FILE",
-    "resolve_shipped",
-    "LORA_WEIGHT_NAME",
-    "Backbone",
-    "BackboneConfig",
-    "LoraConfig",
-    "TinyTextToImagePipeline",
-    "TinyUNetConfig",
-    "attach_lora",
-    "load_adapter",
-    "default_text_encoder",
-    "lora_state_dict",
-    "save_lora",
-]
-
-from ._tiny_sd import make_tiny_stable_diffusion  # noqa: E402
-
-__all__ += ["make_tiny_stable_diffusion"]
-
-from ._baselines import (  # noqa: E402
-    FairDiffusionConfig,
-    FairDiffusionPipeline,
-    SemanticGuidance,
-    fair_diffusion_sample,
-)
-from ._prompt_augmentation import (  # noqa: E402
+from ._prompt_augmentation import (
     PromptAugmentationConfig,
     augment_prompts,
     draw_classes,
     unet_evals_per_image,
 )
+from ._tiny_sd import make_tiny_stable_diffusion
 
-__all__ += [
-    "FairDiffusionConfig",
-    "FairDiffusionPipeline",
-    "PromptAugmentationConfig",
-    "SemanticGuidance",
+__all__ = [
+    "adversary_losses",
+    "AdversaryConfig",
+    "attach_lora",
+    "ATTENTION",
+    "ATTENTION_AND_CONVS",
+    "AttributeHead",
     "augment_prompts",
+    "Backbone",
+    "BACKBONE_FILE",
+    "BackboneConfig",
+    "ClassifierConfig",
+    "CNNTrainConfig",
+    "default_text_encoder",
     "draw_classes",
     "fair_diffusion_sample",
+    "FairDiffusionConfig",
+    "FairDiffusionPipeline",
+    "features_batched",
+    "grad_reverse",
+    "import_module_class",
+    "load_adapter",
+    "load_classifier",
+    "lora_state_dict",
+    "LORA_WEIGHT_NAME",
+    "LoraConfig",
+    "make_tiny_stable_diffusion",
+    "MidBlockFeatures",
+    "predict_batched",
+    "PromptAugmentationConfig",
+    "resolve_shipped",
+    "save_lora",
+    "save_safetensors_atomic",
+    "SemanticGuidance",
+    "SmallCNN",
+    "TinyTextToImagePipeline",
+    "TinyUNetConfig",
+    "train_attribute_classifier",
+    "train_cnn",
     "unet_evals_per_image",
 ]
 

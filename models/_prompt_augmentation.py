@@ -147,7 +147,6 @@ def _check_prompts(prompts: list[str], seeds: list[int] | None = None) -> None:
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per prompt")
 
 
-
 # ------------------------------------------------------------------------------- prompt augmentation
 _ARTICLE = re.compile(r"^(a|an|the)\s+(.+)$", re.IGNORECASE | re.DOTALL)
 

@@ -1,11 +1,14 @@
 """``fairtune demo`` end to end at toy scale: trains both arms, compares five methods, resumes."""
 
 import json
+from pathlib import Path
+
+import yaml
 
 from fairtune.cli import main
 
 
-def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path):
+def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
     from fairtune.models import train_attribute_classifier
 
     clf = tmp_path / "clf"
@@ -27,14 +30,21 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path):
     methods = metrics["methods"] if "methods" in metrics else metrics
     names = set(methods) if isinstance(methods, dict) else {m["name"] for m in methods}
     assert {"base", "naive", "debiased", "fair_diffusion", "prompt_augmentation"} <= names
-    for arm in ("naive", "all"):
-        assert (out / arm / "adapter" / "pytorch_lora_weights.safetensors").exists()
-        assert json.loads((out / arm / "finished.json").read_text())["steps"] == 2
+    record = json.loads((out / "demo.json").read_text())
+    assert set(record["runs"]) == {"naive", "all"} and record["train_all_s"] > 0
+    for arm, run in record["runs"].items():
+        assert (Path(run) / "adapter" / "pytorch_lora_weights.safetensors").exists()
+        config = yaml.safe_load((Path(run) / "config.yaml").read_text())
+        assert config["trainer"]["max_steps"] == 2
+        assert (config["model"]["fairness"] is not None) == (arm == "all")
+    # the comparison judged this run's adapters
+    assert methods["debiased"]["adapter"] == str(Path(record["runs"]["all"]) / "adapter")
     assert (out / "compare" / "report.html").stat().st_size > 0
-    timing = json.loads((out / "demo.json").read_text())
-    assert timing["train_all_s"] > 0
+    # the sweep runner echoed the children's progress lines
+    assert "[sweep] all seed 0: step" in capfd.readouterr().err
 
     # Started again, the finished trainings are skipped (their adapters untouched).
-    before = (out / "all" / "adapter" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns
+    adapter = Path(record["runs"]["all"]) / "adapter" / "pytorch_lora_weights.safetensors"
+    before = adapter.stat().st_mtime_ns
     main(args)
-    assert (out / "all" / "adapter" / "pytorch_lora_weights.safetensors").stat().st_mtime_ns == before
+    assert adapter.stat().st_mtime_ns == before

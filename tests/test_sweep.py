@@ -187,7 +187,8 @@ def test_grid_and_seeds_expand_with_stable_hashes(tmp_path):
     assert a.runs[0].label == "naive rank=4 lr=0.001" and a.runs[3].label == "naive rank=8 lr=0.001"
     cmd = a.runs[4].fit_command(tmp_path / "r")
     assert "--model.lora.rank=8" in cmd and "--model.seed=1" in cmd and "--seed_everything=1" in cmd
-    assert cmd[-1] == f"--trainer.default_root_dir={tmp_path / 'r'}"
+    assert f"--trainer.default_root_dir={tmp_path / 'r'}" in cmd
+    assert cmd[-1] == "--trainer.callbacks.prefix=[sweep] naive rank=8 lr=0.001 seed 1:"
     # a comment in an overlay does not change a run's identity; a value does
     overlay = tmp_path / "naive.yaml"
     overlay.write_text((ABLATIONS / "naive.yaml").read_text())
@@ -223,3 +224,49 @@ def test_the_shipped_ablation_spec_expands_to_commands_fit_accepts():
         cfg = parse(args=args)
         assert cfg.seed_everything == cfg.model.seed == cfg.data.seed == run.seed
         assert cfg.trainer.default_root_dir == "/tmp/never-written"
+
+
+def test_an_untrained_arm_is_judged_as_it_is_and_goals_come_from_the_spec(
+    digits_dir,
+    quick_judges,
+    tiny_base,  # noqa: F811
+    tmp_path,
+):
+    from fairtune.cli import check_goals, read_status
+
+    base = tiny_config(digits_dir, tiny_base, tmp_path / "tiny.yaml", **{"trainer.max_steps": 2})
+    spec_path = _spec(
+        tmp_path,
+        base,
+        quick_judges,
+        seeds=[0],
+        goals=[
+            {"arm": "naive", "metric": "mean_dev_seen", "max": 1.0},
+            {"arm": "naive", "metric": "fidelity", "relative_to": "base", "min": 2.0},  # cannot be met
+        ],
+    )
+    raw = yaml.safe_load(spec_path.read_text())
+    raw["arms"] = {"base": {"configs": [], "train": False}, "naive": [str(ABLATIONS / "naive.yaml")]}
+    spec_path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "sweep"
+    summary = run_sweep(spec_path, out)
+    spec = load_spec(spec_path)
+    assert len(summary["done"]) == 2 and not summary["failed"]
+    base_run = out / "runs" / spec.runs[0].hash
+    assert (base_run / "config.yaml").is_file() and not (base_run / "adapter").exists()
+    assert not (base_run / "fit.log").exists()  # nothing was trained
+    assert "mean_dev_seen" in read_status(base_run)["metrics"]
+
+    report = (out / "ablation.md").read_text()
+    assert "## Goals" in report and "missed by" in report and ": met" in report
+    naive = read_status(out / "runs" / spec.runs[1].hash)["metrics"]
+    rows = [{"arm_name": "base", "fidelity_mean": 0.5}, {"arm_name": "naive", "fidelity_mean": 0.75}]
+    rows[1]["mean_dev_seen_mean"] = naive["mean_dev_seen"]
+    checks = check_goals(spec, rows)
+    assert checks[1]["value"] == pytest.approx(0.25) and checks[1]["met"] is False
+    assert checks[1]["missed_by"] == pytest.approx(1.75)
+
+    bad = dict(raw, goals=[{"arm": "nope", "metric": "fidelity", "max": 1}])
+    spec_path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(SweepError, match="names arm 'nope'"):
+        load_spec(spec_path)

@@ -10,6 +10,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 
 from fairtune.models import (
     AdversaryConfig,
@@ -197,8 +198,7 @@ class DebiasModule(L.LightningModule):
             target = noise
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.min_snr_gamma is not None:
-            ac = sched.alphas_cumprod.to(latents.device)[t]
-            snr = ac / (1 - ac)
+            snr = compute_snr(sched, t)
             w = torch.clamp(snr, max=self.min_snr_gamma)
             w = w / (snr + 1) if sched.config.prediction_type == "v_prediction" else w / snr
             per_sample = per_sample * w

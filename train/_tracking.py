@@ -360,7 +360,8 @@ def finish_wandb(trainer) -> None:
 
 
 class ProgressLog(L.Callback):
-    """One line per ``every_n_steps`` optimizer steps on stderr: step, rate, time left (rank 0 only).
+    """One line per ``every_n_steps`` optimizer steps, and at the last, on stderr: step, rate, time left
+    (rank 0 only).
 
     For runs without a progress bar (a child process of ``fairtune demo`` or ``sweep``, batch jobs
     whose logs are files), so a long step shows it is alive and how long it will take.
@@ -380,11 +381,11 @@ class ProgressLog(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or self._t0 is None or step % self.every_n_steps:
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        if not trainer.is_global_zero or self._t0 is None or (step % self.every_n_steps and step != total):
             return
         done = step - self._step0
         rate = done / max(time.perf_counter() - self._t0, 1e-9)
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         left = f", {(total - step) / rate / 60:.1f} min left" if total and rate > 0 else ""
         of = f"/{total}" if total else ""
         print(f"{self.prefix} step {step}{of}, {rate:.2f} steps/s{left}", file=sys.stderr, flush=True)
