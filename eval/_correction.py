@@ -108,6 +108,7 @@ def corrected_shares(
     level: float = 0.95,
     seed: int = 0,
     target=None,
+    confusion_boot: np.ndarray | None = None,
 ) -> dict:
     """Judged shares corrected for the judge's own error, with a bootstrap interval.
 
@@ -122,6 +123,8 @@ def corrected_shares(
         seed: Seed of the bootstrap.
         target: ``(K,)`` target mix; with it, ``dev`` (``max_k |p_k − q_k|`` of the corrected shares)
             and its percentile interval ``dev_low``/``dev_high`` are added.
+        confusion_boot: ``(n_boot, K, K + 1)`` resampled confusion matrices to reuse (see
+            :func:`bootstrap_confusions`; e.g. one set for every prompt of a comparison).
 
     Returns:
         ``judged``: ``(K,)`` raw judged shares among all images (undetermined included in the
@@ -136,17 +139,13 @@ def corrected_shares(
     b = judged_shares(j, n_classes)
     point = solve_shares(conf, b)
     rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(ct == k) for k in range(n_classes)]
-    cj_col = np.where(cj < 0, n_classes, cj)
-    cols = np.arange(n_classes + 1)
-    # Resampled confusion rows, all replicates at once: (n_boot, K, K + 1).
-    c_boot = np.stack(
-        [
-            (cj_col[idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))]][..., None] == cols).mean(1)
-            for idx in by_class
-        ],
-        axis=1,
+    c_boot = (
+        confusion_boot if confusion_boot is not None else bootstrap_confusions(ct, cj, n_classes, n_boot, rng)
     )
+    if c_boot.shape != (n_boot, n_classes, n_classes + 1):
+        raise ValueError(
+            f"confusion_boot has shape {c_boot.shape}, expected {(n_boot, n_classes, n_classes + 1)}"
+        )
     b_boot = rng.multinomial(len(j), b, size=n_boot) / len(j)
     reps = np.stack([solve_shares(c_boot[r], b_boot[r]) for r in range(n_boot)])
     alpha = (1 - level) / 2
@@ -170,6 +169,20 @@ def corrected_shares(
         "n": int(len(j)),
         "n_calibration": int(len(ct)),
     }
+
+
+def bootstrap_confusions(true, judged, n_classes: int, n_boot: int, rng) -> np.ndarray:
+    """``(n_boot, K, K + 1)`` confusion matrices of calibration sets resampled within each true class."""
+    ct = _labels(true, "calibration_true", n_classes)
+    cj = _labels(judged, "calibration_judged", n_classes)
+    confusion_matrix(ct, cj, n_classes)  # validates: every class present, no unknown true label
+    cj_col = np.where(cj < 0, n_classes, cj)
+    rows = []
+    for k in range(n_classes):
+        idx = np.flatnonzero(ct == k)
+        draw = cj_col[idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))]]
+        rows.append(np.stack([np.bincount(d, minlength=n_classes + 1) for d in draw]) / len(idx))
+    return np.stack(rows, axis=1)
 
 
 def judge_agreement(a, b, n_classes: int) -> dict:
@@ -301,6 +314,11 @@ def score_measurement(
     """
     y = np.asarray(labels, dtype=np.int64)
     y2 = None if second is None else np.asarray(second, dtype=np.int64)
+    c_boot = None
+    if calibration is not None:  # one set of resampled confusions, shared by every prompt
+        c_boot = bootstrap_confusions(
+            calibration[0], calibration[1], n_classes, n_boot, np.random.default_rng(seed)
+        )
     per: dict = {}
     for b, e in enumerate(entries):
         sl = slice(b * n_per_prompt, (b + 1) * n_per_prompt)
@@ -308,7 +326,7 @@ def score_measurement(
         if calibration is not None:
             c = corrected_shares(
                 y[sl], calibration[0], calibration[1], n_classes,
-                n_boot=n_boot, seed=seed + b, target=target_of(e.concept),
+                n_boot=n_boot, seed=seed + b + 1, target=target_of(e.concept), confusion_boot=c_boot,
             )  # fmt: skip
             r.update(
                 corrected=c["corrected"].tolist(),
