@@ -19,8 +19,7 @@ import torch
 
 from _common import write_results
 from fairtune.data import BACKGROUND, INK, render
-from fairtune.eval import HueJudge
-from fairtune.eval._correction import corrected_shares, judged_shares
+from fairtune.eval import HueJudge, corrected_shares, judged_shares
 
 FLIP = np.array([[0.90, 0.10, 0.00], [0.35, 0.60, 0.05]])  # noisy call | hue call (red, blue, undet.)
 

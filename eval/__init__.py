@@ -11,6 +11,7 @@ from ._benchmark import (
     judge_digit_images,
     load_benchmark_judges,
 )
+from ._clip_judge import ClipJudgeConfig, attach_measurement, build_clip_judge, load_labelled_images
 from ._colored_digits import UNDETERMINED, HueJudge, Judges, JudgeTrainConfig, load_judges, train_judges
 from ._compare import (
     audit,
@@ -29,6 +30,17 @@ from ._config import (
     PromptGroup,
     load_prompt_file,
     prompt_entries,
+)
+from ._correction import (
+    bootstrap_confusions,
+    change_score,
+    change_scores,
+    confusion_matrix,
+    corrected_shares,
+    judge_agreement,
+    judged_shares,
+    score_measurement,
+    solve_shares,
 )
 from ._generation import GenerationConfig, MethodImages, generate, generate_method, images_fingerprint
 from ._metrics import (
@@ -111,4 +123,17 @@ __all__ = [
     "wilson_interval",
     "write_metrics",
     "write_report",
+    "ClipJudgeConfig",
+    "attach_measurement",
+    "build_clip_judge",
+    "load_labelled_images",
+    "bootstrap_confusions",
+    "change_score",
+    "change_scores",
+    "confusion_matrix",
+    "corrected_shares",
+    "judge_agreement",
+    "judged_shares",
+    "score_measurement",
+    "solve_shares",
 ]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fairtune.models._clip import (
+from fairtune.models import (
     CLIPImageFeatures,
     CLIPLinearProbe,
     CLIPZeroShotClassifier,
@@ -160,7 +160,7 @@ def test_probe_data_errors_name_the_record(tiny_clip, tmp_path):
 
 def test_probe_from_the_cli_serves_as_lever_3_classifier_and_as_judge(tiny_clip, tmp_path, capsys):
     from fairtune.cli import main
-    from fairtune.eval._clip_judge import ClipJudgeConfig, build_clip_judge
+    from fairtune.eval import ClipJudgeConfig, build_clip_judge
     from fairtune.models import ClassifierConfig, load_classifier
 
     data = _color_folder(tmp_path / "data")

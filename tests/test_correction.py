@@ -4,7 +4,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from fairtune.data import BACKGROUND, INK, render
-from fairtune.eval._correction import (
+from fairtune.eval import (
     change_score,
     change_scores,
     confusion_matrix,

@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from fairtune.models._model_card import add_audit_to_model_card, audit_section, write_model_card
+from fairtune.models import add_audit_to_model_card, audit_section, write_model_card
 
 CARD = dict(
     base_model="stable-diffusion-v1-5/stable-diffusion-v1-5",
