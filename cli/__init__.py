@@ -142,6 +142,43 @@ def classifier_train(
     print(json.dumps({k: report[k] for k in ("heldout_accuracy", "heldout_accuracy_perturbed")}, indent=2))
 
 
+def classifier_clip_probe(
+    *,
+    data: Path,
+    out: Path,
+    clip: str,
+    attribute: str,
+    classes: list[str] | None = None,
+    image_column: str = "image",
+    val_fraction: float = 0.2,
+    C: float = 10.0,
+    seed: int = 0,
+) -> None:
+    """Train a linear probe on CLIP image embeddings of labelled images: a classifier for lever 3
+    (``module: fairtune.models.CLIPLinearProbe``, ``init_args: {probe: OUT}``) or a judge
+    (``judges.clip.probe: OUT``; never the same one for both).
+
+    Args:
+        data: An imagefolder with metadata.jsonl, a save_to_disk folder or parquet, with a label column.
+        out: Output folder for probe.safetensors and probe.json.
+        clip: CLIP folder (local path or hub id).
+        attribute: The label column (and the attribute's name).
+        classes: Class names in order; default the sorted distinct labels.
+        image_column: Column of the images.
+        val_fraction: Share of each class held out for the reported accuracy and confusion matrix.
+        C: Inverse L2 strength of the logistic regression.
+        seed: Seed of the split.
+    """
+    from fairtune.models import train_clip_probe
+
+    report = train_clip_probe(
+        data, out, clip=clip, attribute=attribute, classes=classes, image_column=image_column,
+        val_fraction=val_fraction, C=C, seed=seed,
+    )  # fmt: skip
+    keys = ("classes", "n_train", "n_val", "train_accuracy", "val_accuracy", "majority_rate", "val_confusion")
+    print(json.dumps({k: report[k] for k in keys}, indent=2))
+
+
 __all__ = [
     "FairtuneCLI",
     "Spec",
@@ -241,6 +278,7 @@ def _run(argv: list[str]) -> None:
             "classifier": {
                 "_help": "Train lever 3's attribute classifier (not a judge).",
                 "train": classifier_train,
+                "clip-probe": classifier_clip_probe,
             },
             "flag": {
                 "_help": "Reviewers' flags on biased outputs (a SQL database; docs/feedback_loop.md).",

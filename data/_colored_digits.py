@@ -298,6 +298,14 @@ def ink_map(x: torch.Tensor) -> torch.Tensor:
     return d / d.flatten(1).amax(1).clamp_min(1e-6)[:, None, None, None]
 
 
+class InkMap(torch.nn.Module):
+    """:func:`ink_map` as a parameter-free module: ColoredDigits' preservation features for lever 3
+    (``fairness.preservation: {features: module, module: fairtune.data.InkMap}``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ink_map(x)
+
+
 def ink_alpha(images: torch.Tensor) -> torch.Tensor:
     """``(B, 1, H, W)`` ink opacity: distance to the image's median (background) colour, 0.6 = full ink."""
     bg = images.flatten(2).median(dim=2).values[..., None, None]  # (B, 3, 1, 1)

@@ -27,7 +27,14 @@ import numpy as np
 import torch
 
 from fairtune.data import Target, TargetConfig
-from fairtune.models import BACKBONE_FILE, LORA_WEIGHT_NAME, Backbone, BackboneConfig, resolve_shipped
+from fairtune.models import (
+    BACKBONE_FILE,
+    LORA_WEIGHT_NAME,
+    Backbone,
+    BackboneConfig,
+    add_audit_to_model_card,
+    resolve_shipped,
+)
 
 from ._config import (
     ROLES,
@@ -40,6 +47,7 @@ from ._config import (
     prompt_entries,
     validate_methods,
 )
+from ._correction import change_scores, confusion_matrix, score_measurement
 from ._generation import GenerationConfig, MethodImages, generate_method, images_fingerprint, method_backbone
 from ._panel import JudgePanel, build_judges, build_target
 from ._scoring import score_judged
@@ -55,9 +63,12 @@ def judge_method(
     frechet_roles: Sequence[str] = ("seen", "heldout"),
     progress: bool = True,
     desc: str = "judge",
+    correction_boot: int = 1000,
 ) -> dict:
     """Judge one method's images and score them with the scoring engine (:func:`score_judged`),
-    adding the method's cost (UNet evaluations and seconds per image)."""
+    adding the method's cost (UNet evaluations and seconds per image) and, where the panel has them,
+    judge-corrected shares and two-judge agreement (:func:`score_measurement`); the change-score
+    features ride along under ``change_features`` (``None`` without)."""
     judged = panel.judge(result.images, desc=desc, progress=progress)
     scored = score_judged(
         judged,
@@ -70,6 +81,17 @@ def judge_method(
         frechet_roles=frechet_roles,
         drawn=result.drawn,
     )
+    cal = panel.calibration_labels(progress=progress)
+    if cal is not None or judged.get("second") is not None:
+        extra = score_measurement(
+            judged["attribute"], entries, n_per_prompt=n_per_prompt, n_classes=len(target.groups),
+            target_of=target.proportions, calibration=None if cal is None else (cal["true"], cal["first"]),
+            second=judged.get("second"), n_boot=correction_boot,
+        )  # fmt: skip
+        for key, rec in extra["per_concept"].items():
+            scored["per_concept"][key].update(rec)
+        scored["summary"].update(extra["summary"])
+    scored["change_features"] = judged.get("change")
     n_images = len(result.images)
     scored["summary"].update(
         unet_evals_per_image=result.unet_rows / max(n_images, 1),
@@ -150,11 +172,12 @@ def compare_methods(
 
     methods_out: dict[str, dict] = {}
     images_by_method: dict[str, torch.Tensor] = {}
+    change_feats: dict[str, np.ndarray | None] = {}
     for m in config.methods:
         key = method_key(config, m, bb_cfg)
         cached = _load_method(cache_dir, m.name, key) if cache_dir is not None else None
         if cached is not None:  # finished by an earlier start of the same comparison
-            methods_out[m.name], images_by_method[m.name] = cached
+            methods_out[m.name], images_by_method[m.name], change_feats[m.name] = cached
             continue
         try:
             bb = method_backbone(backbone, m)
@@ -169,7 +192,9 @@ def compare_methods(
                 frechet_roles=config.frechet_roles,
                 progress=progress,
                 desc=f"judge {m.name}",
+                correction_boot=config.judges.correction_boot,
             )
+            change_feats[m.name] = judged.pop("change_features")
         except Exception as e:  # one bad method costs only itself; the report says why it failed
             if not keep_going:
                 raise
@@ -182,7 +207,22 @@ def compare_methods(
         )
         images_by_method[m.name] = res.images
         if cache_dir is not None:
-            _save_method(cache_dir, m.name, key, methods_out[m.name], res.images)
+            _save_method(cache_dir, m.name, key, methods_out[m.name], res.images, change_feats[m.name])
+
+    measurement = add_change_scores(methods_out, change_feats, config.methods)
+    cal = panel.calibration_labels(progress=progress)
+    if cal is not None:
+        k = len(target.groups)
+        second = cal["second"]
+        measurement["calibration"] = {
+            "n": int(len(cal["true"])),
+            "confusion_first": confusion_matrix(cal["true"], cal["first"], k).tolist(),
+            "accuracy_first": float(np.mean(cal["true"] == cal["first"])),
+            "confusion_second": None if second is None else confusion_matrix(cal["true"], second, k).tolist(),
+            "accuracy_second": None if second is None else float(np.mean(cal["true"] == second)),
+        }
+    if panel.second_fn is not None:
+        measurement["second_judge"] = panel.second_description
 
     metrics = _jsonable(
         {
@@ -198,6 +238,7 @@ def compare_methods(
             "frechet_roles": list(config.frechet_roles),
             "prompts": [asdict(e) for e in entries],
             "methods": methods_out,
+            "measurement": measurement,
             "config": asdict(config),
         }
     )
@@ -230,21 +271,26 @@ def _method_paths(cache_dir: str | Path, name: str) -> tuple[Path, Path]:
     return d / f"{safe}.json", d / f"{safe}.images.safetensors"
 
 
-def _save_method(cache_dir, name: str, key: str, result: dict, images: torch.Tensor) -> None:
+def _save_method(
+    cache_dir, name: str, key: str, result: dict, images: torch.Tensor, features: np.ndarray | None
+) -> None:
     from safetensors.torch import save_file
 
     js, im = _method_paths(cache_dir, name)
     js.parent.mkdir(parents=True, exist_ok=True)
     q = (images.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
     tmp = im.with_name(im.name + ".tmp")
-    save_file({"images": q}, str(tmp))
+    tensors = {"images": q}
+    if features is not None:
+        tensors["change_features"] = torch.as_tensor(np.ascontiguousarray(features))
+    save_file(tensors, str(tmp))
     os.replace(tmp, im)
     tmp = js.with_name(js.name + ".tmp")
     tmp.write_text(json.dumps({"key": key, "result": result}, allow_nan=False))
     os.replace(tmp, js)  # written last: its presence means both files are whole
 
 
-def _load_method(cache_dir, name: str, key: str) -> tuple[dict, torch.Tensor] | None:
+def _load_method(cache_dir, name: str, key: str) -> tuple[dict, torch.Tensor, np.ndarray | None] | None:
     from safetensors.torch import load_file
 
     js, im = _method_paths(cache_dir, name)
@@ -252,10 +298,32 @@ def _load_method(cache_dir, name: str, key: str) -> tuple[dict, torch.Tensor] | 
         saved = json.loads(js.read_text())
         if saved.get("key") != key:
             return None
-        images = load_file(str(im))["images"].float() / 255.0
+        tensors = load_file(str(im))
     except Exception:  # absent, or cut short by a kill: generate again
         return None
-    return saved["result"], images
+    feats = tensors["change_features"].numpy() if "change_features" in tensors else None
+    return saved["result"], tensors["images"].float() / 255.0, feats
+
+
+def add_change_scores(
+    methods_out: dict[str, dict], features: Mapping[str, np.ndarray | None], methods: Sequence[MethodConfig]
+) -> dict:
+    """Same-seed change score of every method against the ``base`` method (into each summary as
+    ``change_score`` and ``change_score_ci``); returns what ``metrics["measurement"]`` records."""
+    base = next((m.name for m in methods if m.kind == "base"), None)
+    feats = {n: f for n, f in features.items() if f is not None}
+    for m in methods_out.values():
+        if m.get("failed"):
+            continue
+        m["summary"].setdefault("change_score", None)
+        m["summary"].setdefault("change_score_ci", None)
+    if base is None or base not in feats or len(feats) < 2:
+        return {"change_base": None}
+    for name, r in change_scores(feats, base=base).items():
+        methods_out[name]["summary"]["change_score"] = r["mean"]
+        methods_out[name]["summary"]["change_score_ci"] = [r["low"], r["high"]]
+    methods_out[base]["summary"]["change_score"] = 0.0
+    return {"change_base": base, "change_metric": "cosine distance (1 - cos) of paired image embeddings"}
 
 
 def write_metrics(metrics: Mapping, out: str | Path) -> Path:
@@ -268,9 +336,7 @@ def write_metrics(metrics: Mapping, out: str | Path) -> Path:
     return out / "metrics.json"
 
 
-def write_images(
-    images_by_method: Mapping[str, torch.Tensor], metrics: Mapping, out: str | Path
-) -> Path:
+def write_images(images_by_method: Mapping[str, torch.Tensor], metrics: Mapping, out: str | Path) -> Path:
     """Every image as a PNG, ``out/images/<k>/<prompt index>/<image index>.png`` (``k``: the method's
     position in ``metrics['methods']``), so a review page can show and flag single images."""
     from PIL import Image
@@ -330,6 +396,17 @@ def run_comparison(
         write_report(metrics, images, out, grid_columns=config.grid_columns)
         print(summary_markdown(metrics))
         print(f"wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'report.html'}", file=sys.stderr)
+    # An adapter's model card (written at export) gets the figures just measured.
+    for m in config.methods:
+        if metrics["methods"][m.name].get("failed"):
+            continue
+        if m.kind == "adapter" and m.adapter is not None:
+            try:
+                add_audit_to_model_card(
+                    m.adapter, metrics, method=m.name, command=f"see {out / 'metrics.json'}"
+                )
+            except OSError as exc:
+                print(f"could not update the model card in {m.adapter}: {exc}", file=sys.stderr)
     failed = {n: m["error"] for n, m in metrics["methods"].items() if m.get("failed")}
     if failed:
         why = "; ".join(f"{n}: {e}" for n, e in failed.items())

@@ -21,6 +21,7 @@ from fairtune.models import (
     PromptAugmentationConfig,
 )
 
+from ._clip_judge import ClipJudgeConfig
 from ._generation import GenerationConfig
 
 ROLES = ("seen", "heldout", "paraphrase")
@@ -138,6 +139,7 @@ class JudgeConfig:
         kind: ``colored_digits``: the ColoredDigits-Bias judges written by ``fairtune judges train``
             (colour by hue or CNN, the digit CNN for fidelity and Fréchet features). ``classifier``: any
             attribute classifier module with safetensors weights (e.g. for Stable Diffusion).
+            ``clip``: a CLIP judge (``clip``: zero-shot prompts per class, or a trained probe).
         path: ``colored_digits``: the judges folder (``judges.json``).
         color_judge: ``colored_digits``: ``hue`` (exact on the benchmark) or ``cnn``.
         attribute: ``classifier``: name of the attribute it judges (must be the target's attribute).
@@ -154,9 +156,20 @@ class JudgeConfig:
             held-out split) or a folder of image files; ``None``: no Fréchet distance.
         n_reference: Reference images used (a seeded random subset).
         batch_size: Images per judge batch.
+        clip: ``clip``: the CLIP judge (``attribute`` and ``classes`` name what it judges); its image
+            embeddings also feed the Fréchet distance.
+        second: A second, independent CLIP judge of the same attribute and classes: its agreement
+            with the first (raw and Cohen's kappa) is reported, per prompt and overall.
+        calibration: Labelled held-out images (imagefolder with ``metadata.jsonl`` or a table with a
+            column named ``attribute``), never trained on: each judge's confusion matrix is measured
+            on them and the judged shares are corrected for the first judge's error.
+        n_calibration: At most this many calibration images (a seeded random subset).
+        correction_boot: Bootstrap replicates of each corrected interval.
+        change_features: A CLIP folder whose image embeddings give the same-seed change score of each
+            method against the ``base`` method; ``None``: the ``clip`` judge's own, if any.
     """
 
-    kind: Literal["colored_digits", "classifier"] = "colored_digits"
+    kind: Literal["colored_digits", "classifier", "clip"] = "colored_digits"
     path: str | None = "runs/judges/colored-digits-16"
     color_judge: Literal["hue", "cnn"] = "hue"
     attribute: str = "color"
@@ -168,6 +181,12 @@ class JudgeConfig:
     reference: str | None = "runs/data/colored-digits-16"
     n_reference: int = 2000
     batch_size: int = 512
+    clip: ClipJudgeConfig = field(default_factory=ClipJudgeConfig)
+    second: ClipJudgeConfig | None = None
+    calibration: str | None = None
+    n_calibration: int = 2000
+    correction_boot: int = 1000
+    change_features: str | None = None
 
 
 def _default_backbone() -> BackboneConfig:

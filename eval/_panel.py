@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from fairtune.data import AttributeSpec, Target, TargetConfig, concept_name, images_from_table, load_table
 from fairtune.models import ClassifierConfig, load_classifier
 
+from ._clip_judge import attach_measurement, build_clip_judge
 from ._colored_digits import UNDETERMINED, Judges, load_judges
 from ._config import JudgeConfig
 
@@ -57,6 +58,13 @@ class JudgePanel:
         self.batch_size = batch_size
         self.image_size = image_size
         self._reference_features: np.ndarray | None = None
+        # Measuring with imperfect judges (attach_measurement): a second judge, labelled calibration
+        # images (images, labels) for judge-error correction, features for the same-seed change score.
+        self.second_fn = None
+        self.second_description = ""
+        self.calibration: tuple[torch.Tensor, np.ndarray] | None = None
+        self.change_fn = None
+        self._calibration_labels: dict | None = None
 
     def concept_index(self, concept: str) -> int | None:
         """Index of ``concept`` among the concept judge's classes, or ``None`` when it cannot judge it."""
@@ -87,7 +95,29 @@ class JudgePanel:
             "features": None
             if not self.has_frechet
             else self._batched(self.feature_fn, images, f"{desc}: features", progress),
+            "second": None
+            if self.second_fn is None
+            else self._batched(self.second_fn, images, f"{desc}: second judge", progress),
+            "change": None
+            if self.change_fn is None
+            else self._batched(self.change_fn, images, f"{desc}: change features", progress),
         }
+
+    def calibration_labels(self, *, progress: bool = True) -> dict | None:
+        """``{"true", "first", "second"}`` labels of the calibration images (``second`` ``None`` without a
+        second judge), or ``None`` without calibration images. Computed once."""
+        if self.calibration is None:
+            return None
+        if self._calibration_labels is None:
+            x, y = self.calibration
+            self._calibration_labels = {
+                "true": y,
+                "first": self._batched(self.attribute_fn, x, "calibration", progress),
+                "second": None
+                if self.second_fn is None
+                else self._batched(self.second_fn, x, "calibration: second judge", progress),
+            }
+        return self._calibration_labels
 
     def reference_features(self, *, progress: bool = True) -> np.ndarray | None:
         if not self.has_frechet:
@@ -188,7 +218,20 @@ def _classifier_fn(cfg: ClassifierConfig, *, n_classes: int, min_confidence: flo
 
 
 def build_judges(cfg: JudgeConfig, *, image_size: int | None = None) -> JudgePanel:
-    """Load the judges ``cfg`` names (and the reference images of the Fréchet distance).
+    """Load the judges ``cfg`` names (and the reference images of the Fréchet distance), with the
+    second judge, calibration images and change-score features it names, if any.
+
+    Raises:
+        FileNotFoundError: A judges folder, weights file or reference folder is missing.
+        ValueError: A setting does not fit the judge kind.
+    """
+    panel = _build_panel(cfg, image_size=image_size)
+    attach_measurement(panel, cfg, image_size=image_size)
+    return panel
+
+
+def _build_panel(cfg: JudgeConfig, *, image_size: int | None = None) -> JudgePanel:
+    """The first judge's panel (see :func:`build_judges`).
 
     Raises:
         FileNotFoundError: A judges folder, weights file or reference folder is missing.
@@ -254,7 +297,24 @@ def build_judges(cfg: JudgeConfig, *, image_size: int | None = None) -> JudgePan
             ),
             batch_size=cfg.batch_size,
         )
-    raise ValueError(f"judges.kind must be 'colored_digits' or 'classifier', got {cfg.kind!r}")
+    if cfg.kind == "clip":
+        if not cfg.classes:
+            raise ValueError(
+                "judges.kind='clip' needs judges.classes (the attribute's class names, in order)"
+            )
+        model, predict, how = build_clip_judge(cfg.clip, classes=list(cfg.classes), what="judges.clip")
+        if cfg.reference is not None:
+            reference = load_reference_images(cfg.reference, n=cfg.n_reference, image_size=image_size)
+        return JudgePanel(
+            attribute=cfg.attribute,
+            classes=list(cfg.classes),
+            attribute_fn=predict,
+            feature_fn=model.features,
+            reference=reference,
+            description=f"attribute `{cfg.attribute}` judged by {how} over {list(cfg.classes)}",
+            batch_size=cfg.batch_size,
+        )
+    raise ValueError(f"judges.kind must be 'colored_digits', 'classifier' or 'clip', got {cfg.kind!r}")
 
 
 def build_target(cfg: TargetConfig, panel: JudgePanel) -> Target:

@@ -86,6 +86,42 @@ def summary_rows(metrics: Mapping) -> list[list[str]]:
     return rows
 
 
+MEASUREMENT_HEADER = [
+    "method",
+    "corrected mean dev seen",
+    "corrected mean dev held-out",
+    "judges' agreement",
+    "Cohen's kappa",
+    "change vs base [95% CI]",
+    "undetermined rate",
+]
+
+
+def measurement_rows(metrics: Mapping) -> list[list[str]]:
+    """Per method: judge-corrected deviations, two-judge agreement, same-seed change score and the
+    undetermined rate; empty when the comparison measured none of them."""
+    keys = ("mean_dev_corrected_seen", "agreement", "change_score")
+    if not any(m["summary"].get(k) is not None for m in metrics["methods"].values() for k in keys):
+        return []
+    rows = []
+    for name, m in metrics["methods"].items():
+        s = m["summary"]
+        ci = s.get("change_score_ci")
+        change = _f(s.get("change_score")) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else "")
+        rows.append(
+            [
+                name,
+                _f(s.get("mean_dev_corrected_seen")),
+                _f(s.get("mean_dev_corrected_heldout")),
+                _f(s.get("agreement")),
+                _f(s.get("kappa")),
+                change,
+                _f(s.get("undetermined_rate")),
+            ]
+        )
+    return rows
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub-flavoured markdown table."""
     esc = [[str(c).replace("|", "\\|") for c in r] for r in [header, *rows]]
@@ -336,6 +372,7 @@ def _blocks(metrics: Mapping, figures: Mapping[str, str], grids: Mapping[str, st
             "drawn class (inference-time baselines): share of placed images judged as the class drawn "
             "for them from the target.",
         ),
+        *_measurement_blocks(metrics),
         ("h2", "Shares per prompt"),
         (
             "p",
@@ -353,6 +390,33 @@ def _blocks(metrics: Mapping, figures: Mapping[str, str], grids: Mapping[str, st
     for name, fname in grids.items():
         blocks += [("h3", name), ("img", fname, f"samples of {name}", "grid")]
     return blocks
+
+
+def _measurement_blocks(metrics: Mapping) -> list[tuple]:
+    rows = measurement_rows(metrics)
+    if not rows:
+        return []
+    meas = metrics.get("measurement") or {}
+    cal = meas.get("calibration")
+    if cal:
+        cal_txt = f"{cal['n']} labelled held-out images (judge accuracy there {_f(cal['accuracy_first'])}"
+        if cal.get("accuracy_second") is not None:
+            cal_txt += f", second judge {_f(cal['accuracy_second'])}"
+        cal_txt += "); "
+    else:
+        cal_txt = "a calibration set: none given (n/a); "
+    second = meas.get("second_judge")
+    text = (
+        "Corrected: the judged shares corrected for the judge's own error, by its confusion matrix on "
+        + cal_txt
+        + "dev recomputed from the corrected shares, mean over prompts of the role. Agreement: share of "
+        "images both judges placed on which they agree, and Cohen's kappa"
+        + (f" (second judge: {second})" if second else " (no second judge: n/a)")
+        + ". Change vs base: mean cosine distance between the embeddings of each image and the "
+        f"`{meas.get('change_base')}` image from the same seed and prompt (0 = unchanged)."
+    )
+    return [("h2", "Measurement: judge error, agreement, change"), ("table", MEASUREMENT_HEADER, rows),
+            ("p", text)]  # fmt: skip
 
 
 def _inline_html(text: str) -> str:

@@ -106,3 +106,25 @@ __all__ = [
     "train_cnn",
     "unet_evals_per_image",
 ]
+
+from ._clip import (  # noqa: E402
+    CLIPImageFeatures,
+    CLIPLinearProbe,
+    ClipPreprocess,
+    CLIPZeroShotClassifier,
+    make_tiny_clip,
+    train_clip_probe,
+)
+from ._model_card import add_audit_to_model_card, audit_section, write_model_card  # noqa: E402
+
+__all__ += [
+    "CLIPImageFeatures",
+    "CLIPLinearProbe",
+    "CLIPZeroShotClassifier",
+    "ClipPreprocess",
+    "make_tiny_clip",
+    "train_clip_probe",
+    "add_audit_to_model_card",
+    "audit_section",
+    "write_model_card",
+]

@@ -107,22 +107,27 @@ class ClassifierConfig:
     Attributes:
         module: Import path of a ``torch.nn.Module`` class.
         init_args: Its constructor arguments.
-        weights: A safetensors file with its state dict.
+        weights: A safetensors file with its state dict; ``None`` only for a module that loads its own
+            weights (``loads_own_weights = True``, e.g. ``fairtune.models.CLIPZeroShotClassifier``).
         input: ``pixels`` (images in [0, 1]) or ``latents`` (what the UNet denoises).
         temperature: Logits are divided by this before the softmax; > 1 keeps outputs soft.
     """
 
     module: str = "fairtune.models.SmallCNN"
     init_args: dict = field(default_factory=lambda: {"num_classes": 2, "width": 8, "feature_dim": 16})
-    weights: str = "runs/classifiers/color-train-16/classifier.safetensors"
+    weights: str | None = None
     input: Literal["pixels", "latents"] = "pixels"
     temperature: float = 1.0
 
 
 def load_classifier(cfg: ClassifierConfig, *, what: str = "classifier") -> nn.Module:
-    """Instantiate ``cfg.module`` and load its safetensors weights; frozen and in eval mode."""
+    """Instantiate ``cfg.module`` and load its safetensors weights (none for a module that loads its
+    own, such as a CLIP classifier from its folder); frozen and in eval mode."""
     if not cfg.weights:
-        raise ValueError(f"{what}.weights is not set: give the classifier's safetensors file")
+        cls = import_module_class(_ALIASES.get(cfg.module, cfg.module), what=f"{what}.module")
+        if not getattr(cls, "loads_own_weights", False):
+            raise ValueError(f"{what}.weights is not set: give the classifier's safetensors file")
+        return cls(**cfg.init_args).eval().requires_grad_(False)
     if not Path(cfg.weights).is_file():
         raise FileNotFoundError(
             f"{what}.weights={cfg.weights!r} does not exist "

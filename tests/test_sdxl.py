@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from fairtune.cli import main
 from fairtune.models import (
     Backbone,
     BackboneConfig,
@@ -18,7 +19,6 @@ from fairtune.models import (
     augment_prompts,
     fair_diffusion_sample,
 )
-from fairtune.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 

@@ -19,6 +19,7 @@ import yaml
 from conftest import smoke_trainer
 from PIL import Image
 
+from fairtune.cli import main
 from fairtune.data import (
     AttributeDataModule,
     AttributeSpec,
@@ -39,7 +40,6 @@ from fairtune.data import (
 )
 from fairtune.models import LORA_WEIGHT_NAME, BackboneConfig, LoraConfig, TinyUNetConfig
 from fairtune.train import DebiasModule, OptimConfig
-from fairtune.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 

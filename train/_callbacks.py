@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from fairtune.models import export_is_complete, remove_stale_temporaries, save_lora
+from fairtune.models import export_is_complete, remove_stale_temporaries, save_lora, write_model_card
 
 
 class ExportWeights(L.Callback):
@@ -56,7 +57,9 @@ class ExportWeights(L.Callback):
         root = self._root(trainer)
         with module.ema_weights():
             if module.lora is not None:
-                return save_lora(module.backbone.unet, root / "adapter").parent
+                out = save_lora(module.backbone.unet, root / "adapter").parent
+                write_model_card(out, **model_card_info(trainer, module))
+                return out
             module.backbone.save_pretrained(root / "model")
             return root / "model"
 
@@ -76,7 +79,9 @@ class ExportWeights(L.Callback):
                 unet_sd[key[len(prefix) :]] = value
         sd = get_peft_model_state_dict(module.backbone.unet, state_dict=unet_sd)
         sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-        return save_lora(module.backbone.unet, self._root(trainer) / "adapter", state_dict=sd).parent
+        out = save_lora(module.backbone.unet, self._root(trainer) / "adapter", state_dict=sd).parent
+        write_model_card(out, **model_card_info(trainer, module))
+        return out
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -97,6 +102,39 @@ class ExportWeights(L.Callback):
         if trainer.strategy.broadcast(missing):
             rank_zero_info(f"the export in {self._root(trainer)} is missing or incomplete: writing it again")
             self.export(trainer, module)
+
+
+def _settings(cfg) -> dict | None:
+    if cfg is None:
+        return None
+    d = asdict(cfg) if is_dataclass(cfg) else dict(vars(cfg))
+    return {k: v for k, v in d.items() if k != "concepts"}  # a concept list can run to hundreds
+
+
+def model_card_info(trainer: L.Trainer, module) -> dict:
+    """What the adapter's model card records: base model, target, levers, steps, LoRA settings."""
+    bb = module.backbone_config
+    target = getattr(module, "target", None)
+    dm = getattr(trainer, "datamodule", None)
+    return {
+        "base_model": str(bb.pretrained),
+        "kind": bb.kind,
+        "target": None
+        if target is None
+        else {
+            "attributes": target.attributes,
+            "groups": target.groups,
+            "proportions": target.default,
+        },  # fmt: skip
+        "levers": {
+            "sampler": _settings(getattr(dm, "rebalance", None)),
+            "adversary": _settings(module.adversary),
+            "fairness": _settings(module.fairness),
+        },
+        "steps": int(trainer.global_step),
+        "lora": _settings(module.lora),
+        "extra": {"learning rate": module.optim.lr, "schedule": module.optim.schedule, "seed": module.seed},
+    }
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -17,8 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fairtune.data import ink_map, read_prompt_pairs
+from fairtune.data import read_prompt_pairs
 from fairtune.models import ClassifierConfig, load_classifier
+
+from ._preservation import PreservationConfig, PreservationFeatures
 
 
 @dataclass
@@ -34,7 +36,9 @@ class FairnessConfig:
         extra_prompts_file: A prompt file (``fairtune flag export``, or any file ``fairtune audit
             --prompts`` reads): each of its (concept, prompt) pairs joins the pool the loss draws from,
             the prompt used as written and the target its concept's. Prompts need no images.
-        prompt: Neutral prompt template, ``{concept}`` filled in (``a handwritten digit 3``).
+        prompt: Neutral prompt template, ``{concept}`` filled in (the recipe's: ColoredDigits'
+            ``"a handwritten {concept}"``, the occupations' ``"a photo of the face of a {concept}, a
+            person"``); by default the concept itself.
         concepts_per_step: Concepts drawn per fairness step.
         samples_per_concept: Images per concept per fairness step (align per concept, and with
             enough samples that a concept's mean is not just 0, ½ or 1).
@@ -54,10 +58,12 @@ class FairnessConfig:
             prediction to the target.
         ot_threshold: ``ot`` only: a sample already in its assigned class with this confidence adds
             no loss.
-        preservation_weight: Weight of the MSE between the ink maps (attribute-free: distance to the
-            background colour) of the output and of the adapter-disabled output from the same noise
-            and prompt; it ramps with λ.
-        classifier: The frozen classifier.
+        preservation_weight: Weight of the distance between features of the output and of the
+            adapter-disabled output from the same noise and prompt; it ramps with λ.
+        preservation: The feature space of that term (``latent``, ``pixels``, ``clip`` or any module;
+            ColoredDigits' configs set its ink map, stroke without colour).
+        classifier: The frozen classifier, set by the recipe (module, init args, weights; a module
+            that loads its own weights, such as ``fairtune.models.CLIPZeroShotClassifier``, needs none).
     """
 
     weight: float = 0.5
@@ -66,7 +72,7 @@ class FairnessConfig:
     every_k_steps: int = 4
     concepts: list[str] | None = None
     extra_prompts_file: str | None = None
-    prompt: str = "a handwritten {concept}"
+    prompt: str = "{concept}"
     concepts_per_step: int = 4
     samples_per_concept: int = 16
     path: Literal["ddim", "full_chain", "one_step"] = "ddim"
@@ -79,6 +85,7 @@ class FairnessConfig:
     alignment: Literal["ot", "kl"] = "ot"
     ot_threshold: float = 0.8
     preservation_weight: float = 1.0
+    preservation: PreservationConfig = field(default_factory=PreservationConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def lam(self, step: int) -> float:
@@ -178,7 +185,10 @@ class FairnessLoss(nn.Module):
     def __init__(self, cfg: FairnessConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        if "{concept}" not in cfg.prompt:
+            raise ValueError(f"model.fairness.prompt={cfg.prompt!r} has no {{concept}} field")
         self.classifier = load_classifier(cfg.classifier, what="model.fairness.classifier")
+        self.preservation = PreservationFeatures(cfg.preservation) if cfg.preservation_weight > 0 else None
         self.extra: list[tuple[str, str]] = (
             read_prompt_pairs(cfg.extra_prompts_file) if cfg.extra_prompts_file else []
         )
@@ -269,12 +279,14 @@ class FairnessLoss(nn.Module):
             ]
         ).mean()
         preserve = x0.sum() * 0.0
-        if cfg.preservation_weight > 0:
+        if self.preservation is not None:
             with torch.no_grad(), _adapters_disabled(backbone.unet):
                 ref = self.generate(backbone, prompts, noise)
-            # Compared on the ink map (distance to the background colour): shape, placement and
-            # contrast are kept, while the attribute (the ink's colour) is free to change.
-            preserve = F.mse_loss(ink_map(backbone.to_pixels(x0)), ink_map(backbone.to_pixels(ref)))
+            # Compared in the recipe's feature space (e.g. CLIP embeddings for photos; ColoredDigits'
+            # ink map, where shape, placement and contrast are kept and the ink's colour is free).
+            with torch.no_grad():
+                ref_feats = self.preservation(ref, backbone)
+            preserve = self.preservation.loss(self.preservation(x0, backbone), ref_feats)
         share = probs.detach().view(len(concepts), m, -1).mean(1)
         return {"align": align, "preserve": preserve, "share": share}
 
