@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from ._latents import LatentCacheConfig, LatentEntry, load_or_build
 from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
 from ._schema import AttributeSpec, Record, SchemaError, Target, TargetConfig
-from ._sources import ColumnMap, ShardDataset, TableDataset, expand_shards
+from ._sources import MAX_SKIPPED_SHARE, ColumnMap, ShardDataset, TableDataset, expand_shards
 from ._streaming import ShardLoader, StreamingRebalancedDataset
 
 
@@ -33,6 +33,9 @@ class SourceConfig:
         split: Split to read (tables).
         columns: Which column holds each record field (tables; shards carry ``png``/``jpg`` + ``json``).
         shuffle_buffer: Shards only: records held to shuffle each worker's stream.
+        max_skipped_share: Ceiling on the share of records whose image or member cannot be read,
+            counted per record: past it the job stops with an error naming the source (``null``: no
+            ceiling; every skipped record is still counted and logged).
     """
 
     path: str = "runs/data/colored-digits/table"
@@ -40,6 +43,7 @@ class SourceConfig:
     split: str = "train"
     columns: ColumnMap = field(default_factory=ColumnMap)
     shuffle_buffer: int = 1000
+    max_skipped_share: float | None = MAX_SKIPPED_SHARE
 
     def is_shards(self) -> bool:
         return self.format == "shards" or (self.format == "auto" and ".tar" in str(self.path))
@@ -160,12 +164,13 @@ class AttributeDataModule(L.LightningDataModule):
             samples_per_epoch=self.samples_per_epoch,
             seed=self.seed,
             shuffle_buffer=self.source.shuffle_buffer,
+            max_skipped_share=self.source.max_skipped_share,
         )
         self.dataset = ds
         self.record_concepts, self.record_groups = ds.concepts, ds.groups
         self.weights = torch.from_numpy(ds.weights)
         if self.image_size is None:
-            stream = ShardDataset(ds.urls[:1], self.spec, rank=0, world_size=1)
+            stream = ShardDataset(ds.urls[:1], self.spec, rank=0, world_size=1, max_skipped_share=None)
             first = next(r for r in stream if r is not None)
             self.image_size = first.image.size[0]
 
@@ -181,6 +186,7 @@ class AttributeDataModule(L.LightningDataModule):
             self.source.columns,
             format=self.source.format,
             split=self.source.split,
+            max_skipped_share=self.source.max_skipped_share,
         )
         keep = [i for i, c in enumerate(table.concepts) if self.concepts is None or c in self.concepts]
         if not keep:

@@ -26,6 +26,69 @@ from ._schema import AttributeSpec, Record, SchemaError, validate_record
 
 log = logging.getLogger(__name__)
 
+MAX_SKIPPED_SHARE = 0.01
+"""Default ceiling on the share of unreadable records a source may have before a job stops."""
+
+
+class SkipCounter:
+    """Counts a source's records read and skipped, per record, and stops the job with an error naming
+    the source when the skipped share passes ``max_share`` (checked once ``min_records`` records were
+    seen, and at the end of a pass), or when nothing at all could be read.
+
+    Args:
+        source: What the records come from (a table path, shards), named in the error.
+        max_share: The ceiling (``None``: no ceiling; every unreadable record is still counted).
+        min_records: Records seen before the ceiling is checked mid-pass.
+    """
+
+    def __init__(
+        self, source: str, max_share: float | None = MAX_SKIPPED_SHARE, min_records: int = 100
+    ) -> None:
+        self.source, self.max_share, self.min_records = source, max_share, min_records
+        self.seen = self.skipped = 0
+        self.first: str | None = None
+
+    def read(self, n: int = 1) -> None:
+        self.seen += n
+
+    def skip(self, what: str, exc: BaseException | str, n: int = 1) -> None:
+        self.seen += n
+        self.skipped += n
+        self.first = self.first or f"{what}: {exc}"
+        log.warning(
+            "skipping %s (%s); %d of %d skipped so far in %s", what, exc, self.skipped, self.seen, self.source
+        )
+        self.check()
+
+    def check(self, final: bool = False) -> None:
+        if final and self.seen and self.skipped == self.seen:
+            raise SchemaError(
+                f"{self.source}: none of its {self.seen} records could be read (first: {self.first})"
+            )
+        if self.max_share is None or self.seen < (1 if final else self.min_records):
+            return
+        if self.skipped > self.max_share * self.seen:
+            raise SchemaError(
+                f"{self.source}: {self.skipped} of {self.seen} records could not be read "
+                f"({self.skipped / self.seen:.1%}), more than the ceiling of {self.max_share:.1%} "
+                f"(data.source.max_skipped_share); first: {self.first}"
+            )
+
+
+def check_shard(path: str) -> None:
+    """A shard that is missing or not a tar archive is an error naming it (not a skipped member)."""
+    import tarfile
+
+    if "://" in path or path.startswith("pipe:"):
+        return  # remote: read as it streams
+    if not os.path.isfile(path):
+        raise SchemaError(f"shard {path!r} does not exist")
+    try:
+        with tarfile.open(path, "r") as tar:
+            tar.next()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise SchemaError(f"shard {path!r} is not a readable tar archive: {exc}") from exc
+
 
 @dataclass
 class ColumnMap:
@@ -121,9 +184,11 @@ class TableDataset(Dataset):
         columns: Which column holds each field.
         format: Passed to :func:`load_table` when ``table`` is a path.
         split: Passed to :func:`load_table` when ``table`` is a path.
+        max_skipped_share: Ceiling on the share of unreadable images (see :class:`SkipCounter`).
 
     Raises:
-        SchemaError: a mapped column is missing, or a label is not a declared class.
+        SchemaError: a mapped column is missing, a label is not a declared class, or more images
+            than the ceiling cannot be read.
     """
 
     def __init__(
@@ -134,9 +199,11 @@ class TableDataset(Dataset):
         *,
         format: Literal["auto", "disk", "parquet", "imagefolder", "hub"] = "auto",
         split: str = "train",
+        max_skipped_share: float | None = MAX_SKIPPED_SHARE,
     ) -> None:
         import datasets
 
+        source = f"table {str(table)!r}" if isinstance(table, (str, os.PathLike)) else "the table"
         if isinstance(table, (str, os.PathLike)):
             table = load_table(str(table), format=format, split=split)
         self.spec = spec
@@ -162,7 +229,12 @@ class TableDataset(Dataset):
         for a in spec.names:
             col = table[self.columns.attribute_column(a)]
             self.labels[a] = [spec.check_label(a, v) for v in col]
-        self.skipped = 0
+        self.counter = SkipCounter(source, max_skipped_share)
+
+    @property
+    def skipped(self) -> int:
+        """Records whose image could not be read (in this process)."""
+        return self.counter.skipped
 
     def __len__(self) -> int:
         return len(self.table)
@@ -175,9 +247,9 @@ class TableDataset(Dataset):
         try:
             image = decode_image(row[self.columns.image])
         except Exception as exc:  # noqa: BLE001 - any decode failure means a corrupt image
-            self.skipped += 1
-            log.warning("skipping record %d: corrupt image (%s); %d skipped so far", i, exc, self.skipped)
+            self.counter.skip(f"record {i}: corrupt image", exc)
             return None
+        self.counter.read()
         return validate_record(
             Record(
                 image=image,
@@ -207,6 +279,9 @@ def expand_shards(urls: str | Sequence[str]) -> list[str]:
             out.extend(hits)
     if not out:
         raise SchemaError(f"no shards match {urls!r}")
+    for u in out:
+        if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u):
+            raise SchemaError(f"shard {u!r} does not exist")
     return out
 
 
@@ -254,6 +329,7 @@ class ShardDataset(IterableDataset):
         spec: The attributes and their declared classes.
         rank: This process's rank; default from torch.distributed or ``RANK``.
         world_size: Number of ranks; default from torch.distributed or ``WORLD_SIZE``.
+        max_skipped_share: Ceiling on the share of unreadable records (see :class:`SkipCounter`).
     """
 
     def __init__(
@@ -263,11 +339,20 @@ class ShardDataset(IterableDataset):
         *,
         rank: int | None = None,
         world_size: int | None = None,
+        max_skipped_share: float | None = MAX_SKIPPED_SHARE,
     ) -> None:
         self.urls = expand_shards(urls)
         self.spec = spec
         self._rank, self._world = rank, world_size
-        self.skipped = 0
+        self.counter = SkipCounter(
+            f"shards {self.urls[0]!r}" + (f" (+{len(self.urls) - 1})" if len(self.urls) > 1 else ""),
+            max_skipped_share,
+        )
+
+    @property
+    def skipped(self) -> int:
+        """Records that could not be read (in this process), counted per record."""
+        return self.counter.skipped
 
     def shards_for(self, rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
         """The shards one worker of one rank reads."""
@@ -280,12 +365,14 @@ class ShardDataset(IterableDataset):
         return self.urls[rank::world_size][worker::num_workers]
 
     def _skip(self, exc: Exception) -> bool:
-        self.skipped += 1
-        log.warning("skipping corrupt shard member (%s); %d skipped so far", exc, self.skipped)
+        # a read error of webdataset's; the records it cost are counted per shard below
+        log.warning("shard read error (%s)", exc)
         return True
 
     def __iter__(self) -> Iterator[Record]:
         import webdataset as wds
+
+        from ._streaming import index_path
 
         rank, world = rank_info()
         rank = self._rank if self._rank is not None else rank
@@ -293,17 +380,38 @@ class ShardDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         shards = self.shards_for(rank, world, worker, num_workers)
-        stream = wds.tarfile_to_samples(handler=self._skip)(iter([{"url": u} for u in shards]))
-        for sample in stream:
-            try:
-                yield record_from_sample(sample, self.spec)
-            except SchemaError as exc:
-                # A label outside the declared classes is a data error, not a corrupt member.
-                if "not declared" in str(exc):
-                    raise
-                self._skip(exc)
-            except Exception as exc:  # noqa: BLE001 - undecodable image or json
-                self._skip(exc)
+        for u in shards:
+            check_shard(u)
+        for u in shards:
+            delivered = 0
+            for sample in wds.tarfile_to_samples(handler=self._skip)(iter([{"url": u}])):
+                delivered += 1
+                try:
+                    record = record_from_sample(sample, self.spec)
+                except SchemaError as exc:
+                    # A label outside the declared classes is a data error, not a corrupt member.
+                    if "not declared" in str(exc):
+                        raise
+                    self.counter.skip(f"{u} member {sample.get('__key__')}", exc)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - undecodable image or json
+                    self.counter.skip(f"{u} member {sample.get('__key__')}", exc)
+                    continue
+                self.counter.read()
+                yield record
+            # Records a damaged shard did not deliver (cut short mid-member): counted one by one, from
+            # its label index when there is one.
+            try:  # the sidecar as written with the shard, even if the shard has changed since
+                expected = len(json.loads(Path(index_path(u)).read_text())["members"])
+            except Exception:  # noqa: BLE001 - no usable index: what was delivered is all we know
+                expected = delivered
+            if expected > delivered:
+                self.counter.skip(
+                    f"{u}: {expected - delivered} indexed records",
+                    "not found in the shard",
+                    n=expected - delivered,
+                )
+        self.counter.check(final=True)
 
 
 def write_shards(
@@ -340,5 +448,12 @@ def write_shards(
 
 
 def collate_records(batch: list[Record | None]) -> list[Record]:
-    """A DataLoader ``collate_fn`` that drops the ``None`` left by a skipped corrupt record."""
-    return [r for r in batch if r is not None]
+    """A DataLoader ``collate_fn`` that drops the ``None`` left by a skipped corrupt record.
+
+    Raises:
+        SchemaError: when every record of the batch was unreadable (nothing trains on zero records).
+    """
+    out = [r for r in batch if r is not None]
+    if batch and not out:
+        raise SchemaError(f"all {len(batch)} records of a batch were unreadable: the data source is damaged")
+    return out

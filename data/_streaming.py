@@ -34,7 +34,15 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_in
 
 from ._sampler import rebalance_weights
 from ._schema import AttributeSpec, Record, SchemaError, Target
-from ._sources import INDEX_SUFFIX, expand_shards, rank_info, record_from_sample
+from ._sources import (
+    INDEX_SUFFIX,
+    MAX_SKIPPED_SHARE,
+    SkipCounter,
+    check_shard,
+    expand_shards,
+    rank_info,
+    record_from_sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +153,8 @@ class StreamingRebalancedDataset(IterableDataset):
         seed: Seed of the draw.
         shuffle_buffer: Records held to shuffle the stream's order.
         write_index: Write a missing or stale sidecar index after scanning a shard.
+        max_skipped_share: Ceiling on the share of unreadable records of a pass, counted per record
+            (see :class:`~fairtune.data.SkipCounter`).
 
     Raises:
         SchemaError: a label is not a declared class, no record has a wanted concept, or a concept lacks
@@ -164,8 +174,12 @@ class StreamingRebalancedDataset(IterableDataset):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         write_index: bool = True,
+        max_skipped_share: float | None = MAX_SKIPPED_SHARE,
     ) -> None:
         self.urls = [u for u in expand_shards(urls) if not u.endswith(INDEX_SUFFIX)]
+        for u in self.urls:  # a missing or garbage shard is an error naming it, before any training
+            check_shard(u)
+        self.max_skipped_share = max_skipped_share
         self.spec, self.target = spec, target
         self.batch_size, self.samples_per_epoch, self.seed = batch_size, samples_per_epoch, seed
         self.shuffle_buffer = max(1, shuffle_buffer)
@@ -284,8 +298,8 @@ class StreamingRebalancedDataset(IterableDataset):
 
     # ----------------------------------------------------------------- the stream
     def _skip(self, exc: Exception) -> bool:
-        self.skipped += 1
-        log.warning("skipping corrupt shard member (%s); %d skipped so far", exc, self.skipped)
+        # a read error of webdataset's; the records it cost are counted below, one by one
+        log.warning("shard read error (%s)", exc)
         return True
 
     def __iter__(self) -> Iterator[Record | None]:
@@ -306,19 +320,30 @@ class StreamingRebalancedDataset(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker, 104729])
         buffer: list[dict] = []
         emitted = 0
+        counter = SkipCounter(
+            f"shards {self.urls[0]!r}" + (f" (+{len(self.urls) - 1})" if len(self.urls) > 1 else ""),
+            self.max_skipped_share,
+        )
+        self.counter = counter
 
         def emit(sample: dict | None) -> Record | None:
             if sample is None:
                 return None
+            what = f"{sample.get('__url__')} member {sample.get('__key__')}"
             try:
-                return record_from_sample(sample, self.spec)
+                record = record_from_sample(sample, self.spec)
             except SchemaError as exc:
                 if "not declared" in str(exc):
                     raise
-                self._skip(exc)
+                counter.skip(what, exc)
+                self.skipped = counter.skipped
+                return None
             except Exception as exc:  # noqa: BLE001 - undecodable image or json
-                self._skip(exc)
-            return None
+                counter.skip(what, exc)
+                self.skipped = counter.skipped
+                return None
+            counter.read()
+            return record
 
         def pop() -> dict:
             j = int(rng.integers(len(buffer)))
@@ -345,10 +370,12 @@ class StreamingRebalancedDataset(IterableDataset):
         # members the index promised but the stream did not deliver (a damaged shard): keep the count
         # of batches equal on every rank with placeholders that collate drops, as a corrupt image is
         for _ in range(n - emitted):
-            self._skip(RuntimeError("an indexed member was not found in its shard"))
+            counter.skip("an indexed member", "not found in its shard (the shard is damaged)")
+            self.skipped = counter.skipped
             emitted += 1
             if emitted > to_skip:
                 yield None
+        counter.check(final=True)
 
 
 class ShardLoader(DataLoader):

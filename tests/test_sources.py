@@ -158,13 +158,51 @@ def test_corrupt_shard_member_and_truncated_shard_are_skipped(tmp_path):
     raw = open(paths[1], "rb").read()
     (bad / "b.tar").write_bytes(raw[: 7 * 1024 + 512 + 100])
     (bad / "c.tar").write_bytes(open(paths[2], "rb").read())
-    ds = ShardDataset([str(bad / "a.tar"), str(bad / "b.tar"), str(bad / "c.tar")], SPEC)
+    for name, src in (("a.tar", paths[0]), ("b.tar", paths[1]), ("c.tar", paths[2])):
+        (bad / (name + ".index.json")).write_bytes(open(src + ".index.json", "rb").read())
+    urls = [str(bad / "a.tar"), str(bad / "b.tar"), str(bad / "c.tar")]
+    ds = ShardDataset(urls, SPEC, max_skipped_share=None)
     got = list(ds)
     keys = {_key(r) for r in got}
     assert _key(recs[1]) not in keys  # the corrupt member
     assert {_key(recs[i]) for i in (0, 2, 3, 8, 9, 10, 11)} <= keys  # intact shards survive
-    assert ds.skipped >= 2
-    assert len(got) < 12
+    # counted per record: every record not delivered is one skipped, the truncated shard's too
+    assert ds.skipped == 12 - len(got) >= 2
+    # with the default ceiling (1%) the job stops, naming the source
+    with pytest.raises(SchemaError, match=r"a\.tar.*could not be read.*max_skipped_share"):
+        list(ShardDataset(urls, SPEC))
+
+
+def test_a_missing_or_garbage_shard_is_an_error_naming_it(tmp_path):
+    paths = write_shards(_records(4), tmp_path / "ok", per_shard=4)
+    with pytest.raises(SchemaError, match="shard '.*nope.tar' does not exist"):
+        ShardDataset([paths[0], str(tmp_path / "nope.tar")], SPEC)
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar archive" * 100)
+    with pytest.raises(SchemaError, match="garbage.tar' is not a readable tar archive"):
+        list(ShardDataset([str(garbage)], SPEC))
+
+
+def test_a_table_of_unreadable_images_stops_the_job(tmp_path):
+    n = 120
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": b"not a png", "path": None}] * n, "prompt": ["p"] * n, "concept": ["c"] * n,
+         "color": ["red"] * n},
+        features=datasets.Features(
+            {"image": datasets.Image(), "prompt": datasets.Value("string"),
+             "concept": datasets.Value("string"), "color": datasets.Value("string")}
+        ),
+    )  # fmt: skip
+    with pytest.raises(SchemaError, match="all 4 records of a batch were unreadable"):
+        next(
+            iter(
+                DataLoader(
+                    TableDataset(ds, SPEC, max_skipped_share=None), batch_size=4, collate_fn=collate_records
+                )
+            )
+        )
+    with pytest.raises(SchemaError, match="100 of 100 records could not be read"):
+        list(DataLoader(TableDataset(ds, SPEC), batch_size=200, collate_fn=collate_records))
 
 
 def test_shards_split_across_ranks_and_workers(tmp_path):
