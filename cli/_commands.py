@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
@@ -56,63 +59,26 @@ def compare_command(
         frechet_roles: Prompt roles whose images enter the Fréchet distance.
         title: Title of the report.
     """
-    cfg = CompareConfig(
-        methods=list(methods),
-        prompts=list(prompts),
-        backbone=backbone,
-        judges=judges,
-        target=target,
-        generation=generation,
-        n_boot=n_boot,
-        grid_columns=grid_columns,
-        frechet_roles=list(frechet_roles),
-        title=title,
-    )
-    run_comparison(cfg, out)
+    options = locals()
+    run_comparison(CompareConfig(**{f.name: options[f.name] for f in fields(CompareConfig)}), out)
 
 
-def audit_command(
-    *,
-    model: str,
-    prompts: Path,
-    out: Path,
-    adapter: Path | None = None,
-    fuse: bool = True,
-    kind: Literal["auto", "tiny", "sd"] = "auto",
-    judges: JudgeConfig = JudgeConfig(),
-    target: TargetConfig = TargetConfig(),
-    generation: GenerationConfig = GenerationConfig(),
-    n_boot: int = 1000,
-    grid_columns: int = 8,
-    name: str | None = None,
-    save_images: bool = True,
-) -> None:
-    """Audit one model (optionally with a LoRA adapter) on PROMPTS; write OUT/metrics.json and a report.
+def audit_command(**options) -> None:
+    """The command's options are :func:`fairtune.eval.audit`'s, but for ``backbone`` and ``progress``
+    (Python-only: an already loaded model, progress bars)."""
+    audit(**options)
 
-    Judged attribute shares per concept with intervals; fidelity and Fréchet distance where the
-    judges allow (a concept judge, reference images), "n/a" otherwise.
 
-    Args:
-        model: A Stable Diffusion folder, a tiny backbone folder or a shipped checkpoint name.
-        prompts: A text file (one prompt per line) or YAML/JSON (prompts, prompt groups, or
-            concept -> prompt).
-        out: Output folder.
-        adapter: A folder with pytorch_lora_weights.safetensors.
-        fuse: Merge the adapter into the UNet weights.
-        kind: Backbone kind; ``auto`` reads it from the folder.
-        judges: The judges (ColoredDigits-Bias judges, or any attribute classifier).
-        target: The target attribute mix.
-        generation: Images per prompt, DDIM steps, guidance scale, first seed, batch size.
-        n_boot: Unused (intervals are exact, docs/metrics.md); kept so older configs still run.
-        grid_columns: Images per prompt in the grid.
-        name: The method's name in the report.
-        save_images: Write every image to OUT/images/ (what ``fairtune review`` shows).
-    """
-    audit(
-        model=model, prompts=prompts, out=out, adapter=adapter, fuse=fuse, kind=kind, judges=judges,
-        target=target, generation=generation, n_boot=n_boot, grid_columns=grid_columns, name=name,
-        save_images=save_images,
-    )  # fmt: skip
+_HINTS = typing.get_type_hints(audit)
+audit_command.__signature__ = inspect.signature(audit).replace(
+    parameters=[
+        p.replace(annotation=_HINTS[p.name])
+        for p in inspect.signature(audit).parameters.values()
+        if p.name not in ("backbone", "progress")
+    ],
+    return_annotation=None,
+)
+audit_command.__doc__ = audit.__doc__
 
 
 def load_compare_config(path: str | Path, *args: str) -> CompareConfig:
@@ -122,15 +88,4 @@ def load_compare_config(path: str | Path, *args: str) -> CompareConfig:
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(compare_command, as_group=False)
     ns = parser.instantiate_classes(parser.parse_args(["--config", str(path), "--out", ".", *args]))
-    return CompareConfig(
-        methods=list(ns.methods),
-        prompts=list(ns.prompts),
-        backbone=ns.backbone,
-        judges=ns.judges,
-        target=ns.target,
-        generation=ns.generation,
-        n_boot=ns.n_boot,
-        grid_columns=ns.grid_columns,
-        frechet_roles=list(ns.frechet_roles),
-        title=ns.title,
-    )
+    return CompareConfig(**{f.name: ns[f.name] for f in fields(CompareConfig)})

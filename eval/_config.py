@@ -170,15 +170,15 @@ class JudgeConfig:
     """
 
     kind: Literal["colored_digits", "classifier", "clip"] = "colored_digits"
-    path: str | None = "runs/judges/colored-digits-16"
+    path: str | None = None
     color_judge: Literal["hue", "cnn"] = "hue"
-    attribute: str = "color"
+    attribute: str | None = None
     classes: list[str] | None = None
     classifier: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(weights=""))
     min_confidence: float = 0.0
     concept_classifier: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(weights=""))
     concept_classes: list[str] | None = None
-    reference: str | None = "runs/data/colored-digits-16"
+    reference: str | None = None
     n_reference: int = 2000
     batch_size: int = 512
     clip: ClipJudgeConfig = field(default_factory=ClipJudgeConfig)

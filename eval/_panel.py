@@ -259,6 +259,10 @@ def _build_panel(cfg: JudgeConfig, *, image_size: int | None = None) -> JudgePan
             batch_size=cfg.batch_size,
             source=cfg.path,
         )
+    if cfg.kind in ("classifier", "clip") and not cfg.attribute:
+        raise ValueError(
+            f"judges.kind={cfg.kind!r} needs judges.attribute: the name of the attribute it judges"
+        )
     if cfg.kind == "classifier":
         if not cfg.classifier.weights or not cfg.classes:
             raise ValueError(

@@ -250,6 +250,7 @@ def test_ddp_fit_two_cpu_processes(digits_dir, tiny_base, tmp_path):
     # --- rank zero alone wrote the run folder (one config, one log version, no stray temp files)
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     assert files == [
+        "adapter/README.md",  # the model card
         f"adapter/{LORA_WEIGHT_NAME}",
         "checkpoints/last.ckpt",
         "config.yaml",
