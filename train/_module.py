@@ -299,7 +299,7 @@ class DebiasModule(L.LightningModule):
                 "fairness/preserve": out["preserve"],
                 "fairness/lambda": lam,
                 # the generated batch's first-group share vs its target, averaged over concepts
-                "fairness/share_gap": (out["share"] - self._targets_for(concepts))
+                "fairness/share_gap": (out["share"] - targets)
                 .abs()
                 .max(-1)
                 .values.mean(),
