@@ -410,10 +410,18 @@ def test_sharded_export_gathers_and_writes_the_same_adapter(tmp_path):
     export = ExportWeights(dirpath=str(tmp_path / "sharded"))
     with pytest.raises(ValueError, match="model.ema"):
         ema_module = SimpleNamespace(lora=module.lora, _ema=[torch.zeros(1)])
-        export.setup(SimpleNamespace(strategy=FSDPStrategy()), ema_module, "fit")
-    trainer = SimpleNamespace(strategy=FSDPStrategy(), is_global_zero=True, default_root_dir=str(tmp_path))
+        export.setup(
+            SimpleNamespace(strategy=FSDPStrategy(), is_global_zero=True, default_root_dir=str(tmp_path)),
+            ema_module,
+            "fit",
+        )
+    trainer = SimpleNamespace(
+        strategy=FSDPStrategy(), is_global_zero=True, default_root_dir=str(tmp_path), global_step=0
+    )
     export.export(trainer, module)
-    plain = SimpleNamespace(strategy=object(), is_global_zero=True, default_root_dir=str(tmp_path / "plain"))
+    plain = SimpleNamespace(
+        strategy=object(), is_global_zero=True, default_root_dir=str(tmp_path / "plain"), global_step=0
+    )
     ExportWeights().export(plain, module)
     got = load_file(str(tmp_path / "sharded" / "adapter" / LORA_WEIGHT_NAME))
     ref = load_file(str(tmp_path / "plain" / "adapter" / LORA_WEIGHT_NAME))
