@@ -130,3 +130,22 @@ def test_expected_errors_are_one_line_naming_the_file(tmp_path, judges_dir):
         "audit", "--model", "colored-digits-16", "--prompts", str(bad), "--out", "x", "--debug", cwd=tmp_path
     )
     assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_a_class_named_in_a_config_must_be_a_torch_module(tmp_path):
+    from safetensors.torch import save_file
+
+    from fairtune.models import ClassifierConfig, SmallCNN, load_classifier
+
+    weights = tmp_path / "w.safetensors"
+    save_file(SmallCNN(2, 4, 8).state_dict(), str(weights))
+    marker = tmp_path / "PWNED"
+    # a callable that is not a module class is refused before anything is called
+    cfg = ClassifierConfig(module="os.system", init_args={"command": f"touch {marker}"}, weights=str(weights))
+    with pytest.raises(ValueError, match="not a torch.nn.Module subclass"):
+        load_classifier(cfg)
+    assert not marker.exists()
+    # the weights are checked before the class is imported or built
+    cfg = ClassifierConfig(module="os.system", weights=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        load_classifier(cfg)
