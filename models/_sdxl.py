@@ -112,10 +112,10 @@ def make_tiny_sdxl(out: str | Path, *, seed: int = 0, sample_size: int = 8) -> P
         seed: Seed of the random initialisation.
         sample_size: Latent side; images are 2x that (one VAE down-sampling).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from ._tiny_sd import byte_level_vocab
+    from ._tiny_sd import byte_level_vocab, tiny_vae
 
     torch.manual_seed(seed)
     vocab = byte_level_vocab()
@@ -149,16 +149,7 @@ def make_tiny_sdxl(out: str | Path, *, seed: int = 0, sample_size: int = 8) -> P
         cross_attention_dim=2 * text_cfg.hidden_size,
         norm_num_groups=4,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=sample_size * 2,
-    )
+    vae = tiny_vae(sample_size)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=CLIPTextModel(text_cfg),

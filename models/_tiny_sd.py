@@ -29,6 +29,22 @@ def byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
+def tiny_vae(sample_size: int):
+    """The tiny AutoencoderKL of the test stand-ins (latents of side ``sample_size``, 4 channels)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size * 2,
+    )
+
+
 def make_tiny_stable_diffusion(out: str | Path, *, seed: int = 0, sample_size: int = 8):
     """Build a tiny SD 1.x-layout pipeline (UNet, AutoencoderKL, CLIP text encoder and tokenizer,
     PNDM/DDPM-style scheduler config), save it to ``out`` and return the folder.
@@ -39,7 +55,7 @@ def make_tiny_stable_diffusion(out: str | Path, *, seed: int = 0, sample_size: i
         sample_size: Latent side; images are 2x that (one VAE down-sampling).
     """
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -55,16 +71,7 @@ def make_tiny_stable_diffusion(out: str | Path, *, seed: int = 0, sample_size: i
         attention_head_dim=4,
         norm_num_groups=4,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=sample_size * 2,
-    )
+    vae = tiny_vae(sample_size)
     vocab = byte_level_vocab()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
