@@ -138,6 +138,7 @@ def test_audit_logs_the_mix_every_k_steps_and_matches_the_exported_adapter(
         assert float(last[concept]["share/red"]) == pytest.approx((labels[i] == 0).float().mean().item())
 
 
+@pytest.mark.slow  # two trainings with audits (about 25 s on 2 idle cores)
 def test_a_collapsing_run_is_stopped_and_a_resumed_run_keeps_its_history(
     digits_dir,
     color_judge_dir,

@@ -25,6 +25,7 @@ def test_rare_cells_and_repeat_factor():
     assert repeat_factor(0, 20, 0.5) is None
 
 
+@pytest.mark.slow  # generates and judges the rare cells
 def test_augment_adds_accepted_synthetic_records_to_the_rare_cells(digits_dir, color_judge_dir, tmp_path):  # noqa: F811
     out = tmp_path / "augmented"
     weights = str(color_judge_dir / "color_cnn.safetensors")

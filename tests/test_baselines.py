@@ -216,6 +216,7 @@ def test_pipeline_load_lora_weights_equals_backbone_with_adapter(tiny_sd, tmp_pa
 
 
 # ----------------------------------------------------------------------------- the shipped model
+@pytest.mark.slow  # 128 guided images on the shipped model
 def test_fair_diffusion_turns_blue_digit_7_red_on_the_shipped_model():
     from fairtune.eval import HueJudge
 

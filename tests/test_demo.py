@@ -3,11 +3,14 @@
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from fairtune.cli import main
 
 
+# The main job end to end (about a minute on 2 idle cores): `pytest -m slow` runs it.
+@pytest.mark.slow
 def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
     from fairtune.models import train_attribute_classifier
 
