@@ -42,6 +42,8 @@ class StepTimer(pl.Callback):
             "median_step_s": steady_sorted[len(steady_sorted) // 2] if steady else None,
             "steady_steps_per_s": len(steady) / sum(steady) if steady and sum(steady) > 0 else None,
             "warmup_steps_excluded": min(self.warmup, len(d)) if len(d) > self.warmup else 0,
-            "peak_cuda_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+            "peak_cuda_mem_gb": (
+                torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+            ),
         }
         self.out.write_text(json.dumps(summary, indent=2))
