@@ -94,7 +94,16 @@ def _cli(*args, cwd):
     )
 
 
-def test_expected_errors_are_one_line_naming_the_file(tmp_path, judges_dir):
+def _shell(monkeypatch, capsys, *args):
+    """``fairtune ARGS`` as the console script runs it (argv from the command line), in this process."""
+    monkeypatch.setattr(sys, "argv", ["fairtune", *args])
+    monkeypatch.delenv("FAIRTUNE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_expected_errors_are_one_line_naming_the_file(tmp_path, judges_dir, monkeypatch, capsys):
     bad = tmp_path / "prompts.txt"
     bad.write_bytes(b"a photo of a \xff\xfe doctor\n")
     res = _cli(
@@ -119,17 +128,18 @@ def test_expected_errors_are_one_line_naming_the_file(tmp_path, judges_dir):
     w.write_bytes(w.read_bytes()[:64])
     good = tmp_path / "good.txt"
     good.write_text("a handwritten digit 3\n")
-    res = _cli(
-        "audit", "--model", "colored-digits-16", "--prompts", str(good), "--out", str(tmp_path / "b"),
-        "--judges.path", str(judges), "--judges.reference", "null", cwd=tmp_path,
+    code, err = _shell(
+        monkeypatch, capsys, "audit", "--model", "colored-digits-16", "--prompts", str(good),
+        "--out", str(tmp_path / "b"), "--judges.path", str(judges), "--judges.reference", "null",
     )  # fmt: skip
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "color_cnn.safetensors" in res.stderr and "safetensors" in res.stderr
-    # --debug shows the traceback
-    res = _cli(
-        "audit", "--model", "colored-digits-16", "--prompts", str(bad), "--out", "x", "--debug", cwd=tmp_path
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("fairtune: error:")]
+    assert code == 2 and "color_cnn.safetensors" in line and "readable safetensors" in line
+    # --debug: the exception itself, with its traceback
+    monkeypatch.setattr(
+        sys, "argv", ["fairtune", "audit", "--model", "m", "--prompts", str(bad), "--out", "x", "--debug"]
     )
-    assert res.returncode != 0 and "Traceback" in res.stderr
+    with pytest.raises(ValueError, match="not UTF-8"):
+        main()
 
 
 def test_a_class_named_in_a_config_must_be_a_torch_module(tmp_path):
