@@ -113,24 +113,13 @@ def make_tiny_sdxl(out: str | Path, *, seed: int = 0, sample_size: int = 8) -> P
         sample_size: Latent side; images are 2x that (one VAE down-sampling).
     """
     from diffusers import DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from ._tiny_sd import byte_level_vocab, tiny_vae
+    from ._tiny_sd import byte_level_vocab, tiny_text_config, tiny_vae
 
     torch.manual_seed(seed)
     vocab = byte_level_vocab()
-    text_cfg = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    text_cfg = tiny_text_config(len(vocab), projection_dim=32)
     time_dim = 8
     unet = UNet2DConditionModel(
         sample_size=sample_size,

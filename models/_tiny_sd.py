@@ -29,6 +29,24 @@ def byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
+def tiny_text_config(vocab_size: int, **extra):
+    """The tiny CLIP text encoder config of the test stand-ins (``extra``: e.g. ``projection_dim``)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
+    )
+
+
 def tiny_vae(sample_size: int):
     """The tiny AutoencoderKL of the test stand-ins (latents of side ``sample_size``, 4 channels)."""
     from diffusers import AutoencoderKL
@@ -56,7 +74,7 @@ def make_tiny_stable_diffusion(out: str | Path, *, seed: int = 0, sample_size: i
     """
     import torch
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -73,19 +91,7 @@ def make_tiny_stable_diffusion(out: str | Path, *, seed: int = 0, sample_size: i
     )
     vae = tiny_vae(sample_size)
     vocab = byte_level_vocab()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_text_config(len(vocab)))
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,

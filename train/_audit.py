@@ -35,6 +35,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from fairtune.models import ClassifierConfig, load_classifier
 
+from ._tracking import step_is_due
+
 CSV_NAME = "audit.csv"
 PLOT_NAME = "shares.png"
 
@@ -362,11 +364,7 @@ class TrainingAudit(L.Callback):
 
     # ------------------------------------------------------------------------------------ hooks
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.every_n_steps:
-            return
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        step = trainer.global_step
-        if stepped and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if step_is_due(trainer, batch_idx, self.every_n_steps, self._last_step):
             self.audit(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

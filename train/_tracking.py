@@ -227,6 +227,16 @@ class BatchMixMonitor(L.Callback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
 
 
+def step_is_due(trainer, batch_idx: int, every_n_steps: int | None, last_step: int | None) -> bool:
+    """Whether a callback that runs every ``every_n_steps`` optimizer steps is due after this batch
+    (an optimizer step just happened, on a multiple of n, not already handled at this step)."""
+    if not every_n_steps:
+        return False
+    stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+    step = trainer.global_step
+    return stepped and step > 0 and step % every_n_steps == 0 and step != last_step
+
+
 def image_grid(images: torch.Tensor, per_row: int) -> np.ndarray:
     """``(N, 3, H, W)`` images in [0, 1] to one ``(rows*H, per_row*W, 3)`` uint8 grid (white padding)."""
     x = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
@@ -335,11 +345,7 @@ class SampleGrid(L.Callback):
                 logger.experiment.add_image("samples", grid, global_step=step, dataformats="HWC")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self.every_n_steps:
-            return
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        step = trainer.global_step
-        if stepped and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if step_is_due(trainer, batch_idx, self.every_n_steps, self._last_step):
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
