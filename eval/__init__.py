@@ -42,6 +42,16 @@ from ._correction import (
     score_measurement,
     solve_shares,
 )
+from ._dial import (
+    DEFAULT_SCALES,
+    curve_from_metrics,
+    dial,
+    dial_curve,
+    expand_request,
+    scale_for,
+    scales_for,
+    verify_request,
+)
 from ._generation import GenerationConfig, MethodImages, generate, generate_method, images_fingerprint
 from ._metrics import (
     KL_EPS,
@@ -71,6 +81,14 @@ from ._scoring import (
 __all__ = [
     "attach_measurement",
     "audit",
+    "DEFAULT_SCALES",
+    "curve_from_metrics",
+    "dial",
+    "dial_curve",
+    "expand_request",
+    "scale_for",
+    "scales_for",
+    "verify_request",
     "AuditView",
     "backbone_for_model",
     "bootstrap_confusions",
