@@ -42,15 +42,16 @@ from ._correction import (
     score_measurement,
     solve_shares,
 )
-from ._dial import (
+from ._dial import dial, dial_curve, verify_request
+from ._dial_curve import (
     DEFAULT_SCALES,
+    concept_shares,
     curve_from_metrics,
-    dial,
-    dial_curve,
+    curve_markdown,
     expand_request,
+    request_markdown,
     scale_for,
     scales_for,
-    verify_request,
 )
 from ._generation import GenerationConfig, MethodImages, generate, generate_method, images_fingerprint
 from ._metrics import (
@@ -82,7 +83,10 @@ __all__ = [
     "attach_measurement",
     "audit",
     "DEFAULT_SCALES",
+    "concept_shares",
     "curve_from_metrics",
+    "curve_markdown",
+    "request_markdown",
     "dial",
     "dial_curve",
     "expand_request",
