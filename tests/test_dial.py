@@ -30,7 +30,7 @@ from fairtune.eval import (
 from fairtune.eval._compare import method_key
 from fairtune.models import Backbone, BackboneConfig, LoraConfig, attach_lora, save_lora
 
-GEN = GenerationConfig(n_per_prompt=4, steps=2, batch_size=64)
+GEN = GenerationConfig(n_per_prompt=8, steps=4, batch_size=64)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -178,6 +178,9 @@ def test_the_curve_is_written_per_concept_and_scale(dialled, backbone, judges_di
             r = metrics["methods"][scale_method]["per_concept"][f"seen/{concept}"]
             assert rec["n"][k] == r["n"] and rec["n"][k] + rec["undetermined"][k] == GEN.n_per_prompt
             red = rec["classes"]["red"]
+            if not r["n"]:  # every image undetermined: no share, no interval
+                assert red["share"][k] is None and red["low"][k] is None and red["high"][k] is None
+                continue
             assert red["share"][k] == pytest.approx(r["p_hat"][0])
             assert red["low"][k] <= red["share"][k] <= red["high"][k]
             assert rec["classes"]["blue"]["share"][k] == pytest.approx(1 - red["share"][k])
@@ -198,8 +201,9 @@ def test_a_request_is_checked_at_its_scale_on_fresh_seeds(
     dialled, backbone, adapter_dir, judges_dir, prompts_file, monkeypatch, capsys
 ):
     out, curve = dialled
-    red = curve["concepts"]["digit 9"]["classes"]["red"]["share"]
-    want = round((red[0] + red[1]) / 2, 3)  # between the two measured shares: always reachable
+    measured = [p for p in curve["concepts"]["digit 9"]["classes"]["red"]["share"] if p is not None]
+    assert measured, "no image of digit 9 was placed at any scale"
+    want = (min(measured) + max(measured)) / 2  # between the measured shares: always reachable
     result = verify_request(
         curve, {"digit 9": {"red": want}}, adapter=adapter_dir, prompts=load_prompt_file(prompts_file),
         out=out, backbone=backbone, judges=JudgeConfig(path=str(judges_dir)), generation=GEN, progress=False,
@@ -220,7 +224,7 @@ def test_a_request_is_checked_at_its_scale_on_fresh_seeds(
         ["dial", "--model", "colored-digits-16", "--adapter", str(adapter_dir),
          "--prompts", str(prompts_file), "--out", str(out), "--scales", "[0, 1]",
          "--judges.path", str(judges_dir),
-         "--generation.n_per_prompt", "4", "--generation.steps", "2", "--generation.batch_size", "64",
+         "--generation.n_per_prompt", "8", "--generation.steps", "4", "--generation.batch_size", "64",
          "--request", json.dumps({"digit 9": {"red": want}})]
     )  # fmt: skip
     assert (out / "methods" / "scale_1.00.json").stat().st_mtime_ns == before
