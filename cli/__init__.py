@@ -6,6 +6,8 @@
 ``fairtune demo --out runs/demo``  the main job: train the debiased adapter, compare, report
 ``fairtune compare --config C.yaml --out DIR``  every method on the same prompts, seeds and judges
 ``fairtune audit --model PATH --prompts FILE --out DIR``  one model's judged attribute mix
+``fairtune dial --model PATH --adapter DIR --prompts FILE --out DIR [--request JSON]``  the judged mix
+    against the adapter's scale, and the scale per concept for a requested mix (checked)
 ``fairtune sweep SPEC.yaml --out DIR [--workers N | --slurm true]``  ablation grid, resumable
 ``fairtune flag add|propose|list|export --db FILE ...``  reviewers' flags on biased outputs
 ``fairtune review --audit DIR --db FILE``  a local page to review an audit and flag images
@@ -25,7 +27,7 @@ from fairtune.data import DEFAULT_RED_SHARE, ColoredDigitsConfig, build_colored_
 from fairtune.eval import JudgeTrainConfig, train_judges
 from fairtune.models import train_attribute_classifier
 
-from ._commands import audit_command, compare_command
+from ._commands import audit_command, compare_command, dial_command
 from ._demo import demo, prepare_assets
 from ._fit import FairtuneCLI, run_fit_cli
 from ._sweep import run_sweep, sweep
@@ -187,6 +189,7 @@ __all__ = [
     "read_status",
     "audit_command",
     "compare_command",
+    "dial_command",
     "demo",
     "load_spec",
     "main",
@@ -265,6 +268,7 @@ def _run(argv: list[str]) -> None:
             "demo": demo,
             "compare": compare_command,
             "audit": audit_command,
+            "dial": dial_command,
             "sweep": sweep,
             "data": {
                 "_help": "Render benchmark data (ColoredDigits-Bias).",

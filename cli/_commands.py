@@ -1,4 +1,4 @@
-"""``fairtune compare`` and ``fairtune audit``: typed entry points whose signatures are the options."""
+"""``fairtune compare``, ``audit`` and ``dial``: typed entry points whose signatures are the options."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from fairtune.eval import (
     MethodConfig,
     PromptGroup,
     audit,
+    dial,
     run_comparison,
 )
 from fairtune.models import BackboneConfig
@@ -69,16 +70,28 @@ def audit_command(**options) -> None:
     audit(**options)
 
 
-_HINTS = typing.get_type_hints(audit)
-audit_command.__signature__ = inspect.signature(audit).replace(
-    parameters=[
-        p.replace(annotation=_HINTS[p.name])
-        for p in inspect.signature(audit).parameters.values()
-        if p.name not in ("backbone", "progress")
-    ],
-    return_annotation=None,
-)
-audit_command.__doc__ = audit.__doc__
+def dial_command(**options) -> None:
+    """The command's options are :func:`fairtune.eval.dial`'s, but for ``backbone`` and ``progress``."""
+    dial(**options)
+
+
+def _options_of(command, function) -> None:
+    """Give ``command`` the signature (the option schema) and help of ``function``, less its
+    Python-only parameters (``backbone``: an already loaded model; ``progress``: progress bars)."""
+    hints = typing.get_type_hints(function)
+    command.__signature__ = inspect.signature(function).replace(
+        parameters=[
+            p.replace(annotation=hints[p.name])
+            for p in inspect.signature(function).parameters.values()
+            if p.name not in ("backbone", "progress")
+        ],
+        return_annotation=None,
+    )
+    command.__doc__ = function.__doc__
+
+
+_options_of(audit_command, audit)
+_options_of(dial_command, dial)
 
 
 def load_compare_config(path: str | Path, *args: str) -> CompareConfig:

@@ -42,6 +42,17 @@ from ._correction import (
     score_measurement,
     solve_shares,
 )
+from ._dial import dial, dial_curve, verify_request
+from ._dial_curve import (
+    DEFAULT_SCALES,
+    concept_shares,
+    curve_from_metrics,
+    curve_markdown,
+    expand_request,
+    request_markdown,
+    scale_for,
+    scales_for,
+)
 from ._generation import GenerationConfig, MethodImages, generate, generate_method, images_fingerprint
 from ._metrics import (
     KL_EPS,
@@ -71,6 +82,17 @@ from ._scoring import (
 __all__ = [
     "attach_measurement",
     "audit",
+    "DEFAULT_SCALES",
+    "concept_shares",
+    "curve_from_metrics",
+    "curve_markdown",
+    "request_markdown",
+    "dial",
+    "dial_curve",
+    "expand_request",
+    "scale_for",
+    "scales_for",
+    "verify_request",
     "AuditView",
     "backbone_for_model",
     "bootstrap_confusions",

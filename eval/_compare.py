@@ -246,14 +246,17 @@ def compare_methods(
 
 
 def method_key(config: CompareConfig, method: MethodConfig, backbone: BackboneConfig) -> str:
-    """A hash of everything a method's results depend on: the method (and its adapter's bytes), the
-    base model, the prompts, the judges, the target and the generation settings."""
+    """A hash of everything a method's results depend on: the method (its adapter's bytes and scale),
+    the base model, the prompts, the judges, the target and the generation settings."""
     adapter = None
     if method.adapter is not None:
         f = Path(method.adapter) / LORA_WEIGHT_NAME
         adapter = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "missing"
+    described = asdict(method)
+    if described["adapter_scale"] == 1.0:  # as before the scale existed: earlier caches stay valid
+        del described["adapter_scale"]
     parts = {
-        "method": asdict(method),
+        "method": described,
         "adapter_sha256": adapter,
         "backbone": asdict(backbone),
         "prompts": [asdict(g) for g in config.prompts],

@@ -7,6 +7,7 @@ Prompts come in groups with a role: ``seen`` (neutral prompts of concepts the ad
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,9 @@ class MethodConfig:
         adapter: A folder holding ``pytorch_lora_weights.safetensors`` (a run's ``adapter/``);
             required for ``adapter``, optional for the two inference-time baselines.
         fuse: Merge the adapter into the UNet's weights, so it costs what the base model costs.
+        adapter_scale: The adapter's weight, as diffusers sets it: ``set_adapters(...,
+            adapter_weights=adapter_scale)`` unfused, ``fuse_lora(lora_scale=adapter_scale)`` fused.
+            0 is the base model, 1 the adapter as trained, above 1 extrapolates (docs/dial.md).
         fair_diffusion: ``fair_diffusion`` only: edit prompts per class and SEGA parameters.
         prompt_augmentation: ``prompt_augmentation`` only: the word per class.
     """
@@ -127,6 +131,7 @@ class MethodConfig:
     kind: Literal["base", "adapter", "fair_diffusion", "prompt_augmentation"] = "base"
     adapter: str | None = None
     fuse: bool = True
+    adapter_scale: float = 1.0
     fair_diffusion: FairDiffusionConfig | None = None
     prompt_augmentation: PromptAugmentationConfig | None = None
 
@@ -266,6 +271,10 @@ def validate_methods(methods: Sequence[MethodConfig]) -> None:
             raise ValueError(f"method {m.name!r}: unknown kind {m.kind!r}; known kinds: {list(METHOD_KINDS)}")
         if m.kind == "adapter" and m.adapter is None:
             raise ValueError(f"method {m.name!r} has kind 'adapter' but no adapter folder")
+        if not math.isfinite(m.adapter_scale):
+            raise ValueError(f"method {m.name!r}: adapter_scale must be finite, got {m.adapter_scale}")
+        if m.adapter is None and m.adapter_scale != 1.0:
+            raise ValueError(f"method {m.name!r}: adapter_scale={m.adapter_scale} but no adapter to scale")
         if m.kind == "base" and m.adapter is not None:
             raise ValueError(f"method {m.name!r} has kind 'base' but names an adapter; use kind 'adapter'")
         if m.adapter is not None and not (Path(m.adapter) / LORA_WEIGHT_NAME).is_file():

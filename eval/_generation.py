@@ -134,7 +134,7 @@ def method_backbone(base: Backbone, method: MethodConfig) -> Backbone:
         base.vae,
     )
     bb._prompt_cache = base._prompt_cache
-    return load_adapter(bb, method.adapter, fuse=method.fuse)
+    return load_adapter(bb, method.adapter, fuse=method.fuse, scale=method.adapter_scale)
 
 
 def generate_method(

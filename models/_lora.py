@@ -170,15 +170,35 @@ def remove_stale_temporaries(run_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
-def load_adapter(backbone, adapter_dir: str | os.PathLike, *, fuse: bool = False):
+def load_adapter(backbone, adapter_dir: str | os.PathLike, *, fuse: bool = False, scale: float = 1.0):
     """Load a ``pytorch_lora_weights.safetensors`` into a Backbone's UNet through diffusers'
     ``load_lora_weights`` (the same path a user's pipeline takes); ``fuse`` merges it into the
-    weights so inference costs what the base model costs. Returns the backbone."""
+    weights so inference costs what the base model costs. Returns the backbone.
+
+    Args:
+        backbone: The backbone whose UNet gets the adapter.
+        adapter_dir: A folder holding ``pytorch_lora_weights.safetensors``.
+        fuse: Merge the adapter into the UNet's weights (``pipe.fuse_lora(lora_scale=scale)``).
+        scale: The adapter's weight, as a user's pipeline sets it: fused, ``fuse_lora(lora_scale=scale)``;
+            unfused, ``set_adapters(name, adapter_weights=scale)``. 0 is the base model, 1 the adapter
+            as trained, above 1 extrapolates. At 1 nothing is rescaled (the path taken before the weight
+            existed).
+
+    Raises:
+        FileNotFoundError: No ``pytorch_lora_weights.safetensors`` in ``adapter_dir``.
+        ValueError: ``scale`` is not a finite number.
+    """
+    import math
+
     path = Path(adapter_dir)
     if not (path / LORA_WEIGHT_NAME).exists():
         raise FileNotFoundError(f"no {LORA_WEIGHT_NAME} in {path}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"adapter scale must be a finite number, got {scale!r}")
     pipe = backbone.pipeline()
     pipe.load_lora_weights(str(path))
     if fuse:
-        pipe.fuse_lora()
+        pipe.fuse_lora(lora_scale=float(scale))
+    elif scale != 1.0:
+        pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=[float(scale)])
     return backbone

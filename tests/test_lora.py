@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
@@ -77,3 +78,57 @@ def test_tiny_backbone_loads_the_same_format(tmp_path):
     pipe.unload_lora_weights()
     g = torch.Generator().manual_seed(0)
     torch.testing.assert_close(pipe("a handwritten digit 4", num_inference_steps=3, generator=g), before)
+
+
+@pytest.fixture
+def one_thread():
+    """One thread: two threads per process thrash on the shared 2-core machine (1.6 s against 20 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_adapter_scale_as_a_users_pipeline_sets_it(tmp_path, one_thread):
+    """``load_adapter(scale=s)``: 0 is the base model, fused and unfused agree at 0.5, 1 is unchanged."""
+    import copy
+
+    from fairtune.models import load_adapter
+
+    torch.manual_seed(0)
+    base_bb = Backbone.from_config(BackboneConfig(kind="tiny", unet=TINY))
+    trained = copy.deepcopy(base_bb.unet)
+    attach_lora(trained, LoraConfig(rank=4))
+    _perturb_lora(trained, seed=2)
+    save_lora(trained, tmp_path / "adapter")
+
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([50, 700])
+    ctx = base_bb.encode_prompts(["a handwritten digit 4", "a"])
+
+    def with_unet():  # the base model around a fresh copy of its UNet (text encoder shared)
+        b = base_bb
+        return Backbone(b.config, copy.deepcopy(b.unet), b.text_encoder, b.tokenizer, b.noise_scheduler, None)
+
+    @torch.no_grad()
+    def unet_out(scale=None, fuse=False):
+        bb = with_unet()
+        if scale is not None:
+            load_adapter(bb, tmp_path / "adapter", fuse=fuse, scale=scale)
+        return bb.unet(x, t, ctx).sample
+
+    base = unet_out()
+    full = unet_out(1.0)
+    assert (full - base).abs().max() > 1e-2  # the adapter changes the output
+    torch.testing.assert_close(unet_out(0.0), base, atol=1e-6, rtol=0)
+    torch.testing.assert_close(unet_out(0.0, fuse=True), base, atol=1e-5, rtol=1e-5)
+    half = unet_out(0.5)
+    torch.testing.assert_close(unet_out(0.5, fuse=True), half, atol=1e-5, rtol=1e-4)
+    assert (half - base).abs().max() > 1e-3 and (half - full).abs().max() > 1e-3
+    # scale 1: what a pipeline computes with load_lora_weights alone, and after a plain fuse_lora()
+    bb = with_unet()
+    pipe = bb.pipeline()
+    pipe.load_lora_weights(str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(bb.unet(x, t, ctx).sample, full, atol=0, rtol=0)
+        pipe.fuse_lora()
+        torch.testing.assert_close(bb.unet(x, t, ctx).sample, unet_out(1.0, fuse=True), atol=0, rtol=0)
