@@ -106,7 +106,7 @@ def judges_train(
         train: Training settings.
     """
     report = train_judges(data, out, train)
-    shown = {k: report[k] for k in ("digit_cnn", "color_cnn", "hue")}
+    shown = {k: report[k] for k in ("digit_cnn", "color_cnn", "hue", "background") if k in report}
     print(json.dumps(shown, indent=2))
 
 
