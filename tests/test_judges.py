@@ -174,3 +174,31 @@ def test_three_colour_hue_and_background_judges_on_rendered_data(k3bg_rows):
     assert judges.groups(["background"]) == bg_only.groups
     with pytest.raises(ValueError, match="not 'digit'"):
         judges.label(x, ["digit"])
+
+
+def test_a_joint_target_is_scored_over_its_groups(k3bg_rows):
+    from fairtune.data import Target, TargetConfig
+    from fairtune.eval import Judges, colored_digits_panel, judge_digit_images
+    from fairtune.models import SmallCNN
+
+    cfg, rows = k3bg_rows
+    n = 20
+    by_digit = [[r for r in rows if r["digit"] == d][:n] for d in range(10)]
+    assert all(len(b) == n for b in by_digit)
+    ordered = [r for b in by_digit for r in b]  # digit-major, as the benchmark generates them
+    x = torch.stack(
+        [torch.from_numpy(np.asarray(r["image"], np.float32) / 255).permute(2, 0, 1) for r in ordered]
+    )
+    target = Target(TargetConfig(attributes=["color", "background"]), cfg.spec())
+    judges = Judges(cfg.colors, HueJudge.for_colors(cfg.colors), SmallCNN(3, 4, 4), SmallCNN(10, 4, 4))
+    panel = colored_digits_panel(judges, attributes=["color", "background"])
+    assert panel.attribute == "color+background" and panel.classes == target.groups
+    out = judge_digit_images(
+        x, digits=list(range(10)), n_per_prompt=n, judges=panel, target=target.proportions()
+    )
+    for d, b in enumerate(by_digit):
+        rec = out["per_concept"][f"digit {d}"]
+        truth = np.bincount([target.group_of(r) for r in b], minlength=6) / n
+        assert len(rec["p_hat"]) == 6
+        assert np.abs(np.array(rec["p_hat"]) - truth).max() <= 0.05 + 1e-9
+        assert rec["dev"] == pytest.approx(np.abs(np.array(rec["p_hat"]) - 1 / 6).max())
