@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
-from _common import RESULTS, ROOT, ensure_assets, write_results
+import yaml
+
+from _common import JUDGES, RESULTS, ROOT, ensure_assets, write_results
 from fairtune.cli import check_goals, load_spec, read_status, run_sweep
 
 OUT = ROOT / "runs" / "bench"
@@ -29,8 +32,21 @@ def _f(x, digits: int = 3) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def share_groups(arms: dict[str, dict]) -> list[str]:
+    """The target groups whose per-digit shares the judge reported (``red``, ``green+dark``), in order."""
+    groups: list[str] = []
+    for r in arms.values():
+        for k in r:
+            m = re.fullmatch(r"(.+)_share_d\d+", k)
+            if m and m.group(1) not in groups:
+                groups.append(m.group(1))
+    return groups
+
+
 def tabulate(spec, out: Path) -> tuple[dict, list[str]]:
-    """Per arm: the judge's metrics (first seed), red share per digit, train time; and the markdown."""
+    """Per arm: the judge's metrics (first seed), share per digit of each target group, train time; and
+    the markdown. With two groups the first group's share per digit is in the main table; with more
+    (three inks, a joint target) every group's share per digit is in a second table."""
     arms: dict[str, dict] = {}
     for run in spec.runs:
         s = read_status(out / "runs" / run.hash)
@@ -42,31 +58,48 @@ def tabulate(spec, out: Path) -> tuple[dict, list[str]]:
         if naive_s and r.get("train_seconds"):
             r["time_ratio_vs_naive"] = r["train_seconds"] / naive_s
     opts = (spec.judge or {}).get("options", {})
+    groups = share_groups(arms) or ["red"]
+    inline = len(groups) <= 2  # one share per digit says it all
+    digit_cols = [f"d{d}" for d in range(10)] if inline else []
     lines = [
         f"# {spec.name}: N={opts.get('n_per_prompt', 128)} per digit, {opts.get('steps', 25)} DDIM steps, "
         f"guidance {opts.get('guidance_scale', 2.0)}, hue judge (spec `{spec.path.relative_to(ROOT)}`)",
         "",
         "| arm | "
-        + " | ".join(f"d{d}" for d in range(10))
-        + " | mean dev seen | worst seen | mean dev held-out | fidelity | Fréchet | undetermined"
+        + "".join(f"{c} | " for c in digit_cols)
+        + "mean dev seen | worst seen | mean dev held-out | fidelity | Fréchet | undetermined"
         + " | train s | × naive | peak MB |",
-        "|---|" + "---|" * 10 + "---|---|---|---|---|---|---|---|---|",
+        "|---|" + "---|" * len(digit_cols) + "---|---|---|---|---|---|---|---|---|",
     ]
     for arm, r in arms.items():
-        shares = [r.get(f"red_share_d{d}") for d in range(10)]
+        shares = [r.get(f"{groups[0]}_share_d{d}") for d in range(10)] if inline else []
         lines.append(
             f"| {arm} | "
-            + " | ".join(_f(x, 2) for x in shares)
-            + f" | {_f(r.get('mean_dev_seen'))} | {_f(r.get('worst_dev_seen'))}"
+            + "".join(f"{_f(x, 2)} | " for x in shares)
+            + f"{_f(r.get('mean_dev_seen'))} | {_f(r.get('worst_dev_seen'))}"
             + f" | {_f(r.get('mean_dev_heldout'))} | {_f(r.get('fidelity'))} | {_f(r.get('frechet'), 1)}"
             + f" | {int(r.get('undetermined', 0))}/{int(r.get('n_images', 0))}"
             + f" | {_f(r.get('train_seconds'), 0)} | {_f(r.get('time_ratio_vs_naive'), 2)}"
             + f" | {_f(r.get('peak_rss_mb'), 0)} |"
         )
+    if inline:
+        g0 = groups[0]
+        what = f"Columns d0-d9: {g0} share per digit. dev = max over groups of |share − target| (for two "
+        what += f"groups |{g0} share − target {g0}|)"
+    else:
+        lines += ["", "Share of each group per digit (target in brackets):", ""]
+        lines += ["| arm | group | " + " | ".join(f"d{d}" for d in range(10)) + " |"]
+        lines += ["|---|---|" + "---|" * 10]
+        target = _target_shares(spec, groups)
+        for arm, r in arms.items():
+            for g in groups:
+                shares = [r.get(f"{g}_share_d{d}") for d in range(10)]
+                tq = f" [{target[g]:.2f}]" if g in target else ""
+                lines.append(f"| {arm} | {g}{tq} | " + " | ".join(_f(x, 2) for x in shares) + " |")
+        what = f"dev = max over the {len(groups)} groups of |share − target|"
     lines += [
         "",
-        "Columns d0-d9: red share per digit. dev = max over colours of |share − target| (for two colours "
-        "|red share − target red|); seen = the digits the arm trained on. Train s: wall time of the whole "
+        f"{what}; seen = the digits the arm trained on. Train s: wall time of the whole "
         "`fairtune fit` process; × naive against the naive arm of this spec (same machine load only when "
         "they ran together).",
     ]
@@ -88,6 +121,39 @@ def tabulate(spec, out: Path) -> tuple[dict, list[str]]:
     return {"spec": str(spec.path.relative_to(ROOT)), "arms": arms, "goals": goals}, lines
 
 
+def _target_shares(spec, groups: list[str]) -> dict[str, float]:
+    """The spec's target proportion of each group (same for every digit), from the arms' resolved config."""
+    from fairtune.data import AttributeSpec, Target, TargetConfig
+
+    for run in spec.runs:
+        cfg_file = OUT / "runs" / run.hash / "config.yaml"
+        if cfg_file.is_file():
+            data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data") or {}
+            if data.get("attributes") and data.get("target"):
+                t = Target(TargetConfig(**data["target"]), AttributeSpec(data["attributes"]))
+                if t.groups == groups:
+                    return dict(zip(t.groups, t.proportions()))
+    return {}
+
+
+def _check_assets(spec) -> None:
+    """The default benchmark's data and judges are made when missing; a spec naming other judges or a
+    reference must find them (made by the commands in the spec's header)."""
+    opts = (spec.judge or {}).get("options", {})
+    judges = ROOT / opts.get("judges", str(JUDGES.relative_to(ROOT)))
+    reference = opts.get("reference")
+    if judges.resolve() == JUDGES.resolve():
+        ensure_assets()
+        return
+    missing = [str(p) for p in (judges / "judges.json",) if not p.is_file()]
+    if reference and not (ROOT / reference / "stats.json").is_file():
+        missing.append(str(ROOT / reference / "stats.json"))
+    if missing:
+        raise SystemExit(
+            f"{spec.path}: missing {', '.join(missing)}; make them with the commands in the spec's header"
+        )
+
+
 def main(spec: Path, *, report_only: bool = False, workers: int = 1) -> dict:
     """Run (or resume) one benchmark spec and write its results.
 
@@ -98,7 +164,7 @@ def main(spec: Path, *, report_only: bool = False, workers: int = 1) -> dict:
     """
     parsed = load_spec(spec)
     if not report_only:
-        ensure_assets()
+        _check_assets(parsed)
         run_sweep(parsed, OUT, workers=workers, aggregate=False)
     payload, lines = tabulate(parsed, OUT)
     for arm, r in payload["arms"].items():

@@ -42,6 +42,7 @@ def colored_digits(
     colors: list[str] = ["red", "blue"],
     background: bool = False,
     red_share: list[float] = DEFAULT_RED_SHARE,
+    color_shares: list[list[float]] | None = None,
     dark_share: list[float] = [0.3] * 10,
     explicit_share: float = 0.25,
     renders_per_image: int = 4,
@@ -57,7 +58,10 @@ def colored_digits(
         size: Image side, 16 or 32.
         colors: Ink colours (classes of attribute ``color``); add green for three classes.
         background: Also render attribute ``background`` (light/dark), for joint targets.
-        red_share: Per digit 0-9, share of training renders in the first colour.
+        red_share: Per digit 0-9, share of training renders in the first colour (the rest split
+            evenly over the other colours).
+        color_shares: Per digit 0-9, the share of each colour (rows in the order of ``colors``,
+            each summing to 1); overrides ``red_share``, e.g. a dominant ink among three per digit.
         dark_share: Per digit, share of dark backgrounds (with ``background``).
         explicit_share: Share of captions that name the attributes.
         renders_per_image: Training renders per source image.
@@ -71,6 +75,7 @@ def colored_digits(
         colors=list(colors),
         background=background,
         red_share=list(red_share),
+        color_shares=None if color_shares is None else [list(r) for r in color_shares],
         dark_share=list(dark_share),
         explicit_share=explicit_share,
         renders_per_image=renders_per_image,
@@ -80,13 +85,13 @@ def colored_digits(
         seed=seed,
     )
     stats = build_colored_digits(cfg, out)
-    first = cfg.colors[0]
     print(
         f"wrote {out}: {stats['train_source_images']} training / "
         f"{stats['heldout_source_images']} held-out source images"
     )
     for concept, s in stats["splits"]["train"].items():
-        print(f"  {concept}: n={s['n']:4d}  {first} share {s[f'{first}_share']:.3f}")
+        mix = "  ".join(f"{c} {k / max(1, s['n']):.3f}" for a in stats["attributes"] for c, k in s[a].items())
+        print(f"  {concept}: n={s['n']:4d}  {mix}")
 
 
 def judges_train(
@@ -103,7 +108,7 @@ def judges_train(
         train: Training settings.
     """
     report = train_judges(data, out, train)
-    shown = {k: report[k] for k in ("digit_cnn", "color_cnn", "hue")}
+    shown = {k: report[k] for k in ("digit_cnn", "color_cnn", "hue", "background") if k in report}
     print(json.dumps(shown, indent=2))
 
 

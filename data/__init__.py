@@ -43,6 +43,7 @@ from ._images import images_from_table
 from ._latents import LatentCacheConfig, LatentEntry, cache_key, default_cache_dir, load_or_build
 from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
 from ._schema import (
+    GROUP_SEP,
     AttributeSpec,
     Record,
     SchemaError,
@@ -74,6 +75,7 @@ from ._streaming import (
 )
 
 __all__ = [
+    "GROUP_SEP",
     "AttributeDataModule",
     "AttributeSpec",
     "BACKGROUND",

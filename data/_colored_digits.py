@@ -54,7 +54,9 @@ class ColoredDigitsConfig:
         colors: Ink colours, the classes of attribute ``color``; add ``"green"`` for K=3.
         background: Also render attribute ``background`` in {light, dark} (for joint targets).
         red_share: Per digit 0-9, the share of training renders in the first colour; the rest is
-            split evenly over the other colours.
+            split evenly over the other colours (ignored when ``color_shares`` is given).
+        color_shares: Per digit 0-9, the share of training renders in each colour (one list per
+            digit, in the order of ``colors``, summing to 1): a skew with a dominant ink among three.
         dark_share: Per digit, the share of dark backgrounds (only with ``background``).
         explicit_share: Share of training captions that name the attributes ("a blue ...").
         renders_per_image: Training renders per source image.
@@ -68,6 +70,7 @@ class ColoredDigitsConfig:
     colors: list[str] = field(default_factory=lambda: ["red", "blue"])
     background: bool = False
     red_share: list[float] = field(default_factory=lambda: list(DEFAULT_RED_SHARE))
+    color_shares: list[list[float]] | None = None
     dark_share: list[float] = field(default_factory=lambda: [0.3] * 10)
     explicit_share: float = 0.25
     renders_per_image: int = 4
@@ -86,6 +89,16 @@ class ColoredDigitsConfig:
             v = getattr(self, name)
             if len(v) != 10 or not all(0.0 <= x <= 1.0 for x in v):
                 raise ValueError(f"{name} needs 10 values in [0, 1] (one per digit), got {v}")
+        if self.color_shares is not None:
+            rows = self.color_shares
+            if len(rows) != 10 or any(len(r) != len(self.colors) for r in rows):
+                raise ValueError(
+                    f"color_shares needs 10 rows (one per digit) of {len(self.colors)} shares "
+                    f"(one per colour of {self.colors}), got {rows}"
+                )
+            for d, r in enumerate(rows):
+                if any(x < 0 for x in r) or abs(sum(r) - 1.0) > 1e-6:
+                    raise ValueError(f"color_shares[{d}] must be non-negative and sum to 1, got {r}")
         if not 0.0 <= self.explicit_share <= 1.0:
             raise ValueError(f"explicit_share must be in [0, 1], got {self.explicit_share}")
         if not 0.0 < self.heldout_fraction < 1.0:
@@ -138,6 +151,8 @@ def _stratified(shares: list[float], n: int, rng: np.random.Generator) -> np.nda
 
 
 def _color_shares(cfg: ColoredDigitsConfig, digit: int) -> list[float]:
+    if cfg.color_shares is not None:
+        return [float(x) for x in cfg.color_shares[digit]]
     first = cfg.red_share[digit]
     rest = (1.0 - first) / (len(cfg.colors) - 1)
     return [first] + [rest] * (len(cfg.colors) - 1)

@@ -12,7 +12,15 @@ from ._benchmark import (
     load_benchmark_judges,
 )
 from ._clip_judge import ClipJudgeConfig, attach_measurement, build_clip_judge, load_labelled_images
-from ._colored_digits import UNDETERMINED, HueJudge, Judges, JudgeTrainConfig, load_judges, train_judges
+from ._colored_digits import (
+    UNDETERMINED,
+    BackgroundJudge,
+    HueJudge,
+    Judges,
+    JudgeTrainConfig,
+    load_judges,
+    train_judges,
+)
 from ._compare import (
     audit,
     backbone_for_model,
@@ -118,6 +126,7 @@ __all__ = [
     "generate",
     "generate_method",
     "GenerationConfig",
+    "BackgroundJudge",
     "HueJudge",
     "images_fingerprint",
     "judge_agreement",

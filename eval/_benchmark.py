@@ -192,7 +192,8 @@ def judge_colored_digits(
     Returns:
         Flat metrics: the scoring engine's summary (``mean_dev_seen``, ``worst_dev_seen``,
         ``mean_dev_heldout``,
-        ``fidelity``, ``frechet``, ...) and the first group's share per digit (``red_share_d3``).
+        ``fidelity``, ``frechet``, ...) and every target group's share per digit (``red_share_d3``,
+        ``green+dark_share_d3`` for a joint target).
     """
     run_dir = Path(run_dir)
     bcfg = dict(config["model"]["backbone"])
@@ -218,9 +219,10 @@ def judge_colored_digits(
         AttributeSpec(data.get("attributes") or {"color": ["red", "blue"]}),
     )
     jd = _cached_judges(str(Path(judges).resolve()))
-    if list(jd.colors) != list(target.groups):
+    if jd.groups(target.attributes) != list(target.groups):
         raise ValueError(
-            f"the judges score colours {jd.colors} but the run's target groups are {target.groups}"
+            f"the judges score {target.attributes} groups {jd.groups(target.attributes)} "
+            f"but the run's target groups are {target.groups}"
         )
     digits = list(range(10)) if digits is None else list(digits)
     concepts = data.get("concepts")
@@ -232,7 +234,7 @@ def judge_colored_digits(
     )
     ev = evaluate_backbone_on_digits(
         bb,
-        jd,
+        colored_digits_panel(jd, color_judge=color_judge, reference=ref, attributes=target.attributes),
         digits=digits,
         seen=seen,
         target={f"digit {d}": target.proportions(f"digit {d}") for d in digits},
@@ -252,10 +254,10 @@ def judge_colored_digits(
         for k, v in ev["summary"].items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-    first = target.groups[0]
     for d in digits:
-        share = ev["per_concept"][f"digit {d}"]["p_hat"][0]
-        out[f"{first}_share_d{d}"] = float("nan") if share is None else float(share)
+        for gi, group in enumerate(target.groups):
+            share = ev["per_concept"][f"digit {d}"]["p_hat"][gi]
+            out[f"{group}_share_d{d}"] = float("nan") if share is None else float(share)
     if sample_grid:  # the first 8 images of every digit, upscaled 3x, to look at
         from PIL import Image
 

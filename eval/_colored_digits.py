@@ -1,4 +1,5 @@
-"""Judges for ColoredDigits-Bias (DESIGN §7): the hue judge, a colour CNN and a digit CNN.
+"""Judges for ColoredDigits-Bias (DESIGN §7): the hue judge, a colour CNN, a digit CNN and the
+background judge (light/dark, for joint colour × background targets).
 
 Images are float tensors ``(B, 3, H, W)`` in ``[0, 1]``. Judges must hold on *generated* images,
 whose backgrounds carry a tint opposite to the ink and speckle noise: the hue judge reads only the
@@ -8,6 +9,7 @@ Judged labels use ``-1`` for an image the judge cannot place.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -18,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from fairtune.data import images_from_table, ink_hue, load_table, perturb, rgb_to_hue_chroma
+from fairtune.data import (
+    BACKGROUND,
+    GROUP_SEP,
+    images_from_table,
+    ink_hue,
+    load_table,
+    perturb,
+    rgb_to_hue_chroma,
+)
 from fairtune.models import (
     CNNTrainConfig,
     SmallCNN,
@@ -98,6 +108,31 @@ class HueJudge:
         return torch.where(share >= self.min_agreement, label, torch.full_like(label, UNDETERMINED))
 
 
+class BackgroundJudge:
+    """Background class from the image's median brightness: the nearest class prototype's brightness.
+
+    The digit's stroke covers well under half of a ColoredDigits image, so the median pixel is
+    background; the rendered backgrounds (light 0.96, dark 0.11 mean RGB) are far apart, and a tint of
+    ±0.25 on a generated image does not bring one past the midpoint.
+
+    Args:
+        classes: Background names, keys of ``BACKGROUND`` (the classes of attribute ``background``).
+    """
+
+    def __init__(self, classes: list[str] | None = None) -> None:
+        self.classes = list(BACKGROUND) if classes is None else list(classes)
+        unknown = [c for c in self.classes if c not in BACKGROUND]
+        if unknown:
+            raise ValueError(f"unknown background classes {unknown}; known: {list(BACKGROUND)}")
+        self.brightness = torch.tensor([sum(BACKGROUND[c]) / 3 for c in self.classes])
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Class index per image of ``(B, 3, H, W)`` images in [0, 1]."""
+        median = images.float().clamp(0, 1).mean(1).flatten(1).median(1).values
+        return (median[:, None] - self.brightness).abs().argmin(1)
+
+
 @dataclass
 class JudgeTrainConfig:
     """How the CNN judges are trained.
@@ -148,6 +183,7 @@ class Judges:
     color_cnn: SmallCNN
     digit_cnn: SmallCNN
     report: dict = field(default_factory=dict)
+    background: BackgroundJudge = field(default_factory=BackgroundJudge)
 
     def color(self, images: torch.Tensor, *, judge: str = "hue") -> torch.Tensor:
         """Colour label per image (-1 undetermined) from the ``"hue"`` or ``"cnn"`` judge."""
@@ -156,6 +192,35 @@ class Judges:
         if judge == "cnn":
             return predict_batched(self.color_cnn, images)
         raise ValueError(f"unknown colour judge {judge!r}; use 'hue' or 'cnn'")
+
+    def classes(self, attribute: str) -> list[str]:
+        """The classes these judges tell apart for ``color`` or ``background``."""
+        if attribute == "color":
+            return list(self.colors)
+        if attribute == "background":
+            return list(self.background.classes)
+        raise ValueError(f"the ColoredDigits judges judge 'color' and 'background', not {attribute!r}")
+
+    def groups(self, attributes: list[str]) -> list[str]:
+        """Group names of a (joint) target over ``attributes``, in :class:`~fairtune.data.Target` order."""
+        return [GROUP_SEP.join(c) for c in itertools.product(*(self.classes(a) for a in attributes))]
+
+    def label(self, images: torch.Tensor, attributes: list[str], *, judge: str = "hue") -> torch.Tensor:
+        """Group index per image among :meth:`groups` (-1 where any attribute is undetermined).
+
+        Args:
+            images: ``(B, 3, H, W)`` in [0, 1].
+            attributes: ``["color"]``, ``["background"]`` or a joint such as ``["color", "background"]``.
+            judge: The colour judge, ``"hue"`` or ``"cnn"``.
+        """
+        out = torch.zeros(images.shape[0], dtype=torch.long)
+        bad = torch.zeros(images.shape[0], dtype=torch.bool)
+        for a in attributes:
+            k = len(self.classes(a))  # raises for an attribute these judges cannot judge
+            y = self.color(images, judge=judge) if a == "color" else self.background.predict(images)
+            out = out * k + y.long().clamp_min(0)
+            bad |= y < 0
+        return torch.where(bad, torch.full_like(out, UNDETERMINED), out)
 
     def digit(self, images: torch.Tensor) -> torch.Tensor:
         return predict_batched(self.digit_cnn, images)
@@ -229,6 +294,15 @@ def train_judges(data_dir: str | Path, out: str | Path, cfg: JudgeTrainConfig | 
         },
         "config": asdict(cfg),
     }
+    if "background" in stats["attributes"]:
+        backgrounds = stats["attributes"]["background"]
+        bg_judge = BackgroundJudge(backgrounds)
+        bg = torch.tensor([backgrounds.index(c) for c in table["background"]])
+        report["backgrounds"] = backgrounds
+        report["background"] = {
+            "agreement": acc(bg_judge.predict(x), bg),
+            "agreement_perturbed": acc(bg_judge.predict(xp), bg[va]),
+        }
     save_safetensors_atomic(digit_cnn.state_dict(), out / "digit_cnn.safetensors")
     save_safetensors_atomic(color_cnn.state_dict(), out / "color_cnn.safetensors")
     tmp = out / "judges.json.tmp"
@@ -264,4 +338,5 @@ def load_judges(path: str | Path) -> Judges:
         color_cnn=color_cnn.eval(),
         digit_cnn=digit_cnn.eval(),
         report=report,
+        background=BackgroundJudge(report.get("backgrounds")),
     )

@@ -3,14 +3,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fairtune.data import AttributeSpec, Target, TargetConfig, concept_name, images_from_table, load_table
+from fairtune.data import (
+    GROUP_SEP,
+    AttributeSpec,
+    Target,
+    TargetConfig,
+    concept_name,
+    images_from_table,
+    load_table,
+)
 from fairtune.models import ClassifierConfig, load_classifier
 
 from ._clip_judge import attach_measurement, build_clip_judge
@@ -134,19 +142,26 @@ def colored_digits_panel(
     reference: torch.Tensor | None = None,
     batch_size: int = 512,
     source: str = "",
+    attributes: Sequence[str] = ("color",),
 ) -> JudgePanel:
     """The ColoredDigits-Bias judges as a panel: colour by the hue or CNN judge, fidelity by the digit
-    CNN, Fréchet features from its penultimate layer."""
+    CNN, Fréchet features from its penultimate layer.
+
+    ``attributes`` names what is judged: ``["color"]``, or a joint such as ``["color", "background"]``
+    whose labels are the joint groups (``"red+dark"``, in :class:`~fairtune.data.Target` order) and
+    whose panel attribute is ``"color+background"``."""
+    attributes = list(attributes)
+    bg = " and background by median brightness" if "background" in attributes else ""
     return JudgePanel(
-        attribute="color",
-        classes=list(judges.colors),
-        attribute_fn=lambda x: judges.color(x, judge=color_judge),
+        attribute=GROUP_SEP.join(attributes),
+        classes=judges.groups(attributes),
+        attribute_fn=lambda x: judges.label(x, attributes, judge=color_judge),
         concept_classes=[concept_name(d) for d in range(10)],
         concept_fn=judges.digit,
         feature_fn=judges.features,
         reference=reference,
         description=(
-            f"ColoredDigits-Bias judges from `{source}`: colour by the {color_judge} judge, "
+            f"ColoredDigits-Bias judges from `{source}`: colour by the {color_judge} judge{bg}, "
             "fidelity by the digit CNN, Fréchet distance on its 64-d features"
             + (f" against {len(reference)} held-out real images" if reference is not None else "")
         ),

@@ -87,3 +87,30 @@ def test_background_and_third_colour_at_32px():
 def test_bad_config_is_named(kw, msg):
     with pytest.raises(ValueError, match=msg):
         ColoredDigitsConfig(**kw)
+
+
+def test_per_colour_shares_give_each_digit_its_dominant_ink():
+    shares = [[0.7, 0.15, 0.15], [0.15, 0.7, 0.15], [0.15, 0.15, 0.7]] * 3 + [[0.2, 0.3, 0.5]]
+    cfg = ColoredDigitsConfig(
+        colors=["red", "blue", "green"], color_shares=shares, renders_per_image=1, heldout_renders=1
+    )
+    splits = generate_colored_digits(cfg)
+    for d in (0, 1, 2, 9):
+        rows = [r for r in splits["train"] if r["digit"] == d]
+        got = [np.mean([r["color"] == c for r in rows]) for c in cfg.colors]
+        assert np.allclose(got, shares[d], atol=0.02), (d, got)
+    held = [r for r in splits["heldout"] if r["digit"] == 0]  # the judges' split stays balanced
+    assert abs(np.mean([r["color"] == "green" for r in held]) - 1 / 3) < 0.03
+
+
+@pytest.mark.parametrize(
+    "shares, msg",
+    [
+        ([[0.5, 0.5, 0.0]] * 9, "color_shares needs 10 rows"),
+        ([[0.5, 0.5]] * 10, "color_shares needs 10 rows"),
+        ([[0.5, 0.5, 0.5]] * 10, r"color_shares\[0\] must be non-negative and sum to 1"),
+    ],
+)
+def test_bad_colour_shares_are_named(shares, msg):
+    with pytest.raises(ValueError, match=msg):
+        ColoredDigitsConfig(colors=["red", "blue", "green"], color_shares=shares)

@@ -128,3 +128,77 @@ def test_mixed_ink_training_stops_the_classifier_calling_purple_confidently(digi
             p = m.eval()(xm).softmax(1)
         errors[prob] = (p[mixed, 0] - soft[mixed, 0]).abs().mean().item()
     assert errors[0.5] < 0.2 < errors[0.0]
+
+
+@pytest.fixture(scope="module")
+def k3bg_rows():
+    """Held-out renders (balanced) of three inks on light and dark backgrounds, one per source image."""
+    from fairtune.data import ColoredDigitsConfig, generate_colored_digits
+
+    cfg = ColoredDigitsConfig(
+        colors=["red", "blue", "green"], background=True, renders_per_image=1, heldout_renders=1, seed=3
+    )
+    return cfg, generate_colored_digits(cfg)["heldout"][:600]
+
+
+def test_three_colour_hue_and_background_judges_on_rendered_data(k3bg_rows):
+    from fairtune.data import AttributeSpec, Target, TargetConfig
+    from fairtune.eval import BackgroundJudge, Judges
+    from fairtune.models import SmallCNN
+
+    cfg, rows = k3bg_rows
+    x = torch.stack(
+        [torch.from_numpy(np.asarray(r["image"], np.float32) / 255).permute(2, 0, 1) for r in rows]
+    )
+    color = torch.tensor([cfg.colors.index(r["color"]) for r in rows])
+    background = torch.tensor([list(BACKGROUND).index(r["background"]) for r in rows])
+    assert len(set(color.tolist())) == 3 and len(set(background.tolist())) == 2
+    hue = HueJudge.for_colors(cfg.colors)
+    bg = BackgroundJudge()
+    assert (hue.predict(x) == color).float().mean() >= 0.98
+    assert (bg.predict(x) == background).float().mean() >= 0.98
+    # the tint, noise and speckles of generated images do not move the background call
+    xp = perturb(x, torch.Generator().manual_seed(0))
+    assert (bg.predict(xp) == background).float().mean() >= 0.98
+    assert (hue.predict(xp) == color).float().mean() >= 0.95
+
+    # the joint label is the index of the record's group among the joint target's groups
+    judges = Judges(cfg.colors, hue, SmallCNN(3, 4, 4), SmallCNN(10, 4, 4))
+    target = Target(TargetConfig(attributes=["color", "background"]), cfg.spec())
+    assert judges.groups(["color", "background"]) == target.groups
+    truth = torch.tensor(
+        [target.group_of({"color": r["color"], "background": r["background"]}) for r in rows]
+    )
+    assert (judges.label(x, ["color", "background"]) == truth).float().mean() >= 0.98
+    bg_only = Target(TargetConfig(attributes=["background"]), AttributeSpec(cfg.spec().classes))
+    assert judges.groups(["background"]) == bg_only.groups
+    with pytest.raises(ValueError, match="not 'digit'"):
+        judges.label(x, ["digit"])
+
+
+def test_a_joint_target_is_scored_over_its_groups(k3bg_rows):
+    from fairtune.data import Target, TargetConfig
+    from fairtune.eval import Judges, colored_digits_panel, judge_digit_images
+    from fairtune.models import SmallCNN
+
+    cfg, rows = k3bg_rows
+    n = 20
+    by_digit = [[r for r in rows if r["digit"] == d][:n] for d in range(10)]
+    assert all(len(b) == n for b in by_digit)
+    ordered = [r for b in by_digit for r in b]  # digit-major, as the benchmark generates them
+    x = torch.stack(
+        [torch.from_numpy(np.asarray(r["image"], np.float32) / 255).permute(2, 0, 1) for r in ordered]
+    )
+    target = Target(TargetConfig(attributes=["color", "background"]), cfg.spec())
+    judges = Judges(cfg.colors, HueJudge.for_colors(cfg.colors), SmallCNN(3, 4, 4), SmallCNN(10, 4, 4))
+    panel = colored_digits_panel(judges, attributes=["color", "background"])
+    assert panel.attribute == "color+background" and panel.classes == target.groups
+    out = judge_digit_images(
+        x, digits=list(range(10)), n_per_prompt=n, judges=panel, target=target.proportions()
+    )
+    for d, b in enumerate(by_digit):
+        rec = out["per_concept"][f"digit {d}"]
+        truth = np.bincount([target.group_of(r) for r in b], minlength=6) / n
+        assert len(rec["p_hat"]) == 6
+        assert np.abs(np.array(rec["p_hat"]) - truth).max() <= 0.05 + 1e-9
+        assert rec["dev"] == pytest.approx(np.abs(np.array(rec["p_hat"]) - 1 / 6).max())
