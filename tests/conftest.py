@@ -59,3 +59,30 @@ def smoke_trainer(max_steps: int = 3):
         use_distributed_sampler=False,
         log_every_n_steps=1,
     )
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    """The shipped biased base model (tiny backbone), loaded once."""
+    from fairtune.models import Backbone, BackboneConfig
+
+    return Backbone.from_config(BackboneConfig(kind="tiny", pretrained="colored-digits-16"))
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(backbone, tmp_path_factory):
+    """A LoRA adapter on the shipped model with random (non-zero) up-projections."""
+    import copy
+
+    from fairtune.models import LoraConfig, attach_lora, save_lora
+
+    unet = copy.deepcopy(backbone.unet)
+    attach_lora(unet, LoraConfig(rank=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    out = tmp_path_factory.mktemp("adapter")
+    save_lora(unet, out)
+    return out

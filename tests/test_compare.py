@@ -1,6 +1,5 @@
 """`fairtune compare` / `fairtune audit`: the same seeds for every method, judged metrics, reports."""
 
-import copy
 import dataclasses
 import json
 import re
@@ -25,13 +24,8 @@ from fairtune.eval import (
     write_report,
 )
 from fairtune.models import (
-    Backbone,
-    BackboneConfig,
     FairDiffusionConfig,
-    LoraConfig,
     PromptAugmentationConfig,
-    attach_lora,
-    save_lora,
 )
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "compare"
@@ -71,26 +65,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return Backbone.from_config(BackboneConfig(kind="tiny", pretrained="colored-digits-16"))
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(backbone, tmp_path_factory):
-    """A LoRA adapter on the shipped model with random (non-zero) up-projections."""
-    unet = copy.deepcopy(backbone.unet)
-    attach_lora(unet, LoraConfig(rank=4))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    out = tmp_path_factory.mktemp("adapter")
-    save_lora(unet, out)
-    return out
 
 
 @pytest.fixture(scope="module")

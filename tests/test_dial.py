@@ -1,6 +1,5 @@
 """The fairness dial: the judged mix against the adapter's scale, a scale per requested share."""
 
-import copy
 import json
 import sys
 
@@ -28,7 +27,6 @@ from fairtune.eval import (
     verify_request,
 )
 from fairtune.eval._compare import method_key
-from fairtune.models import Backbone, BackboneConfig, LoraConfig, attach_lora, save_lora
 
 GEN = GenerationConfig(n_per_prompt=8, steps=4, batch_size=64)
 
@@ -117,24 +115,6 @@ def test_the_scale_is_part_of_the_cache_key():
 
 
 # ========================================================================= the dial on a tiny model
-@pytest.fixture(scope="module")
-def backbone():
-    return Backbone.from_config(BackboneConfig(kind="tiny", pretrained="colored-digits-16"))
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(backbone, tmp_path_factory):
-    """A LoRA adapter on the shipped model with random (non-zero) up-projections."""
-    unet = copy.deepcopy(backbone.unet)
-    attach_lora(unet, LoraConfig(rank=4))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    out = tmp_path_factory.mktemp("adapter")
-    save_lora(unet, out)
-    return out
 
 
 @pytest.fixture(scope="module")
