@@ -7,7 +7,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 
 from fairtune.data import AttributeSpec, Target, TargetConfig, concept_name
@@ -166,6 +168,11 @@ def judge_colored_digits(
     reference: str | None = None,
     reference_n: int = 2000,
     sample_grid: bool = False,
+    paraphrase: str | None = None,
+    paraphrase_digits: list[int] | None = None,
+    explicit: str | None = None,
+    explicit_n: int = 32,
+    device: Literal["auto", "cpu", "cuda"] = "cpu",
 ) -> dict[str, float]:
     """Judge a run on ColoredDigits-Bias: the base model (``model.backbone`` of the run's resolved
     config) with the run's adapter fused in (or as it is, for a run that trains nothing),
@@ -188,6 +195,16 @@ def judge_colored_digits(
             reference for the Fréchet distance; ``None`` skips it.
         reference_n: Real images in the reference.
         sample_grid: Also write ``run_dir/samples.png`` (8 images per digit).
+        paraphrase: A wording the training never saw (``"a drawing of the number {d}"``): its
+            images of ``paraphrase_digits`` (default the seen digits) score ``mean_dev_paraphrase``
+            and ``worst_dev_paraphrase``, same seeds and target.
+        paraphrase_digits: Digits prompted with ``paraphrase``.
+        explicit: A prompt naming the class (``"a {cls} handwritten digit {d}"``): for every seen
+            digit and target class, ``explicit_n`` images; ``explicit_follow`` is the share judged as
+            the named class (a single-attribute target only), ``explicit_follow_min`` the lowest
+            prompt's.
+        explicit_n: Images per explicit prompt.
+        device: Where to generate and judge (``auto``: a GPU where there is one).
 
     Returns:
         Flat metrics: the scoring engine's summary (``mean_dev_seen``, ``worst_dev_seen``,
@@ -195,6 +212,8 @@ def judge_colored_digits(
         ``fidelity``, ``frechet``, ...) and every target group's share per digit (``red_share_d3``,
         ``green+dark_share_d3`` for a joint target).
     """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     run_dir = Path(run_dir)
     bcfg = dict(config["model"]["backbone"])
     if isinstance(bcfg.get("unet"), dict):
@@ -232,19 +251,23 @@ def judge_colored_digits(
         if reference
         else None
     )
+    bb.to(device)
+    panel = colored_digits_panel(jd, color_judge=color_judge, reference=ref, attributes=target.attributes)
+    gen = GenerationConfig(
+        n_per_prompt=n_per_prompt,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    targets = {f"digit {d}": target.proportions(f"digit {d}") for d in digits}
     ev = evaluate_backbone_on_digits(
         bb,
-        colored_digits_panel(jd, color_judge=color_judge, reference=ref, attributes=target.attributes),
+        panel,
         digits=digits,
         seen=seen,
-        target={f"digit {d}": target.proportions(f"digit {d}") for d in digits},
-        generation=GenerationConfig(
-            n_per_prompt=n_per_prompt,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-            batch_size=batch_size,
-        ),
+        target=targets,
+        generation=gen,
         reference=ref,
         prompt=prompt,
         color_judge=color_judge,
@@ -254,6 +277,39 @@ def judge_colored_digits(
         for k, v in ev["summary"].items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
+    if paraphrase:
+        pd = list(seen if paraphrase_digits is None else paraphrase_digits)
+        para = evaluate_backbone_on_digits(
+            bb,
+            panel,
+            digits=pd,
+            seen=pd,
+            target=targets,
+            generation=gen,
+            reference=None,
+            prompt=paraphrase,
+            color_judge=color_judge,
+        )["summary"]
+        out["mean_dev_paraphrase"] = float(para["mean_dev_seen"])
+        out["worst_dev_paraphrase"] = float(para["worst_dev_seen"])
+        out["undetermined"] += para["undetermined"]
+        out["n_images"] += para["n_images"]
+        out["undetermined_rate"] = out["undetermined"] / max(out["n_images"], 1)
+    if explicit and len(target.attributes) == 1:
+        follow = explicit_follow(
+            bb,
+            panel,
+            explicit,
+            seen,
+            list(target.groups),
+            n=explicit_n,
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            batch_size=batch_size,
+        )
+        out["explicit_follow"] = float(np.mean(list(follow.values())))
+        out["explicit_follow_min"] = float(min(follow.values()))
     for d in digits:
         for gi, group in enumerate(target.groups):
             share = ev["per_concept"][f"digit {d}"]["p_hat"][gi]
@@ -267,8 +323,38 @@ def judge_colored_digits(
     return out
 
 
+def explicit_follow(
+    backbone,
+    panel: JudgePanel,
+    template: str,
+    digits: Sequence[int],
+    classes: Sequence[str],
+    *,
+    n: int = 32,
+    seed: int = 0,
+    steps: int = 25,
+    guidance_scale: float = 2.0,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Whether prompts that name a class keep it: for each digit and class, ``n`` images of
+    ``template.format(cls=..., d=...)`` and the share the judge places in that class (undetermined
+    images count as not following). Keyed ``"<cls> digit <d>"``."""
+    prompts = [template.format(cls=c, d=d) for d in digits for c in classes]
+    gen = GenerationConfig(
+        n_per_prompt=n, steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size
+    )
+    images, _ = generate(backbone.sample, prompts, gen)
+    labels = np.asarray(panel._batched(panel.attribute_fn, images, "explicit", False)).reshape(
+        len(prompts), n
+    )
+    keys = [f"{c} digit {d}" for d in digits for c in classes]
+    idx = [ci for _ in digits for ci in range(len(classes))]
+    return {k: float((row == ci).mean()) for k, row, ci in zip(keys, labels, idx)}
+
+
 __all__ = [
     "colored_digits_prompts",
+    "explicit_follow",
     "judge_colored_digits",
     "digit_entries",
     "evaluate_backbone_on_digits",

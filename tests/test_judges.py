@@ -202,3 +202,27 @@ def test_a_joint_target_is_scored_over_its_groups(k3bg_rows):
         assert len(rec["p_hat"]) == 6
         assert np.abs(np.array(rec["p_hat"]) - truth).max() <= 0.05 + 1e-9
         assert rec["dev"] == pytest.approx(np.abs(np.array(rec["p_hat"]) - 1 / 6).max())
+
+
+def test_the_sweep_judge_scores_a_paraphrase_and_explicit_prompts(judges_dir, tmp_path):
+    """The shipped base model judged as the sweep does, with a paraphrase and explicit prompts: an
+    explicit colour is followed (the base model knows both inks), the paraphrase is scored on its
+    own digits and its images count in the undetermined total."""
+    from fairtune.eval import judge_colored_digits
+
+    config = {
+        "model": {"backbone": {"kind": "tiny", "pretrained": "colored-digits-16"}},
+        "data": {"concepts": ["digit 0", "digit 5"], "attributes": {"color": ["red", "blue"]}},
+    }
+    kw = dict(judges=str(judges_dir), n_per_prompt=8, steps=10, digits=[0, 5], batch_size=64)
+    plain = judge_colored_digits(tmp_path, config, **kw)
+    out = judge_colored_digits(
+        tmp_path, config, **kw, paraphrase="a drawing of the number {d}", paraphrase_digits=[0],
+        explicit="a {cls} handwritten digit {d}", explicit_n=8, device="auto",
+    )  # fmt: skip
+    assert "mean_dev_paraphrase" not in plain and "explicit_follow" not in plain
+    assert out["mean_dev_seen"] == pytest.approx(plain["mean_dev_seen"], abs=1e-6)
+    assert 0.0 <= out["mean_dev_paraphrase"] <= 0.5
+    assert out["worst_dev_paraphrase"] == pytest.approx(out["mean_dev_paraphrase"])  # one digit
+    assert out["n_images"] == plain["n_images"] + 8
+    assert out["explicit_follow"] >= 0.75 and 0.0 <= out["explicit_follow_min"] <= out["explicit_follow"]

@@ -307,3 +307,22 @@ def test_adversary_zero_loss_still_touches_the_head():
     )
     out["total"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in head.parameters())
+
+
+def test_extra_templates_join_the_pool_and_are_checked(classifier_file):
+    from fairtune.train import FairnessLoss
+
+    cfg = FairnessConfig(
+        classifier=classifier_file,
+        concepts=["digit 1", "digit 2"],
+        prompt="a handwritten {concept}",
+        extra_templates=["the {concept}, drawn by hand"],
+    )
+    assert FairnessLoss(cfg).pool() == [
+        ("digit 1", "a handwritten digit 1"),
+        ("digit 2", "a handwritten digit 2"),
+        ("digit 1", "the digit 1, drawn by hand"),
+        ("digit 2", "the digit 2, drawn by hand"),
+    ]
+    with pytest.raises(ValueError, match=r"extra_templates\[0\]"):
+        FairnessLoss(FairnessConfig(classifier=classifier_file, extra_templates=["no field"]))

@@ -336,6 +336,7 @@ class GroupRecorder(L.Callback):
 """
 
 
+@pytest.mark.slow  # ~20 s: two processes; DDP itself stays in the default suite (test_distributed)
 def test_ddp_fit_from_shards_two_cpu_processes(digits_dir, tmp_path):
     run, draws = tmp_path / "run", tmp_path / "draws"
     (tmp_path / "shard_recorder.py").write_text(RECORDER)

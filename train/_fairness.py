@@ -73,6 +73,7 @@ class FairnessConfig:
     concepts: list[str] | None = None
     extra_prompts_file: str | None = None
     prompt: str = "{concept}"
+    extra_templates: list[str] = field(default_factory=list)
     concepts_per_step: int = 4
     samples_per_concept: int = 16
     path: Literal["ddim", "full_chain", "one_step"] = "ddim"
@@ -185,8 +186,10 @@ class FairnessLoss(nn.Module):
     def __init__(self, cfg: FairnessConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        if "{concept}" not in cfg.prompt:
-            raise ValueError(f"model.fairness.prompt={cfg.prompt!r} has no {{concept}} field")
+        for i, t in enumerate([cfg.prompt, *cfg.extra_templates]):
+            if "{concept}" not in t:
+                key = "prompt" if i == 0 else f"extra_templates[{i - 1}]"
+                raise ValueError(f"model.fairness.{key}={t!r} has no {{concept}} field")
         self.classifier = load_classifier(cfg.classifier, what="model.fairness.classifier")
         self.preservation = PreservationFeatures(cfg.preservation) if cfg.preservation_weight > 0 else None
         self.extra: list[tuple[str, str]] = (
@@ -194,8 +197,10 @@ class FairnessLoss(nn.Module):
         )
 
     def pool(self) -> list[tuple[str, str]]:
-        """(concept, prompt) pairs a step draws from: the concepts' neutral prompts, then the extras."""
-        return [(c, self.cfg.prompt.format(concept=c)) for c in self.cfg.concepts or []] + self.extra
+        """(concept, prompt) pairs a step draws from: the concepts' neutral prompts in every template,
+        then the extras."""
+        templates = [self.cfg.prompt, *self.cfg.extra_templates]
+        return [(c, t.format(concept=c)) for t in templates for c in self.cfg.concepts or []] + self.extra
 
     def _eps(self, unet, x, t, ctx, guidance):
         inp = torch.cat([x, x])

