@@ -103,7 +103,9 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         raise ValueError("each feature set needs at least two samples")
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
+    # scipy >= 1.16 deprecated (and later removed) sqrtm's ``disp``; the plain call works in every
+    # version (older ones return the matrix alone when disp is left at its default).
+    covmean = linalg.sqrtm(s_a @ s_b)
     if not np.isfinite(covmean).all():
         # Near-singular product: regularise as the reference FID code does.
         off = np.eye(s_a.shape[0]) * 1e-6

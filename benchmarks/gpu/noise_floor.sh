@@ -23,8 +23,12 @@ source benchmarks/gpu/prelude.sh
 stage judges
 JUDGE_ARGS=()
 [ "$DRY" = 1 ] && JUDGE_ARGS=(--train.digit_epochs 1 --train.color_epochs 1)
-timed judges 240 "$FT" judges train --data "$WORK/data" --out "$WORK/judges" "${JUDGE_ARGS[@]}" \
-  || fail "fairtune judges train failed"
+if [ -n "${FT_JUDGES:-}" ]; then # judges trained elsewhere by the same command (carried)
+  cp -r "$FT_JUDGES" "$WORK/judges"
+else
+  timed judges 240 "$FT" judges train --data "$WORK/data" --out "$WORK/judges" "${JUDGE_ARGS[@]}" \
+    || fail "fairtune judges train failed"
+fi
 
 # The specs name the benchmark's assets by their usual place.
 mkdir -p runs/data runs/judges runs/classifiers
@@ -43,7 +47,7 @@ fi
 BUDGET_SEARCH=${FT_BUDGET_SEARCH:-250}
 BUDGET_FINAL=${FT_BUDGET_FINAL:-190}
 GPU_NAME=$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")')
-MACHINE="one $GPU_NAME with $(nproc) CPU cores (benchmarks/gpu/noise_floor.sh): runs trained side by side on \
+MACHINE="one $GPU_NAME with $(nproc --all) CPU cores (benchmarks/gpu/noise_floor.sh): runs trained side by side on \
 it (6 candidates, 9 lever-2 runs, then 6 final runs at a time), fp32, one CPU thread each, judged on the GPU; \
 text encoder: the carried all-MiniLM-L6-v2 copy (benchmarks/gpu/README.md)"
 [ "$DRY" = 1 ] && MACHINE="a CPU dry run (3 steps, tiny judging): not a result"
@@ -59,6 +63,10 @@ step() {
     || say "$name: the report failed (see stages.log)"
 }
 
+if [ "${FT_QUICK:-0}" = 1 ]; then # the committed noise_floor.yaml alone (no search, no lever 2)
+  stage final
+  step final "$BUDGET_FINAL" final --workers 7
+else
 stage search_and_adversary
 step adversary "$((BUDGET_SEARCH + BUDGET_FINAL))" adversary --workers 9 &
 A=$!
@@ -68,9 +76,11 @@ step search "$BUDGET_SEARCH" search --workers 6
 stage final
 step final "$BUDGET_FINAL" final --workers 6
 wait "$A" || true
+fi
 
 stage pack
 collect_logs
+shopt -s nullglob
 FILES=(benchmarks/specs/noise_floor.yaml)
 for f in benchmarks/results/noise_floor* benchmarks/results/adversary_forms*; do FILES+=("$f"); done
 for d in runs/bench/runs/*/; do

@@ -111,7 +111,11 @@ timed data 240 "$FT" data colored-digits --out "$WORK/data" || fail "fairtune da
 stage classifier
 CLF_EPOCHS=()
 [ "$DRY" = 1 ] && CLF_EPOCHS=(--epochs 1)
-timed classifier 240 "$FT" classifier train --data "$WORK/data" --out "$WORK/classifier" "${CLF_EPOCHS[@]}" \
-  || fail "fairtune classifier train failed"
+if [ -n "${FT_CLASSIFIER:-}" ]; then # one trained elsewhere by the same command (carried)
+  cp -r "$FT_CLASSIFIER" "$WORK/classifier"
+else
+  timed classifier 240 "$FT" classifier train --data "$WORK/data" --out "$WORK/classifier" "${CLF_EPOCHS[@]}" \
+    || fail "fairtune classifier train failed"
+fi
 [ -f "$WORK/classifier/classifier.safetensors" ] || fail "no classifier.safetensors"
 
