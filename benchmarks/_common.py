@@ -15,6 +15,15 @@ DATA = ROOT / "runs" / "data" / "colored-digits-16"
 JUDGES = ROOT / "runs" / "judges" / "colored-digits-16"
 CLASSIFIER = ROOT / "runs" / "classifiers" / "color-train-16"
 DATA_SKEW = [0.95, 0.90, 0.85, 0.80, 0.75, 0.25, 0.20, 0.15, 0.10, 0.05]
+# The comparison's fairness and quality columns (metric key, header, decimals), as the demo reports them.
+FAIRNESS_COLUMNS = [
+    ("mean_dev_seen", "mean dev seen", 3),
+    ("worst_dev_seen", "worst seen", 3),
+    ("mean_dev_heldout", "held-out", 3),
+    ("mean_dev_paraphrase", "paraphrase", 3),
+    ("fidelity", "fidelity", 3),
+    ("frechet", "Fréchet", 1),
+]
 
 
 def ensure_assets():

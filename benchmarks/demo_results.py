@@ -12,15 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from _common import ROOT, write_results
+from _common import FAIRNESS_COLUMNS, ROOT, write_results
 
 COLUMNS = [
-    ("mean_dev_seen", "mean dev seen", 3),
-    ("worst_dev_seen", "worst seen", 3),
-    ("mean_dev_heldout", "held-out", 3),
-    ("mean_dev_paraphrase", "paraphrase", 3),
-    ("fidelity", "fidelity", 3),
-    ("frechet", "Fréchet", 1),
+    *FAIRNESS_COLUMNS,
     ("sec_per_image", "s/img", 3),
     ("unet_evals_per_image", "UNet evals/img", 0),
 ]

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import yaml
 
-from _common import RESULTS, ROOT, ensure_assets, write_results
+from _common import FAIRNESS_COLUMNS, RESULTS, ROOT, ensure_assets, write_results
 from fairtune.cli import load_spec, read_status, run_sweep, t_interval
 
 OUT = ROOT / "runs" / "bench"
@@ -48,12 +48,7 @@ GOALS = [
     ("undetermined_rate", 0.005, "max"),
 ]
 COLUMNS = [
-    ("mean_dev_seen", "mean dev seen", 3),
-    ("worst_dev_seen", "worst seen", 3),
-    ("mean_dev_heldout", "held-out", 3),
-    ("mean_dev_paraphrase", "paraphrase", 3),
-    ("fidelity", "fidelity", 3),
-    ("frechet", "Fréchet", 1),
+    *FAIRNESS_COLUMNS,
     ("undetermined_rate", "mixed/undetermined", 4),
     ("explicit_follow", "explicit kept", 3),
     ("train_seconds", "train s", 0),
@@ -153,20 +148,21 @@ SETTINGS: dict = {
 
 
 def _run(spec_path: Path):
+    """Run (or, with ``report_only``, only read) a spec: the spec, its runs' metrics per arm and seed,
+    and their per-arm summary."""
     spec = load_spec(spec_path, overrides=SETTINGS["overrides"])
     if SETTINGS["judge_options"] and spec.judge:
         spec.judge["options"].update(SETTINGS["judge_options"])
     if not SETTINGS["report_only"]:
         ensure_assets()
         run_sweep(spec, OUT, workers=SETTINGS["workers"], aggregate=False)
-    return spec
+    arms = seed_metrics(spec)
+    return spec, arms, table(arms)
 
 
 def search() -> dict:
     """Run the candidates on seed 0, pick the one closest to the goals, write the final spec."""
-    spec = _run(SEARCH)
-    arms = seed_metrics(spec)
-    rows = table(arms)
+    spec, arms, rows = _run(SEARCH)
     base = rows.get("base", {})
     goals = {a: check(r, base) for a, r in rows.items() if a != "base"}
     score = {a: closeness(g) for a, g in goals.items()}
@@ -232,9 +228,7 @@ def final() -> dict:
     """The winner over three seeds, both targets, with the goals."""
     if not FINAL.is_file():
         raise SystemExit(f"{FINAL} is missing: run `python benchmarks/noise_floor.py search` first")
-    spec = _run(FINAL)
-    arms = seed_metrics(spec)
-    rows = table(arms)
+    spec, arms, rows = _run(FINAL)
     # every trained arm against the base row of its target (``*_30_70`` against ``base_30_70``)
     goals = {
         arm: check(row, rows.get("base_30_70" if arm.endswith("_30_70") else "base", {}))
@@ -264,9 +258,7 @@ def final() -> dict:
 
 def adversary() -> dict:
     """Lever 2's forms over seeds, each paired by seed with the naive arm."""
-    spec = _run(ADVERSARY)
-    arms = seed_metrics(spec)
-    rows = table(arms)
+    spec, arms, rows = _run(ADVERSARY)
     naive = arms.get("naive", {})
     paired = {}
     for arm, runs in arms.items():

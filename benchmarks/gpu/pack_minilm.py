@@ -24,8 +24,18 @@ def repo_token_ids(src: Path) -> set[int]:
     tok = AutoTokenizer.from_pretrained(str(src))
     root = Path(__file__).resolve().parent.parent
     text = []
-    for pattern in ["data/*.py", "eval/*.py", "cli/*.py", "train/*.py", "models/*.py", "configs/**/*.yaml",
-                    "configs/**/*.txt", "benchmarks/*.py", "benchmarks/specs/*.yaml", "tests/*.py"]:
+    for pattern in [
+        "data/*.py",
+        "eval/*.py",
+        "cli/*.py",
+        "train/*.py",
+        "models/*.py",
+        "configs/**/*.yaml",
+        "configs/**/*.txt",
+        "benchmarks/*.py",
+        "benchmarks/specs/*.yaml",
+        "tests/*.py",
+    ]:
         text += [f.read_text(errors="replace") for f in root.glob(pattern)]
     ids = set(range(1000)) | set(range(1000, 1100))  # special tokens, punctuation, digits
     for t in text:

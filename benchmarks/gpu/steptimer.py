@@ -32,7 +32,7 @@ class StepTimer(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         d = [b - a for a, b in zip(self.t, self.t[1:])]
-        steady = d[self.warmup:] if len(d) > self.warmup else d
+        steady = d[self.warmup :] if len(d) > self.warmup else d
         steady_sorted = sorted(steady)
         summary = {
             "batches": len(d),
