@@ -260,7 +260,7 @@ def judge_colored_digits(
         seed=seed,
         batch_size=batch_size,
     )
-    targets = {f"digit {d}": target.proportions(f"digit {d}") for d in digits}
+    targets = {f"digit {d}": target.proportions(f"digit {d}") for d in {*digits, *(paraphrase_digits or [])}}
     ev = evaluate_backbone_on_digits(
         bb,
         panel,
