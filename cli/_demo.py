@@ -56,7 +56,7 @@ def demo(
     steps: int = 500,
     n_per_prompt: int = 128,
     sampling_steps: int = 15,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     paraphrase_digits: list[int] | None = None,
     data: Path = Path("runs/data/colored-digits-16"),
     judges: Path = Path("runs/judges/colored-digits-16"),
@@ -76,7 +76,8 @@ def demo(
         steps: Training steps of each adapter (both arms get the same budget and seed).
         n_per_prompt: Images per prompt and method.
         sampling_steps: DDIM steps of every method at comparison time.
-        batch_size: Images per UNet batch when generating (large batches are cheap per image on CPU).
+        batch_size: Images per UNet batch when generating (default: the backbone's choice, 64 on a
+            CPU, 512 on a GPU).
         paraphrase_digits: Seen digits also prompted with a wording never trained on (default:
             those of configs/compare/colored_digits.yaml).
         data: ColoredDigits-Bias folder (rendered if missing).
@@ -134,7 +135,7 @@ def demo(
         configs_dir() / DEMO_COMPARE,
         "--judges.path", str(judges), "--judges.reference", str(data),
         "--generation.n_per_prompt", str(n_per_prompt), "--generation.steps", str(sampling_steps),
-        "--generation.batch_size", str(batch_size),
+        *(["--generation.batch_size", str(batch_size)] if batch_size else []),
     )  # fmt: skip
     adapters = {"naive": runs["naive"] / "adapter", "debiased": runs["all"] / "adapter"}
     for m in cfg.methods:

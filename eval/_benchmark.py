@@ -161,7 +161,7 @@ def judge_colored_digits(
     steps: int = 25,
     guidance_scale: float = 2.0,
     seed: int = 0,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     digits: list[int] | None = None,
     prompt: str = "a handwritten digit {d}",
     color_judge: str = "hue",
@@ -187,7 +187,7 @@ def judge_colored_digits(
         steps: DDIM steps.
         guidance_scale: Judging guidance (≤ 2, DESIGN §10).
         seed: Image i of every prompt starts from seed ``seed + i``.
-        batch_size: Images per UNet batch.
+        batch_size: Images per UNet batch (default: the backbone's choice).
         digits: Digits to judge (default 0-9).
         prompt: Neutral prompt template.
         color_judge: ``hue`` or ``cnn``.
@@ -334,7 +334,7 @@ def explicit_follow(
     seed: int = 0,
     steps: int = 25,
     guidance_scale: float = 2.0,
-    batch_size: int = 512,
+    batch_size: int | None = None,
 ) -> dict[str, float]:
     """Whether prompts that name a class keep it: for each digit and class, ``n`` images of
     ``template.format(cls=..., d=...)`` and the share the judge places in that class (undetermined

@@ -155,7 +155,7 @@ def compare_methods(
     validate_methods(config.methods)
     entries = prompt_entries(config.prompts)
     gen = config.generation
-    if gen.n_per_prompt < 1 or gen.steps < 1 or gen.batch_size < 1:
+    if gen.n_per_prompt < 1 or gen.steps < 1 or (gen.batch_size is not None and gen.batch_size < 1):
         raise ValueError(f"generation needs n_per_prompt, steps and batch_size >= 1, got {gen}")
     bb_cfg = config.backbone if backbone is None else backbone.config
     image_size = backbone.image_size if backbone is not None else _expected_image_size(bb_cfg)

@@ -35,14 +35,15 @@ class GenerationConfig:
         steps: DDIM steps.
         guidance_scale: Classifier-free guidance; judge at ≤ 2 (higher scales shift the palette).
         seed: Image ``i`` of each prompt starts from the noise of seed ``seed + i``.
-        batch_size: Images per UNet batch (large batches are much cheaper per image on a CPU).
+        batch_size: Images per UNet batch; ``None``: the backbone's choice
+            (:meth:`~fairtune.models.Backbone.sampling_batch_size`: 64 on a CPU, 512 on a GPU).
     """
 
     n_per_prompt: int = 128
     steps: int = 25
     guidance_scale: float = 2.0
     seed: int = 0
-    batch_size: int = 512
+    batch_size: int | None = None
 
 
 def generate(

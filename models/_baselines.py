@@ -321,7 +321,7 @@ def fair_diffusion_sample(
     target: dict[str, float],
     steps: int = 25,
     guidance_scale: float = 2.0,
-    batch_size: int = 256,
+    batch_size: int | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """Fair Diffusion samples from a :class:`~fairtune.models.Backbone` (``tiny`` or ``sd``).
 
@@ -341,7 +341,8 @@ def fair_diffusion_sample(
         target: Class -> probability; its classes must be those of ``config.edit_prompts``.
         steps: DDIM steps.
         guidance_scale: Classifier-free guidance scale.
-        batch_size: Images per UNet batch (the UNet sees ``(2 + K) * batch_size``).
+        batch_size: Images per UNet batch (the UNet sees ``(2 + K) * batch_size``); default
+            ``backbone.sampling_batch_size(2 + K)``.
 
     Returns:
         Images ``(B, 3, H, W)`` in [0, 1] on the CPU, and the class drawn for each image.
@@ -352,6 +353,7 @@ def fair_diffusion_sample(
     """
     _check_prompts(prompts, seeds)
     _check_target(target, classes=list(config.edit_prompts), what="edit_prompts")
+    batch_size = batch_size or backbone.sampling_batch_size(2 + len(config.edit_prompts))
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
     classes = draw_classes(list(prompts), target=target, assignment=config.assignment, seed=config.seed)
