@@ -141,7 +141,7 @@ def _fit_cmd(cfg):
 
 def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):
     over = {
-        "trainer.max_steps": 40,
+        "trainer.max_steps": 20,
         "data.samples_per_epoch": 160,  # 10 steps per epoch: a checkpoint every 10 steps
         "data.batch_size": 16,
         "model.ema": {"decay": 0.9},
@@ -162,7 +162,7 @@ def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):
     adapter = tmp_path / "killed" / "adapter" / LORA_WEIGHT_NAME
     assert last.exists() and not adapter.exists(), "the run was not killed mid-way"
     step_at_kill = torch.load(last, weights_only=True)["global_step"]
-    assert step_at_kill < 40
+    assert step_at_kill < 20
 
     subprocess.run(_fit_cmd(cfg), check=True, env=env, capture_output=True)  # the same command
     # it resumed: the second launch's log starts where the checkpoint left off, not at step 0
@@ -175,9 +175,9 @@ def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):
     ref = load_file(str(tmp_path / "ref" / "adapter" / LORA_WEIGHT_NAME))
     got = load_file(str(adapter))
     assert ref.keys() == got.keys()
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-5)
-    assert torch.load(last, weights_only=True)["global_step"] == 40
+    for k in ref:  # bit for bit: the EMA in the checkpoint is that of its weights (it was one update behind)
+        torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0)
+    assert torch.load(last, weights_only=True)["global_step"] == 20
 
 
 def test_stable_diffusion_trains_and_exports_through_the_same_module(digits_dir, tiny_sd, tmp_path):

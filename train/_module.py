@@ -310,10 +310,16 @@ class DebiasModule(L.LightningModule):
         ramp = lam / cfg.weight if cfg.weight > 0 else 1.0
         return lam * out["align"] + ramp * cfg.preservation_weight * out["preserve"]
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self._ema is None or not self._optimizer_steps_now(batch_idx):
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # The EMA moves here, with the weights, not in on_train_batch_end: callbacks' batch-end hooks
+        # (EpochCheckpoint) run before the module's, so a checkpoint would hold weights one update
+        # ahead of their EMA and a resumed run would export a different adapter.
+        self._update_ema(self.global_step + 1)  # (global_step counts this update only after the hook)
+
+    def _update_ema(self, step: int) -> None:
+        if self._ema is None:
             return
-        step = self.global_step
         decay = self.ema_config.decay
         if self.ema_config.warmup:
             decay = min(decay, (1 + step) / (10 + step))
