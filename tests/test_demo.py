@@ -27,6 +27,7 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
         "--data", str(digits_dir),
         "--judges", str(judges_dir),
         "--classifier", str(clf),
+        "--control", "true",
     ]  # fmt: skip
     main(args)
     metrics = json.loads((out / "compare" / "metrics.json").read_text())
@@ -52,3 +53,10 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
     before = adapter.stat().st_mtime_ns
     main(args)
     assert adapter.stat().st_mtime_ns == before
+
+    # By default the demo trains the debiased adapter alone and compares it with the baselines.
+    main([*args[:2], str(tmp_path / "default"), *args[3:-2]])
+    record = json.loads((tmp_path / "default" / "demo.json").read_text())
+    assert set(record["runs"]) == {"all"}
+    methods = json.loads((tmp_path / "default" / "compare" / "metrics.json").read_text())["methods"]
+    assert set(methods) == {"base", "debiased", "fair_diffusion", "prompt_augmentation"}

@@ -299,10 +299,7 @@ class DebiasModule(L.LightningModule):
                 "fairness/preserve": out["preserve"],
                 "fairness/lambda": lam,
                 # the generated batch's first-group share vs its target, averaged over concepts
-                "fairness/share_gap": (out["share"] - targets)
-                .abs()
-                .max(-1)
-                .values.mean(),
+                "fairness/share_gap": (out["share"] - targets).abs().max(-1).values.mean(),
             },
             sync_dist=True,
         )
