@@ -1,7 +1,9 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -44,6 +46,33 @@ def tiny_sdxl(tmp_path_factory):
     from fairtune.models import make_tiny_sdxl
 
     return make_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl")
+
+
+def write_fit_config(path: Path, *, backbone: dict, data: dict, root: Path | None = None, **over) -> Path:
+    """A fast ``fairtune fit`` config written to ``path``: CPU, 4 steps, LoRA rank 4, batch 8, the
+    given backbone and data sections; ``over``: values by dotted key (``"trainer.max_steps"``)."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 4,
+            **({"default_root_dir": str(root)} if root is not None else {}),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+        },
+        "model": {"backbone": backbone, "lora": {"rank": 4}, "optim": {"lr": 1e-3, "warmup_steps": 2}},
+        "data": {"batch_size": 8, "concepts": [f"digit {d}" for d in range(8)], **data},
+    }
+    for key, value in over.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    Path(path).write_text(yaml.safe_dump(cfg))
+    return Path(path)
 
 
 def smoke_trainer(max_steps: int = 3):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import write_fit_config
 
 from fairtune.cli import FairtuneCLI
 from fairtune.data import AttributeDataModule, RebalanceConfig, SourceConfig, WeightedEpochSampler
@@ -43,36 +43,12 @@ def tiny_base(tmp_path_factory):
 
 def tiny_config(digits_dir, base, path: Path, **over) -> Path:
     """A fast fit config (tiny UNet, a few steps) written to ``path``; ``over``: dotted keys."""
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 4,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-        },
-        "model": {
-            "backbone": {"kind": "tiny", "pretrained": str(base)},
-            "lora": {"rank": 4},
-            "optim": {"lr": 1e-3, "warmup_steps": 2},
-        },
-        "data": {
-            "source": {"path": str(digits_dir / "table")},
-            "batch_size": 8,
-            "samples_per_epoch": 16,
-            "concepts": CONCEPTS,
-        },
-    }
-    for key, value in over.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_fit_config(
+        path,
+        backbone={"kind": "tiny", "pretrained": str(base)},
+        data={"source": {"path": str(digits_dir / "table")}, "samples_per_epoch": 16},
+        **over,
+    )
 
 
 def fit_env(**extra) -> dict:

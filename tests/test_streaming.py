@@ -15,8 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import smoke_trainer
+from conftest import smoke_trainer, write_fit_config
 from PIL import Image
 
 from fairtune.cli import main
@@ -215,38 +214,13 @@ def test_a_loader_restored_mid_epoch_yields_the_rest_of_that_epoch(tmp_path):
 
 # ------------------------------------------------------------------------------------------ fit
 def _fit_config(path: Path, shards: str, root: Path, **over) -> Path:
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 4,
-            "default_root_dir": str(root),
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-        },
-        "model": {
-            "backbone": {"kind": "tiny", "unet": TINY.__dict__},
-            "lora": {"rank": 4},
-            "optim": {"lr": 1e-3, "warmup_steps": 2},
-        },
-        "data": {
-            "source": {"path": shards, "shuffle_buffer": 64},
-            "rebalance": {},
-            "batch_size": 8,
-            "samples_per_epoch": 32,
-            "concepts": CONCEPTS,
-        },
-    }
-    for key, value in over.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_fit_config(
+        path,
+        backbone={"kind": "tiny", "unet": TINY.__dict__},
+        data={"source": {"path": shards, "shuffle_buffer": 64}, "rebalance": {}, "samples_per_epoch": 32},
+        root=root,
+        **over,
+    )
 
 
 def test_fit_cli_trains_from_shards(digits_dir, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import smoke_trainer
+from conftest import smoke_trainer, write_fit_config
 from safetensors.torch import load_file
 
 from fairtune.cli import main
@@ -20,38 +20,14 @@ TINY = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head
 
 
 def _config(digits_dir, root, **over):
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 4,
-            "default_root_dir": str(root),
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-        },
-        "model": {
-            "backbone": {"kind": "tiny", "unet": TINY.__dict__},
-            "lora": {"rank": 4},
-            "optim": {"lr": 1e-3, "warmup_steps": 2},
-        },
-        "data": {
-            "source": {"path": str(digits_dir / "table")},
-            "batch_size": 8,
-            "samples_per_epoch": 16,
-            "concepts": [f"digit {d}" for d in range(8)],
-        },
-    }
-    for key, value in over.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    path = Path(root).parent / f"{Path(root).name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    root = Path(root)
+    return write_fit_config(
+        root.parent / f"{root.name}.yaml",
+        backbone={"kind": "tiny", "unet": TINY.__dict__},
+        data={"source": {"path": str(digits_dir / "table")}, "samples_per_epoch": 16},
+        root=root,
+        **over,
+    )
 
 
 def test_lora_step_trains_only_the_adapter(digits_dir):
