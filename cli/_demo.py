@@ -141,7 +141,7 @@ def demo(
         configs_dir() / DEMO_COMPARE,
         "--judges.path", str(judges), "--judges.reference", str(data),
         "--generation.n_per_prompt", str(n_per_prompt), "--generation.steps", str(sampling_steps),
-        *(["--generation.batch_size", str(batch_size)] if batch_size else []),
+        *(["--generation.batch_size", str(batch_size)] if batch_size is not None else []),
     )  # fmt: skip
     adapters = {"debiased": runs["all"] / "adapter"}
     if control:

@@ -467,7 +467,8 @@ class Backbone(nn.Module):
         ``batch_size`` images (default :meth:`sampling_batch_size`)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        batch_size = batch_size or self.sampling_batch_size()
+        if batch_size is None:
+            batch_size = self.sampling_batch_size()
         was_training = self.unet.training
         self.unet.eval()
         out = []

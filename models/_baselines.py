@@ -353,7 +353,8 @@ def fair_diffusion_sample(
     """
     _check_prompts(prompts, seeds)
     _check_target(target, classes=list(config.edit_prompts), what="edit_prompts")
-    batch_size = batch_size or backbone.sampling_batch_size(2 + len(config.edit_prompts))
+    if batch_size is None:
+        batch_size = backbone.sampling_batch_size(2 + len(config.edit_prompts))
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got steps={steps}, batch_size={batch_size}")
     classes = draw_classes(list(prompts), target=target, assignment=config.assignment, seed=config.seed)

@@ -312,11 +312,9 @@ class DebiasModule(L.LightningModule):
         # The EMA moves here, with the weights, not in on_train_batch_end: callbacks' batch-end hooks
         # (EpochCheckpoint) run before the module's, so a checkpoint would hold weights one update
         # ahead of their EMA and a resumed run would export a different adapter.
-        self._update_ema(self.global_step + 1)  # (global_step counts this update only after the hook)
-
-    def _update_ema(self, step: int) -> None:
         if self._ema is None:
             return
+        step = self.global_step + 1  # (global_step counts this update only after the hook)
         decay = self.ema_config.decay
         if self.ema_config.warmup:
             decay = min(decay, (1 + step) / (10 + step))
