@@ -3,6 +3,7 @@
     python benchmarks/noise_floor.py search      # noise_floor_search.yaml: the candidates, seed 0
     python benchmarks/noise_floor.py final       # the winner on seeds 1-3, uniform and 30/70 targets
     python benchmarks/noise_floor.py adversary   # adversary_forms.yaml over its seeds, paired vs naive
+    python benchmarks/noise_floor.py removal     # adversary_removal.yaml: `all` without lever 2, paired
     python benchmarks/noise_floor.py all --workers 6
 
 ``search`` writes ``benchmarks/specs/noise_floor.yaml`` from the candidate closest to the goals (mean
@@ -33,6 +34,7 @@ SPECS = ROOT / "benchmarks" / "specs"
 SEARCH = SPECS / "noise_floor_search.yaml"
 FINAL = SPECS / "noise_floor.yaml"
 ADVERSARY = SPECS / "adversary_forms.yaml"
+REMOVAL = SPECS / "adversary_removal.yaml"
 FINAL_SEEDS = [1, 2, 3]
 TARGET_30_70 = "configs/targets/red30_blue70.yaml"
 
@@ -256,16 +258,19 @@ def final() -> dict:
     return payload
 
 
+def _paired(arms: dict[str, dict[int, dict]], reference: str, arm: str, key: str) -> dict:
+    """``arm`` minus ``reference`` on one metric, paired by seed: :func:`summarize` of the differences."""
+    ref, runs = arms.get(reference, {}), arms.get(arm, {})
+    diffs = [runs[s][key] - ref[s][key] for s in sorted(runs) if s in ref
+             and runs[s].get(key) is not None and ref[s].get(key) is not None]  # fmt: skip
+    return summarize(diffs)
+
+
 def adversary() -> dict:
     """Lever 2's forms over seeds, each paired by seed with the naive arm."""
     spec, arms, rows = _run(ADVERSARY)
-    naive = arms.get("naive", {})
-    paired = {}
-    for arm, runs in arms.items():
-        if arm in ("naive", "base"):
-            continue
-        diffs = [runs[s]["mean_dev_seen"] - naive[s]["mean_dev_seen"] for s in sorted(runs) if s in naive]
-        paired[arm] = summarize(diffs)
+    forms = [arm for arm in arms if arm not in ("naive", "base")]
+    paired = {arm: _paired(arms, "naive", arm, "mean_dev_seen") for arm in forms}
     notes = [_columns_note(), "", "Mean dev seen minus the naive arm's, paired by seed (goal ≤ −0.05, "
              "interval excluding 0):", ""]  # fmt: skip
     for arm, s in paired.items():
@@ -281,8 +286,36 @@ def adversary() -> dict:
     return payload
 
 
+def removal() -> dict:
+    """What removing the adversary from ``all`` costs: ``sampler_fairness`` minus ``all``, paired by seed,
+    on every column (a cost is a positive difference in a deviation or Fréchet, negative in fidelity)."""
+    spec, arms, rows = _run(REMOVAL)
+    paired = {key: _paired(arms, "all", "sampler_fairness", key) for key, _, _ in COLUMNS}
+    notes = [_columns_note(), "", "Without the adversary (`sampler_fairness`) minus with it (`all`), "
+             "paired by seed, mean and 95% Student-t interval of the differences; an interval that "
+             "excludes 0 is a measurable change:", ""]  # fmt: skip
+    for key, label, digits in COLUMNS:
+        s = paired[key]
+        if s["mean"] is None:
+            continue
+        measurable = s["ci"] is not None and (s["ci"][0] > 0 or s["ci"][1] < 0)
+        notes.append(f"- {label}: {_cell(s, digits + 1)} over {s['n']} seeds"
+                     + (" (measurable)" if measurable else " (interval includes 0)"))  # fmt: skip
+    lines = markdown(
+        f"adversary_removal: the demo's adapter with and without lever 2 "
+        f"(spec `{REMOVAL.relative_to(ROOT)}`)",
+        rows,
+        notes,
+    )
+    _copy_grids(arms, "adversary_removal")
+    payload = {"spec": str(REMOVAL.relative_to(ROOT)), "arms": rows, "removed_minus_all": paired,
+               "per_seed": arms}  # fmt: skip
+    write_results("adversary_removal", payload, "\n".join(lines) + "\n")
+    return payload
+
+
 def main(
-    step: Literal["search", "final", "adversary", "all"],
+    step: Literal["search", "final", "adversary", "removal", "all"],
     *,
     workers: int = 1,
     overrides: dict | None = None,
@@ -290,7 +323,7 @@ def main(
     report_only: bool = False,
     machine: str | None = None,
 ) -> None:
-    """Run one step (or ``all``: search, then final, then adversary).
+    """Run one step (or ``all``: search, then final, then adversary, then removal).
 
     Args:
         step: Which benchmark.
@@ -313,6 +346,8 @@ def main(
         final()
     if step in ("adversary", "all"):
         adversary()
+    if step in ("removal", "all"):
+        removal()
     print(json.dumps({"results": str(RESULTS)}))
 
 
