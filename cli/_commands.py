@@ -24,16 +24,12 @@ from fairtune.eval import (
 from fairtune.models import BackboneConfig
 
 
-def _default_backbone() -> BackboneConfig:
-    return BackboneConfig(kind="tiny", pretrained="colored-digits-16")
-
-
 def compare_command(
     *,
     out: Path,
     methods: list[MethodConfig],
     prompts: list[PromptGroup],
-    backbone: BackboneConfig = _default_backbone(),
+    backbone: BackboneConfig,
     judges: JudgeConfig = JudgeConfig(),
     target: TargetConfig = TargetConfig(),
     generation: GenerationConfig = GenerationConfig(),

@@ -38,7 +38,7 @@ class SourceConfig:
             ceiling; every skipped record is still counted and logged).
     """
 
-    path: str = "runs/data/colored-digits/table"
+    path: str
     format: Literal["auto", "disk", "parquet", "imagefolder", "hub", "shards"] = "auto"
     split: str = "train"
     columns: ColumnMap = field(default_factory=ColumnMap)
@@ -106,8 +106,8 @@ class AttributeDataModule(L.LightningDataModule):
     worker streams its own shards, and the loader's place in the epoch is checkpointed).
 
     Args:
-        source: Where the records come from.
-        attributes: Attribute name to declared classes.
+        source: Where the records come from (required).
+        attributes: Attribute name to declared classes (required).
         target: The target mix (used by the sampler and by the other levers).
         rebalance: The rebalanced sampler (lever 1); ``None`` draws uniformly.
         concepts: Train only on these concepts (e.g. digits 0-7); ``None`` keeps all.
@@ -138,8 +138,15 @@ class AttributeDataModule(L.LightningDataModule):
         latents: LatentCacheConfig | None = None,
     ) -> None:
         super().__init__()
-        self.source = source or SourceConfig()
-        self.spec = AttributeSpec(attributes or {"color": ["red", "blue"]})
+        if source is None:
+            raise SchemaError("data.source is not set: give data.source.path (a table, parquet or shards)")
+        if not attributes:
+            raise SchemaError(
+                "data.attributes is not set: declare each attribute's classes, e.g. "
+                "{gender: [female, male]} (class indices follow this order)"
+            )
+        self.source = source
+        self.spec = AttributeSpec(attributes)
         self.target = Target(target or TargetConfig(), self.spec)
         self.rebalance = rebalance
         self.concepts = concepts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from PIL import Image
@@ -107,12 +107,14 @@ class TargetConfig:
     Attributes:
         attributes: The attribute(s) the target is over; several make a joint (intersectional)
             target whose groups are written ``"red+dark"`` (classes in this order, joined by ``+``).
+            ``None``: the one attribute the data (or the judges) declare; with several declared,
+            naming them is required.
         proportions: ``"uniform"`` or group name to proportion (must sum to 1).
         per_concept: Optional concept to proportions (``"uniform"`` or a dict) overriding
             ``proportions`` for that concept.
     """
 
-    attributes: list[str] = field(default_factory=lambda: ["color"])
+    attributes: list[str] | None = None
     proportions: Literal["uniform"] | dict[str, float] = "uniform"
     per_concept: dict[str, Literal["uniform"] | dict[str, float]] | None = None
 
@@ -128,6 +130,13 @@ class Target:
     def __init__(self, config: TargetConfig, spec: AttributeSpec) -> None:
         if isinstance(config, Mapping):
             config = TargetConfig(**config)
+        if config.attributes is None:
+            if len(spec.names) != 1:
+                raise SchemaError(
+                    f"target.attributes is not set and the data declares {len(spec.names)} attributes "
+                    f"{spec.names}: name the target's (one, or several for a joint target)"
+                )
+            config = replace(config, attributes=list(spec.names))
         if not config.attributes:
             raise SchemaError("target.attributes is empty: name at least one attribute")
         for name in config.attributes:

@@ -194,10 +194,6 @@ class JudgeConfig:
     change_features: str | None = None
 
 
-def _default_backbone() -> BackboneConfig:
-    return BackboneConfig(kind="tiny", pretrained="colored-digits-16")
-
-
 @dataclass
 class CompareConfig:
     """A comparison: methods, prompts, judges, target and generation settings.
@@ -219,7 +215,7 @@ class CompareConfig:
 
     methods: list[MethodConfig]
     prompts: list[PromptGroup]
-    backbone: BackboneConfig = field(default_factory=_default_backbone)
+    backbone: BackboneConfig
     judges: JudgeConfig = field(default_factory=JudgeConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)

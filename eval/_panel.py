@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -344,6 +345,8 @@ def build_target(cfg: TargetConfig, panel: JudgePanel) -> Target:
     """
     if isinstance(cfg, Mapping):
         cfg = TargetConfig(**cfg)
+    if cfg.attributes is None:  # the judged attribute
+        cfg = replace(cfg, attributes=[panel.attribute])
     if list(cfg.attributes) != [panel.attribute]:
         raise ValueError(
             f"target.attributes={list(cfg.attributes)} but the judges judge one attribute, "

@@ -115,3 +115,7 @@ def adapter_dir(backbone, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter")
     save_lora(unet, out)
     return out
+
+
+# ColoredDigits-Bias' attribute classes (data.attributes of its configs), for tests that build a DataModule.
+COLORS = {"color": ["red", "blue"]}

@@ -24,6 +24,7 @@ from fairtune.eval import (
     write_report,
 )
 from fairtune.models import (
+    BackboneConfig,
     FairDiffusionConfig,
     PromptAugmentationConfig,
 )
@@ -49,6 +50,7 @@ def _config(judges_dir, digits_dir, methods, **kw):
     return CompareConfig(
         methods=methods,
         prompts=_prompts(),
+        backbone=BackboneConfig(kind="tiny", pretrained="colored-digits-16"),
         judges=_judges(judges_dir, digits_dir),
         target=TargetConfig(attributes=["color"], proportions="uniform", per_concept=RED_9),
         generation=GenerationConfig(n_per_prompt=N, steps=STEPS, batch_size=64),

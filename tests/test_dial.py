@@ -27,6 +27,7 @@ from fairtune.eval import (
     verify_request,
 )
 from fairtune.eval._compare import method_key
+from fairtune.models import BackboneConfig
 
 GEN = GenerationConfig(n_per_prompt=8, steps=4, batch_size=64)
 
@@ -106,7 +107,7 @@ def test_scale_for_names_the_concept_and_the_reachable_range():
 
 
 def test_the_scale_is_part_of_the_cache_key():
-    cfg = CompareConfig(methods=[], prompts=[])
+    cfg = CompareConfig(methods=[], prompts=[], backbone=BackboneConfig(kind="tiny"))
     key = {
         s: method_key(cfg, MethodConfig("m", "adapter", "/nowhere", adapter_scale=s), cfg.backbone)
         for s in (0.5, 1.0)
@@ -170,7 +171,7 @@ def test_the_curve_is_written_per_concept_and_scale(dialled, backbone, judges_di
     # scale 0 is the base model: the same images, seed for seed
     base, _ = compare_methods(
         CompareConfig(methods=[MethodConfig("base")], prompts=load_prompt_file(prompts_file),
-                      judges=JudgeConfig(path=str(judges_dir)), generation=GEN),
+                      backbone=backbone.config, judges=JudgeConfig(path=str(judges_dir)), generation=GEN),
         backbone=backbone, progress=False,
     )  # fmt: skip
     assert metrics["methods"]["scale_0.00"]["images_sha256"] == base["methods"]["base"]["images_sha256"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_fit_config
+from conftest import COLORS, write_fit_config
 
 from fairtune.cli import FairtuneCLI
 from fairtune.data import AttributeDataModule, RebalanceConfig, SourceConfig, WeightedEpochSampler
@@ -248,6 +248,7 @@ def test_ddp_fit_two_cpu_processes(digits_dir, tiny_base, tmp_path):
     recs = {r: [json.loads(x) for x in (draws / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
     assert len(recs[0]) == len(recs[1]) == 4
     dm = AttributeDataModule(
+        attributes=COLORS,
         source=SourceConfig(path=str(digits_dir / "table")),
         rebalance=RebalanceConfig(),
         concepts=CONCEPTS,
@@ -287,7 +288,9 @@ def test_gradient_checkpointing_recomputes_activations_and_keeps_the_gradients(d
 
     torch.manual_seed(0)
     module = DebiasModule(backbone=BackboneConfig(kind="tiny", unet=TINY), lora=LoraConfig(rank=4))
-    dm = AttributeDataModule(source=SourceConfig(path=str(digits_dir / "table")), batch_size=4)
+    dm = AttributeDataModule(
+        attributes=COLORS, source=SourceConfig(path=str(digits_dir / "table")), batch_size=4
+    )
     dm.setup("fit")
     batch = dm.collate([dm.dataset[i] for i in range(4)])
     calls = []

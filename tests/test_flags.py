@@ -7,6 +7,7 @@ import json
 import sqlite3
 
 import pytest
+from conftest import COLORS
 from test_distributed import tiny_base  # noqa: F401 - a fixture
 
 from fairtune.cli import main
@@ -237,7 +238,7 @@ def test_fit_continues_from_an_adapter_and_trains_on_flagged_prompts(digits_dir,
         ("digit 0", "a handwritten digit 0"),
         ("digit 8", "a drawing of the number 8"),
     ]
-    dm = AttributeDataModule(source=SourceConfig(path=str(digits_dir / "table")),
+    dm = AttributeDataModule(attributes=COLORS, source=SourceConfig(path=str(digits_dir / "table")),
                              concepts=["digit 0", "digit 1"], batch_size=4, samples_per_epoch=8)  # fmt: skip
     trainer = smoke_trainer(max_steps=2)
     trainer.fit(module, dm)

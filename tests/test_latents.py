@@ -9,7 +9,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import smoke_trainer
+from conftest import COLORS, smoke_trainer
 
 from fairtune.data import AttributeDataModule, LatentCacheConfig, RebalanceConfig, SourceConfig
 from fairtune.models import BackboneConfig, LoraConfig, TinyUNetConfig, make_tiny_stable_diffusion
@@ -21,6 +21,7 @@ CONCEPTS = ["digit 0", "digit 1"]  # a few hundred records: the cache builds in 
 def _dm(digits_dir, cache=None, **kw):
     kw.setdefault("image_size", 16)
     return AttributeDataModule(
+        attributes=COLORS,
         source=SourceConfig(path=str(digits_dir / "table")),
         rebalance=RebalanceConfig(),
         concepts=CONCEPTS,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import smoke_trainer
+from conftest import COLORS, smoke_trainer
 
 from fairtune.data import AttributeSpec, Target, TargetConfig
 from fairtune.models import (
@@ -257,6 +257,7 @@ def test_all_levers_train_on_both_backbones(kind, classifier_file, digits_dir, t
         ),
     )
     dm = AttributeDataModule(
+        attributes=COLORS,
         source=SourceConfig(path=str(digits_dir / "table")),
         rebalance=RebalanceConfig(),
         concepts=["digit 0", "digit 1"],

@@ -1,9 +1,19 @@
 import pytest
 from PIL import Image
 
-from fairtune.data import AttributeSpec, Record, SchemaError, Target, TargetConfig, validate_record
+from fairtune.data import (
+    AttributeDataModule,
+    AttributeSpec,
+    Record,
+    SchemaError,
+    SourceConfig,
+    Target,
+    TargetConfig,
+    validate_record,
+)
 
 SPEC = AttributeSpec({"color": ["red", "blue"], "background": ["light", "dark"]})
+COLOR = AttributeSpec({"color": ["red", "blue"]})
 
 
 def test_spec_rejects_single_class_and_duplicates():
@@ -40,6 +50,14 @@ def test_uniform_and_explicit_targets():
     assert t.proportions("digit 3") == [0.3, 0.7]
 
 
+def test_unset_target_attributes_mean_the_only_declared_one():
+    t = Target(TargetConfig(), COLOR)
+    assert t.attributes == ["color"] and t.groups == ["red", "blue"]
+    # with several declared, nothing is guessed: the error names them
+    with pytest.raises(SchemaError, match=r"target.attributes is not set .* \['color', 'background'\]"):
+        Target(TargetConfig(), SPEC)
+
+
 def test_joint_target_groups_and_lookup():
     t = Target(TargetConfig(attributes=["color", "background"]), SPEC)
     assert t.groups == ["red+light", "red+dark", "blue+light", "blue+dark"]
@@ -50,33 +68,41 @@ def test_joint_target_groups_and_lookup():
 
 def test_proportions_must_sum_to_one():
     with pytest.raises(SchemaError, match="sum to 0.9"):
-        Target(TargetConfig(proportions={"red": 0.3, "blue": 0.6}), SPEC)
+        Target(TargetConfig(proportions={"red": 0.3, "blue": 0.6}), COLOR)
     # within 1e-6 is accepted
-    Target(TargetConfig(proportions={"red": 0.3, "blue": 0.7000004}), SPEC)
+    Target(TargetConfig(proportions={"red": 0.3, "blue": 0.7000004}), COLOR)
 
 
 def test_unknown_group_and_attribute_named():
     with pytest.raises(SchemaError, match="groups \\['green'\\] that do not exist"):
-        Target(TargetConfig(proportions={"green": 1.0}), SPEC)
+        Target(TargetConfig(proportions={"green": 1.0}), COLOR)
     with pytest.raises(SchemaError, match="target attribute 'gender' is not declared"):
-        Target(TargetConfig(attributes=["gender"]), SPEC)
+        Target(TargetConfig(attributes=["gender"]), COLOR)
 
 
 def test_per_concept_override():
     cfg = TargetConfig(per_concept={"digit 0": {"red": 0.2, "blue": 0.8}})
-    t = Target(cfg, SPEC)
+    t = Target(cfg, COLOR)
     assert t.proportions("digit 0") == [0.2, 0.8]
     assert t.proportions("digit 1") == [0.5, 0.5]
     with pytest.raises(SchemaError, match="per_concept\\['digit 0'\\] proportions sum"):
-        Target(TargetConfig(per_concept={"digit 0": {"red": 0.9}}), SPEC)
+        Target(TargetConfig(per_concept={"digit 0": {"red": 0.9}}), COLOR)
 
 
 def test_empty_target_group_names_concept_and_group():
-    t = Target(TargetConfig(), SPEC)
+    t = Target(TargetConfig(), COLOR)
     concepts = ["digit 0", "digit 0", "digit 1", "digit 1"]
     groups = [0, 1, 0, -1]
     with pytest.raises(SchemaError, match="group 'blue' .* concept 'digit 1'"):
         t.check_coverage(concepts, groups)
     # a group with target 0 may be absent
-    t0 = Target(TargetConfig(per_concept={"digit 1": {"red": 1.0}}), SPEC)
+    t0 = Target(TargetConfig(per_concept={"digit 1": {"red": 1.0}}), COLOR)
     t0.check_coverage(concepts, groups)
+
+
+def test_a_datamodule_without_source_or_attributes_names_the_missing_key():
+    # no benchmark defaults: a user's data declares its own attributes and path
+    with pytest.raises(SchemaError, match="data.attributes is not set"):
+        AttributeDataModule(source=SourceConfig(path="table"))
+    with pytest.raises(SchemaError, match="data.source is not set"):
+        AttributeDataModule(attributes={"gender": ["female", "male"]})

@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import smoke_trainer, write_fit_config
+from conftest import COLORS, smoke_trainer, write_fit_config
 from PIL import Image
 
 from fairtune.cli import main
@@ -114,7 +114,10 @@ def test_streamed_draw_matches_the_table_samplers_mix(digits_dir):
     assert sum(streamed.values()) == n
 
     dm = AttributeDataModule(
-        source=SourceConfig(path=str(digits_dir / "table")), rebalance=RebalanceConfig(), concepts=CONCEPTS
+        attributes=COLORS,
+        source=SourceConfig(path=str(digits_dir / "table")),
+        rebalance=RebalanceConfig(),
+        concepts=CONCEPTS,
     )
     dm.setup("fit")
     w = dm.weights.numpy()
@@ -260,6 +263,7 @@ def test_fit_resumed_sees_the_batches_an_uninterrupted_run_sees(digits_dir, tmp_
 
     def dm():
         return AttributeDataModule(
+            attributes=COLORS,
             source=SourceConfig(path=_shards(digits_dir), shuffle_buffer=64),
             rebalance=RebalanceConfig(),
             concepts=CONCEPTS,

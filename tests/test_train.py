@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import smoke_trainer, write_fit_config
+from conftest import COLORS, smoke_trainer, write_fit_config
 from safetensors.torch import load_file
 
 from fairtune.cli import main
@@ -39,6 +39,7 @@ def test_lora_step_trains_only_the_adapter(digits_dir):
         ema=EmaConfig(decay=0.5),
     )
     dm = AttributeDataModule(
+        attributes=COLORS,
         source=SourceConfig(path=str(digits_dir / "table")),
         rebalance=RebalanceConfig(),
         batch_size=8,
