@@ -233,7 +233,10 @@ def mix(data: Path, n: int) -> dict:
     )
 
     dm = AttributeDataModule(
-        source=SourceConfig(path=str(data / "table")), rebalance=RebalanceConfig(), concepts=CONCEPTS
+        source=SourceConfig(path=str(data / "table")),
+        attributes={"color": ["red", "blue"]},
+        rebalance=RebalanceConfig(),
+        concepts=CONCEPTS,
     )
     dm.setup("fit")
     w = dm.weights.numpy()
