@@ -63,7 +63,7 @@ def write_fit_config(path: Path, *, backbone: dict, data: dict, root: Path | Non
             "log_every_n_steps": 1,
         },
         "model": {"backbone": backbone, "lora": {"rank": 4}, "optim": {"lr": 1e-3, "warmup_steps": 2}},
-        "data": {"batch_size": 8, "concepts": [f"digit {d}" for d in range(8)], **data},
+        "data": {"batch_size": 8, "concepts": [f"digit {d}" for d in range(8)], "attributes": COLORS, **data},
     }
     for key, value in over.items():
         node = cfg

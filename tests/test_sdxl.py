@@ -70,6 +70,7 @@ def test_sdxl_trains_through_fit_and_its_adapter_loads_in_diffusers(digits_dir, 
         },
         "data": {
             "source": {"path": str(digits_dir / "table")},
+            "attributes": {"color": ["red", "blue"]},
             "rebalance": {},
             "image_size": 16,
             "batch_size": 4,
