@@ -107,6 +107,7 @@ def run(args: Options) -> dict:
     check_assets(args)
     groups = [PromptGroup("digits", "seen", args.template, list(args.digits), "digit {value}")]
     judges = JudgeConfig(
+        kind="colored_digits",
         path=str(args.judges),
         color_judge="hue",
         reference=None if args.reference is None else str(args.reference),

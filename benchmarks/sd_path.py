@@ -104,6 +104,7 @@ def fit_step_times(args, work: Path, sd: Path, data: Path, name: str, **data_ove
         },
         "data": {
             "source": {"path": str(data / "table")},
+            "attributes": {"color": ["red", "blue"]},
             "concepts": CONCEPTS,
             "image_size": args.image_size,
             "batch_size": args.batch_size,

@@ -116,7 +116,7 @@ def classifier_train(
     *,
     data: Path,
     out: Path,
-    attribute: str = "color",
+    attribute: str | None = None,
     width: int = 8,
     feature_dim: int = 16,
     epochs: int = 3,
@@ -128,7 +128,7 @@ def classifier_train(
     Args:
         data: A folder written by ``fairtune data colored-digits``.
         out: Output folder for ``classifier.safetensors`` and ``classifier.json``.
-        attribute: The attribute it predicts.
+        attribute: The attribute it predicts (``None``: the data's only attribute).
         width: First-block channels.
         feature_dim: Penultimate width.
         epochs: Training epochs.

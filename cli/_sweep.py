@@ -2,8 +2,8 @@
 
 A sweep is a grid: arms (config overlays, e.g. ``configs/ablations/*.yaml``) × values (dotted keys that
 ``fairtune fit`` accepts, e.g. ``model.lora.rank``) × seeds. Every run is trained by ``fairtune fit`` in
-a subprocess into ``DIR/runs/<hash>`` and then judged (by default on ColoredDigits-Bias with
-:func:`fairtune.eval.judge_colored_digits`; any ``module:function`` can be plugged in). The
+a subprocess into ``DIR/runs/<hash>`` and then judged by the spec's ``judge.function`` (any
+``module:function``; :func:`fairtune.eval.judge_colored_digits` on ColoredDigits-Bias). The
 results are aggregated per arm, mean and 95% t-interval over seeds, into ``DIR/ablation.md``,
 ``DIR/ablation.csv`` and ``DIR/ablation.png``.
 
@@ -33,7 +33,7 @@ The spec (YAML)::
     seeds: [0, 1, 2]
     seed_keys: [seed_everything, model.seed, data.seed]   # where a run's seed goes
     overrides: {trainer.max_steps: 1000} # given to every run (part of the hash)
-    judge:                               # null: no judging (the report then has train time only)
+    judge:                               # absent or null: no judging (the report has train time only)
       function: fairtune.eval:judge_colored_digits
       options: {judges: runs/judges/colored-digits-16, n_per_prompt: 128}
     report: {metrics: [mean_dev_seen, worst_dev_seen, mean_dev_heldout, fidelity, frechet]}

@@ -26,9 +26,8 @@ SLURM_KEYS = {
     "partition", "account", "time", "gpus_per_task", "cpus_per_task", "mem", "max_parallel", "extra", "setup",
 }  # fmt: skip
 DEFAULT_SEED_KEYS = ["seed_everything", "model.seed", "data.seed"]
-DEFAULT_JUDGE = "fairtune.eval:judge_colored_digits"
 # Judge functions of earlier releases, still accepted in specs.
-JUDGE_ALIASES = {"fairtune.train._sweep:judge_colored_digits": DEFAULT_JUDGE}
+JUDGE_ALIASES = {"fairtune.train._sweep:judge_colored_digits": "fairtune.eval:judge_colored_digits"}
 STATUS = "status.json"
 PROGRESS = "[sweep]"
 
@@ -245,11 +244,16 @@ def load_spec(
                 run.hash = _digest(identity)[:12]
                 runs.append(run)
 
-    judge = raw.get("judge", {"function": DEFAULT_JUDGE, "options": {}})
+    judge = raw.get("judge")  # absent or null: no judging
     if judge is not None:
         if not isinstance(judge, dict) or set(judge) - {"function", "options"}:
             raise SweepError(f"{path}: judge must be null or a mapping with function and options")
-        judge = {"function": judge.get("function") or DEFAULT_JUDGE, "options": judge.get("options") or {}}
+        if not judge.get("function"):
+            raise SweepError(
+                f"{path}: judge.function is not set: a module:function such as "
+                "fairtune.eval:judge_colored_digits (ColoredDigits-Bias), or judge: null"
+            )
+        judge = {"function": judge["function"], "options": judge.get("options") or {}}
         _import_function(judge["function"])  # fail now, not after the first training
     report = raw.get("report") or {}
     goals = _as_list(raw.get("goals") or [], "goals")

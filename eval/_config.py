@@ -141,7 +141,7 @@ class JudgeConfig:
     """The judges that score generated images (never a model used in training).
 
     Attributes:
-        kind: ``colored_digits``: the ColoredDigits-Bias judges written by ``fairtune judges train``
+        kind: Required. ``colored_digits``: the ColoredDigits-Bias judges written by ``fairtune judges train``
             (colour by hue or CNN, the digit CNN for fidelity and Fréchet features). ``classifier``: any
             attribute classifier module with safetensors weights (e.g. for Stable Diffusion).
             ``clip``: a CLIP judge (``clip``: zero-shot prompts per class, or a trained probe).
@@ -174,7 +174,7 @@ class JudgeConfig:
             method against the ``base`` method; ``None``: the ``clip`` judge's own, if any.
     """
 
-    kind: Literal["colored_digits", "classifier", "clip"] = "colored_digits"
+    kind: Literal["colored_digits", "classifier", "clip"] | None = None
     path: str | None = None
     color_judge: Literal["hue", "cnn"] = "hue"
     attribute: str | None = None

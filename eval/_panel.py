@@ -254,6 +254,8 @@ def _build_panel(cfg: JudgeConfig, *, image_size: int | None = None) -> JudgePan
         ValueError: A setting does not fit the judge kind.
     """
     reference = None
+    if cfg.kind is None:
+        raise ValueError("judges.kind is not set: 'colored_digits', 'classifier' or 'clip'")
     if cfg.kind == "colored_digits":
         if cfg.path is None:
             raise ValueError(

@@ -205,7 +205,7 @@ def train_attribute_classifier(
     data_dir: str | Path,
     out: str | Path,
     *,
-    attribute: str = "color",
+    attribute: str | None = None,
     width: int = 8,
     feature_dim: int = 16,
     epochs: int = 3,
@@ -219,10 +219,18 @@ def train_attribute_classifier(
     ``classifier.safetensors`` and ``classifier.json`` (its ``ClassifierConfig`` fields and its
     accuracy on held-out renders) to ``out``. ``mixed_ink_prob`` > 0 trains it on mixed-ink images
     with soft labels too (:func:`mixed_ink`), so it is not fooled by purple or two-ink digits.
+    ``attribute`` names the attribute it predicts (``None``: the data's only one).
     """
     data_dir, out = Path(data_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    classes = json.loads((data_dir / "stats.json").read_text())["attributes"][attribute]
+    declared = json.loads((data_dir / "stats.json").read_text())["attributes"]
+    if attribute is None:  # the data's only attribute
+        if len(declared) != 1:
+            raise ValueError(f"{data_dir}: the data declares attributes {list(declared)}: name one")
+        attribute = next(iter(declared))
+    if attribute not in declared:
+        raise ValueError(f"{data_dir}: no attribute {attribute!r}; the data declares {list(declared)}")
+    classes = declared[attribute]
     train = load_table(str(data_dir / "table"), split="train")
     held = load_table(str(data_dir / "table"), split="heldout")
     x, y = images_from_table(train), torch.tensor([classes.index(c) for c in train[attribute]])

@@ -43,7 +43,9 @@ def _prompts():
 
 
 def _judges(judges_dir, digits_dir):
-    return JudgeConfig(path=str(judges_dir), reference=str(digits_dir), n_reference=256)
+    return JudgeConfig(
+        kind="colored_digits", path=str(judges_dir), reference=str(digits_dir), n_reference=256
+    )
 
 
 def _config(judges_dir, digits_dir, methods, **kw):
@@ -166,12 +168,18 @@ def test_cli_compare_reproduces_the_base_images(compared, judges_dir, digits_dir
     """A second run, through the CLI and a YAML config: the same seeds give the same base images."""
     _, metrics, _, _ = compared
     cfg = {
+        "backbone": {"kind": "tiny", "pretrained": "colored-digits-16"},
         "methods": [{"name": "base", "kind": "base"}],
         "prompts": [
             {"name": g.name, "role": g.role, "template": g.template, "values": g.values, "concept": g.concept}
             for g in _prompts()
         ],
-        "judges": {"path": str(judges_dir), "reference": str(digits_dir), "n_reference": 256},
+        "judges": {
+            "kind": "colored_digits",
+            "path": str(judges_dir),
+            "reference": str(digits_dir),
+            "n_reference": 256,
+        },
         "target": {"attributes": ["color"], "proportions": "uniform", "per_concept": RED_9},
         "generation": {"n_per_prompt": N, "steps": STEPS, "batch_size": 64},
         "n_boot": 200,

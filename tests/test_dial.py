@@ -29,6 +29,11 @@ from fairtune.eval import (
 from fairtune.eval._compare import method_key
 from fairtune.models import BackboneConfig
 
+
+def _judges(path):
+    return JudgeConfig(kind="colored_digits", path=str(path))
+
+
 GEN = GenerationConfig(n_per_prompt=8, steps=4, batch_size=64)
 
 
@@ -141,7 +146,7 @@ def dialled(backbone, adapter_dir, judges_dir, prompts_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("dial")
     curve = dial_curve(
         adapter=adapter_dir, prompts=load_prompt_file(prompts_file), out=out, scales=[1.0, 0.0],
-        backbone=backbone, judges=JudgeConfig(path=str(judges_dir)), generation=GEN, progress=False,
+        backbone=backbone, judges=_judges(judges_dir), generation=GEN, progress=False,
     )  # fmt: skip
     return out, curve
 
@@ -171,7 +176,7 @@ def test_the_curve_is_written_per_concept_and_scale(dialled, backbone, judges_di
     # scale 0 is the base model: the same images, seed for seed
     base, _ = compare_methods(
         CompareConfig(methods=[MethodConfig("base")], prompts=load_prompt_file(prompts_file),
-                      backbone=backbone.config, judges=JudgeConfig(path=str(judges_dir)), generation=GEN),
+                      backbone=backbone.config, judges=_judges(judges_dir), generation=GEN),
         backbone=backbone, progress=False,
     )  # fmt: skip
     assert metrics["methods"]["scale_0.00"]["images_sha256"] == base["methods"]["base"]["images_sha256"]
@@ -187,7 +192,7 @@ def test_a_request_is_checked_at_its_scale_on_fresh_seeds(
     want = (min(measured) + max(measured)) / 2  # between the measured shares: always reachable
     result = verify_request(
         curve, {"digit 9": {"red": want}}, adapter=adapter_dir, prompts=load_prompt_file(prompts_file),
-        out=out, backbone=backbone, judges=JudgeConfig(path=str(judges_dir)), generation=GEN, progress=False,
+        out=out, backbone=backbone, judges=_judges(judges_dir), generation=GEN, progress=False,
     )  # fmt: skip
     (row,) = result["rows"]
     assert row["concept"] == "digit 9" and row["requested"] == want
@@ -204,7 +209,7 @@ def test_a_request_is_checked_at_its_scale_on_fresh_seeds(
     main(
         ["dial", "--model", "colored-digits-16", "--adapter", str(adapter_dir),
          "--prompts", str(prompts_file), "--out", str(out), "--scales", "[0, 1]",
-         "--judges.path", str(judges_dir),
+         "--judges.kind", "colored_digits", "--judges.path", str(judges_dir),
          "--generation.n_per_prompt", "8", "--generation.steps", "4", "--generation.batch_size", "64",
          "--request", json.dumps({"digit 9": {"red": want}})]
     )  # fmt: skip
@@ -226,7 +231,8 @@ def test_a_bad_request_is_one_line_before_any_work(
     request_, named, judges_dir, prompts_file, adapter_dir, tmp_path, monkeypatch, capsys
 ):
     argv = ["fairtune", "dial", "--model", "colored-digits-16", "--adapter", str(adapter_dir), "--prompts",
-            str(prompts_file), "--out", str(tmp_path / "o"), "--judges.path", str(judges_dir),
+            str(prompts_file), "--out", str(tmp_path / "o"), "--judges.kind", "colored_digits",
+            "--judges.path", str(judges_dir),
             "--request", json.dumps(request_)]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.delenv("FAIRTUNE_DEBUG", raising=False)

@@ -130,7 +130,8 @@ def test_expected_errors_are_one_line_naming_the_file(tmp_path, judges_dir, monk
     good.write_text("a handwritten digit 3\n")
     code, err = _shell(
         monkeypatch, capsys, "audit", "--model", "colored-digits-16", "--prompts", str(good),
-        "--out", str(tmp_path / "b"), "--judges.path", str(judges), "--judges.reference", "null",
+        "--out", str(tmp_path / "b"), "--judges.kind", "colored_digits", "--judges.path", str(judges),
+        "--judges.reference", "null",
     )  # fmt: skip
     (line,) = [ln for ln in err.splitlines() if ln.startswith("fairtune: error:")]
     assert code == 2 and "color_cnn.safetensors" in line and "readable safetensors" in line

@@ -49,7 +49,9 @@ def test_uniform_target_is_met_per_concept_on_a_large_draw():
 def test_explicit_and_per_concept_proportions():
     concepts, groups, _ = _skewed()
     cfg = TargetConfig(
-        proportions={"red": 0.3, "blue": 0.7}, per_concept={"nurse": {"red": 0.6, "blue": 0.4}}
+        attributes=["color"],
+        proportions={"red": 0.3, "blue": 0.7},
+        per_concept={"nurse": {"red": 0.6, "blue": 0.4}},
     )
     w = rebalance_weights(concepts, groups, Target(cfg, SPEC))
     idx = WeightedEpochSampler(w, num_samples=40000).epoch_draw().tolist()

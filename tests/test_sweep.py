@@ -55,6 +55,7 @@ def _spec(tmp_path, base, quick_judges, **extra) -> Path:
         },
         "seeds": [0, 1],
         "judge": {
+            "function": "fairtune.eval:judge_colored_digits",
             "options": {
                 "judges": str(quick_judges),
                 "n_per_prompt": 2,
@@ -176,6 +177,7 @@ def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges,
         ({"arms": {"a": []}, "seeds": ["x"]}, "seed is an integer"),
         ({"arms": {"a": {"config": []}}}, "arms.a has unknown keys ['config']"),
         ({"arms": {"a": []}, "judge": {"function": "fairtune.nothing:here"}}, "cannot be imported"),
+        ({"arms": {"a": []}, "judge": {"options": {}}}, "judge.function is not set"),
     ],
 )
 def test_bad_spec_fails_before_any_run_naming_the_problem(tmp_path, spec, needle):
