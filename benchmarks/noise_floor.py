@@ -4,6 +4,7 @@
     python benchmarks/noise_floor.py final       # the winner on seeds 1-3, uniform and 30/70 targets
     python benchmarks/noise_floor.py adversary   # adversary_forms.yaml over its seeds, paired vs naive
     python benchmarks/noise_floor.py removal     # adversary_removal.yaml: `all` without lever 2, paired
+    python benchmarks/noise_floor.py concepts    # fairness_concepts.yaml: lever 3 prompting digits 0-9
     python benchmarks/noise_floor.py all --workers 6
 
 ``search`` writes ``benchmarks/specs/noise_floor.yaml`` from the candidate closest to the goals (mean
@@ -35,6 +36,7 @@ SEARCH = SPECS / "noise_floor_search.yaml"
 FINAL = SPECS / "noise_floor.yaml"
 ADVERSARY = SPECS / "adversary_forms.yaml"
 REMOVAL = SPECS / "adversary_removal.yaml"
+CONCEPTS = SPECS / "fairness_concepts.yaml"
 FINAL_SEEDS = [1, 2, 3]
 TARGET_30_70 = "configs/targets/red30_blue70.yaml"
 
@@ -286,36 +288,60 @@ def adversary() -> dict:
     return payload
 
 
-def removal() -> dict:
-    """What removing the adversary from ``all`` costs: ``sampler_fairness`` minus ``all``, paired by seed,
-    on every column (a cost is a positive difference in a deviation or Fréchet, negative in fidelity)."""
-    spec, arms, rows = _run(REMOVAL)
-    paired = {key: _paired(arms, "all", "sampler_fairness", key) for key, _, _ in COLUMNS}
-    notes = [_columns_note(), "", "Without the adversary (`sampler_fairness`) minus with it (`all`), "
-             "paired by seed, mean and 95% Student-t interval of the differences; an interval that "
-             "excludes 0 is a measurable change:", ""]  # fmt: skip
-    for key, label, digits in COLUMNS:
-        s = paired[key]
-        if s["mean"] is None:
-            continue
-        measurable = s["ci"] is not None and (s["ci"][0] > 0 or s["ci"][1] < 0)
-        notes.append(f"- {label}: {_cell(s, digits + 1)} over {s['n']} seeds"
-                     + (" (measurable)" if measurable else " (interval includes 0)"))  # fmt: skip
-    lines = markdown(
-        f"adversary_removal: the demo's adapter with and without lever 2 "
-        f"(spec `{REMOVAL.relative_to(ROOT)}`)",
-        rows,
-        notes,
-    )
-    _copy_grids(arms, "adversary_removal")
-    payload = {"spec": str(REMOVAL.relative_to(ROOT)), "arms": rows, "removed_minus_all": paired,
-               "per_seed": arms}  # fmt: skip
-    write_results("adversary_removal", payload, "\n".join(lines) + "\n")
+def _against(spec_path: Path, name: str, reference: str, title: str, intro: str) -> dict:
+    """Every trained arm of a spec minus ``reference``, paired by seed, on every column; and each
+    arm's goals against the base row."""
+    spec, arms, rows = _run(spec_path)
+    others = [a for a in arms if a not in (reference, "base")]
+    paired = {a: {key: _paired(arms, reference, a, key) for key, _, _ in COLUMNS} for a in others}
+    goals = {a: check(rows[a], rows.get("base", {})) for a in [reference, *others] if a in rows}
+    notes = [_columns_note(), "", intro, ""]
+    for arm in others:
+        notes.append(f"`{arm}` minus `{reference}`:")
+        for key, label, digits in COLUMNS:
+            s = paired[arm][key]
+            if s["mean"] is None:
+                continue
+            measurable = s["ci"] is not None and (s["ci"][0] > 0 or s["ci"][1] < 0)
+            notes.append(f"- {label}: {_cell(s, digits + 1)} over {s['n']} seeds"
+                         + (" (measurable)" if measurable else " (interval includes 0)"))  # fmt: skip
+        notes.append("")
+    for arm, gs in goals.items():
+        met = [g["metric"] for g in gs if g["met"]]
+        missed = [f"{g['metric']} {g['value']:.4g} (goal {g['goal']})" for g in gs if g["met"] is False]
+        notes.append(
+            f"Issue 15's goals, `{arm}`: met {', '.join(met) or 'none'}; "
+            f"missed {'; '.join(missed) or 'none'}."
+        )
+    lines = markdown(f"{name}: {title} (spec `{spec_path.relative_to(ROOT)}`)", rows, notes)
+    _copy_grids(arms, name)
+    payload = {"spec": str(spec_path.relative_to(ROOT)), "arms": rows, "reference": reference,
+               "minus_reference": paired, "goals": goals, "per_seed": arms}  # fmt: skip
+    write_results(name, payload, "\n".join(lines) + "\n")
     return payload
 
 
+def removal() -> dict:
+    """What removing the adversary from ``all`` costs: ``sampler_fairness`` minus ``all``, paired by seed,
+    on every column (a cost is a positive difference in a deviation or Fréchet, negative in fidelity)."""
+    return _against(
+        REMOVAL, "adversary_removal", "all", "the demo's adapter with and without lever 2",
+        "Without the adversary (`sampler_fairness`) minus with it (`all`), paired by seed, mean and 95% "
+        "Student-t interval of the differences; an interval that excludes 0 is a measurable change.",
+    )  # fmt: skip
+
+
+def concepts() -> dict:
+    """The fairness loss prompting every digit (0-9), against the demo's ``all``, paired by seed."""
+    return _against(
+        CONCEPTS, "fairness_concepts", "all", "the fairness loss beyond the trained digits",
+        "Each arm minus the demo's arm (`all`), paired by seed, mean and 95% Student-t interval of the "
+        "differences; an interval that excludes 0 is a measurable change.",
+    )  # fmt: skip
+
+
 def main(
-    step: Literal["search", "final", "adversary", "removal", "all"],
+    step: Literal["search", "final", "adversary", "removal", "concepts", "all"],
     *,
     workers: int = 1,
     overrides: dict | None = None,
@@ -323,7 +349,7 @@ def main(
     report_only: bool = False,
     machine: str | None = None,
 ) -> None:
-    """Run one step (or ``all``: search, then final, then adversary, then removal).
+    """Run one step (or ``all``: search, final, adversary, removal, concepts).
 
     Args:
         step: Which benchmark.
@@ -348,6 +374,8 @@ def main(
         adversary()
     if step in ("removal", "all"):
         removal()
+    if step in ("concepts", "all"):
+        concepts()
     print(json.dumps({"results": str(RESULTS)}))
 
 
