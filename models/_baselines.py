@@ -166,11 +166,13 @@ class SemanticGuidance:
                 concept_weights[c, :] = self.edit_weights[c]
                 edit = edit * self.edit_guidance_scale[c]
                 # per image and channel: keep entries at or above the threshold quantile of |edit|
-                # (torch.quantile needs float32)
-                tmp = torch.quantile(
-                    edit.abs().flatten(start_dim=2).to(torch.float32), self.edit_threshold[c], dim=2
-                ).to(edit.dtype)
-                edit = torch.where(edit.abs() >= tmp[:, :, None, None], edit, torch.zeros_like(edit))
+                # (torch.quantile needs float32); at threshold 0 that quantile is the minimum and
+                # every entry is kept, so the sort is skipped
+                if self.edit_threshold[c] > 0:
+                    tmp = torch.quantile(
+                        edit.abs().flatten(start_dim=2).to(torch.float32), self.edit_threshold[c], dim=2
+                    ).to(edit.dtype)
+                    edit = torch.where(edit.abs() >= tmp[:, :, None, None], edit, torch.zeros_like(edit))
                 noise_guidance_edit[c] = edit
             warm = torch.tensor(warmup_inds, dtype=torch.long, device=device)
             if k > warm.shape[0] > 0:
