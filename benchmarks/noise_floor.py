@@ -1,10 +1,12 @@
 """Issue 15: the debiased adapter against the sampling-noise floor, over seeds; lever 2's forms.
 
     python benchmarks/noise_floor.py search      # noise_floor_search.yaml: the candidates, seed 0
-    python benchmarks/noise_floor.py final       # the winner on seeds 1-3, uniform and 30/70 targets
+    python benchmarks/noise_floor.py final       # noise_floor.yaml: its arms over its seeds, with the goals
+    python benchmarks/noise_floor.py target_30_70  # noise_floor_30_70.yaml: the demo's arm, 30/70, 3 seeds
     python benchmarks/noise_floor.py adversary   # adversary_forms.yaml over its seeds, paired vs naive
     python benchmarks/noise_floor.py removal     # adversary_removal.yaml: `all` without lever 2, paired
     python benchmarks/noise_floor.py concepts    # fairness_concepts.yaml: lever 3 prompting digits 0-9
+    python benchmarks/noise_floor.py classes     # three_class.yaml and joint.yaml over their seeds
     python benchmarks/noise_floor.py all --workers 6
 
 ``search`` writes ``benchmarks/specs/noise_floor.yaml`` from the candidate closest to the goals (mean
@@ -37,6 +39,9 @@ FINAL = SPECS / "noise_floor.yaml"
 ADVERSARY = SPECS / "adversary_forms.yaml"
 REMOVAL = SPECS / "adversary_removal.yaml"
 CONCEPTS = SPECS / "fairness_concepts.yaml"
+TARGET_SPEC = SPECS / "noise_floor_30_70.yaml"
+K3BG_DATA = ROOT / "configs/colored_digits/data_k3bg.yaml"
+CLASSES = {"three_class": SPECS / "three_class.yaml", "joint": SPECS / "joint.yaml"}
 FINAL_SEEDS = [1, 2, 3]
 TARGET_30_70 = "configs/targets/red30_blue70.yaml"
 
@@ -232,14 +237,55 @@ def final() -> dict:
     """The winner over three seeds, both targets, with the goals."""
     if not FINAL.is_file():
         raise SystemExit(f"{FINAL} is missing: run `python benchmarks/noise_floor.py search` first")
-    spec, arms, rows = _run(FINAL)
-    # every trained arm against the base row of its target (``*_30_70`` against ``base_30_70``)
+    return _goals_report(FINAL, "noise_floor", "the debiased adapter")
+
+
+def target_30_70() -> dict:
+    """The demo's arm over three seeds at the 30/70 target, with the goals."""
+    return _goals_report(TARGET_SPEC, "noise_floor_30_70", "the demo's adapter at the 30/70 target")
+
+
+def _ensure_k3bg() -> None:
+    """Render the three-ink, two-background data and train its judges, if missing."""
+    from fairtune.data import ColoredDigitsConfig, build_colored_digits
+    from fairtune.eval import train_judges
+
+    data, judges = ROOT / "runs/data/colored-digits-16-k3bg", ROOT / "runs/judges/colored-digits-16-k3bg"
+    if not (data / "stats.json").exists():
+        build_colored_digits(ColoredDigitsConfig(**yaml.safe_load(K3BG_DATA.read_text())), data)
+    if not (judges / "judges.json").exists():
+        train_judges(data, judges)
+
+
+def classes() -> dict:
+    """The three-ink and the colour x background targets on the three-ink base model, over seeds (the
+    per-digit share tables of their first seed are ``benchmarks/arms.py``'s)."""
+    if not SETTINGS["report_only"]:
+        _ensure_k3bg()
+    note = (
+        "Columns: mean and 95% Student-t interval over seeds (one seed: the value). dev = max over the "
+        "target's groups of |share − target| per digit, N = 128 per digit, 25 DDIM steps, guidance 2, "
+        "the hue judge (ink) and the background judge; seen = digits 0-7 (trained), held-out = 8-9; "
+        "undetermined = images the judges cannot place. No paraphrase or explicit prompts are judged "
+        "here. Train s: wall time of `fairtune fit`."
+    )
+    return {
+        name: _goals_report(path, f"{name}_seeds", f"the {name.replace('_', '-')} target", note)
+        for name, path in CLASSES.items()
+    }
+
+
+def _goals_report(spec_path: Path, name: str, title: str, note: str | None = None) -> dict:
+    """Every trained arm of a spec over its seeds, with issue 15's goals against the base row of its
+    target (``*_30_70`` against ``base_30_70``, the others against ``base``)."""
+    spec, arms, rows = _run(spec_path)
     goals = {
         arm: check(row, rows.get("base_30_70" if arm.endswith("_30_70") else "base", {}))
         for arm, row in rows.items()
         if not arm.startswith("base")
     }
-    notes = [_columns_note(), ""]
+    where = f"Measured on {SETTINGS['machine']}. " if SETTINGS["machine"] and note else ""
+    notes = [where + note if note else _columns_note(), ""]
     for target, gs in goals.items():
         notes += [f"Goals, {target} (its mean over seeds, against its target's base row):", ""]
         for g in gs:
@@ -249,14 +295,12 @@ def final() -> dict:
         notes.append("")
     seeds = sorted({r.seed for r in spec.runs if r.train})
     lines = markdown(
-        f"noise_floor: the debiased adapter over seeds {seeds} (spec `{FINAL.relative_to(ROOT)}`)",
-        rows,
-        notes,
+        f"{name}: {title} over seeds {seeds} (spec `{spec_path.relative_to(ROOT)}`)", rows, notes
     )
-    _copy_grids(arms, "noise_floor")
-    payload = {"spec": str(FINAL.relative_to(ROOT)), "arms": rows, "goals": goals,
+    _copy_grids(arms, name)
+    payload = {"spec": str(spec_path.relative_to(ROOT)), "arms": rows, "goals": goals,
                "per_seed": arms}  # fmt: skip
-    write_results("noise_floor", payload, "\n".join(lines) + "\n")
+    write_results(name, payload, "\n".join(lines) + "\n")
     return payload
 
 
@@ -341,7 +385,8 @@ def concepts() -> dict:
 
 
 def main(
-    step: Literal["search", "final", "adversary", "removal", "concepts", "all"],
+    step: Literal["search", "final", "target_30_70", "adversary", "removal", "concepts", "classes",
+          "all"],
     *,
     workers: int = 1,
     overrides: dict | None = None,
@@ -349,7 +394,8 @@ def main(
     report_only: bool = False,
     machine: str | None = None,
 ) -> None:
-    """Run one step (or ``all``: search, final, adversary, removal, concepts).
+    """Run one step (or ``all``: every one, in this order: search, final, target_30_70, adversary, removal,
+        concepts, classes).
 
     Args:
         step: Which benchmark.
@@ -370,12 +416,16 @@ def main(
         search()
     if step in ("final", "all"):
         final()
+    if step in ("target_30_70", "all"):
+        target_30_70()
     if step in ("adversary", "all"):
         adversary()
     if step in ("removal", "all"):
         removal()
     if step in ("concepts", "all"):
         concepts()
+    if step in ("classes", "all"):
+        classes()
     print(json.dumps({"results": str(RESULTS)}))
 
 

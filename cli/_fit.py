@@ -149,7 +149,12 @@ class FairtuneCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._run_config()
-        root = cfg.trainer.get("default_root_dir") or "runs/fit"
+        root = cfg.trainer.get("default_root_dir")
+        if not root:  # the run folder holds the checkpoints a killed run resumes from: never a guess
+            raise ConfigError(
+                "trainer.default_root_dir is not set: name the run folder (config.yaml, checkpoints, "
+                "adapter, logs), e.g. --trainer.default_root_dir runs/my-run"
+            )
         _check_budget(cfg)
         if self.subcommand == "fit":
             self._check_resume(cfg, Path(root))
@@ -190,8 +195,7 @@ class FairtuneCLI(LightningCLI):
         finish_wandb(self.trainer)
 
     def _instantiate_trainer(self, config, callbacks):
-        root = config.get("default_root_dir") or "runs/fit"
-        config["default_root_dir"] = root
+        root = config["default_root_dir"]  # set: checked in before_instantiate_classes
         logger = config.get("logger")
         if logger in (None, True):
             config["logger"] = CSVLogger(save_dir=root, name="logs")

@@ -17,13 +17,7 @@ case "$variant" in
   k3bg)
     name=colored-digits-16-k3bg
     config=configs/base/pretrain_colored_digits_k3bg.yaml
-    # Dominant ink by digit: 0 red, 1 blue, 2 green, 3 red, ... (0.7, the others 0.15 each);
-    # dominant background: even digits light, odd digits dark (0.8).
-    data_args=(
-      --colors '[red, blue, green]' --background true --renders_per_image 8
-      --color_shares '[[0.7,0.15,0.15],[0.15,0.7,0.15],[0.15,0.15,0.7],[0.7,0.15,0.15],[0.15,0.7,0.15],[0.15,0.15,0.7],[0.7,0.15,0.15],[0.15,0.7,0.15],[0.15,0.15,0.7],[0.7,0.15,0.15]]'
-      --dark_share '[0.2,0.8,0.2,0.8,0.2,0.8,0.2,0.8,0.2,0.8]'
-    )
+    data_args=(--config configs/colored_digits/data_k3bg.yaml)  # inks, backgrounds, their shares
     ;;
   *)
     echo "usage: bash scripts/pretrain_base.sh [k3bg]" >&2
