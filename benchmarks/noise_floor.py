@@ -385,8 +385,7 @@ def concepts() -> dict:
 
 
 def main(
-    step: Literal["search", "final", "target_30_70", "adversary", "removal", "concepts", "classes",
-          "all"],
+    step: Literal["search", "final", "target_30_70", "adversary", "removal", "concepts", "classes", "all"],
     *,
     workers: int = 1,
     overrides: dict | None = None,
