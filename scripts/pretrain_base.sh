@@ -17,7 +17,7 @@ case "$variant" in
   k3bg)
     name=colored-digits-16-k3bg
     config=configs/base/pretrain_colored_digits_k3bg.yaml
-    data_args=(--config configs/colored_digits/data_k3bg.yaml)  # inks, backgrounds, their shares
+    data_args=(--config configs/data/colored_digits_k3bg.yaml)  # inks, backgrounds, their shares
     ;;
   *)
     echo "usage: bash scripts/pretrain_base.sh [k3bg]" >&2

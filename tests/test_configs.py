@@ -33,7 +33,7 @@ def _is_full(path: Path) -> bool:
 # the occupations recipe names real Stable Diffusion and CLIP weights: tests/test_compare.py,
 # tests/test_sweep.py, tests/test_distributed.py and tests/test_occupations.py (with tiny stand-ins)
 # instantiate them.
-NOT_FIT = ("compare", "sweeps", "launch", "occupations", "demo")
+NOT_FIT = ("compare", "sweeps", "launch", "occupations", "demo", "data")  # data/: see the last test
 ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] not in NOT_FIT)
 FULL = [p for p in ALL if _is_full(p)]
 OVERLAYS = [p for p in ALL if not _is_full(p)]
@@ -116,3 +116,14 @@ def test_ablation_arm_builds_exactly_its_levers(arm, tmp_path, classifier_weight
 def test_target_overlay_sets_explicit_proportions(tmp_path):
     cli = _instantiate(LORA_BASE, CONFIGS / "targets" / "red30_blue70.yaml", tmp_path=tmp_path)
     assert cli.datamodule.target.proportions("digit 3") == [0.3, 0.7]
+
+
+def test_the_k3bg_data_recipe_renders_what_its_fine_tune_overlay_declares(tmp_path):
+    """configs/data/ holds `fairtune data colored-digits` configs; the three-ink one must render the
+    inks the k3bg overlay trains on, with both backgrounds."""
+    from fairtune.data import ColoredDigitsConfig
+
+    recipe = yaml.safe_load((CONFIGS / "data" / "colored_digits_k3bg.yaml").read_text())
+    cfg = ColoredDigitsConfig(**recipe)  # validates the share rows
+    declared = yaml.safe_load(K3BG.read_text())["data"]["attributes"]
+    assert cfg.colors == declared["color"] and cfg.background and "background" in declared
