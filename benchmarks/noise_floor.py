@@ -265,7 +265,8 @@ def classes() -> dict:
     note = (
         "Columns: mean and 95% Student-t interval over seeds (one seed: the value). dev = max over the "
         "target's groups of |share − target| per digit, N = 128 per digit, 25 DDIM steps, guidance 2, "
-        "the hue judge (ink) and the background judge; seen = digits 0-7 (trained), held-out = 8-9; "
+        "the hue judge (ink; the joint target adds the background judge); seen = digits 0-7 (trained), "
+        "held-out = 8-9; "
         "undetermined = images the judges cannot place. No paraphrase or explicit prompts are judged "
         "here. Train s: wall time of `fairtune fit`."
     )
