@@ -221,16 +221,20 @@ def search() -> dict:
     return payload
 
 
-def _columns_note() -> str:
+def _columns_note(columns: str | None = None) -> str:
+    """Where the runs ran, then what the columns mean (``columns``, default the demo's judging)."""
     where = f"Measured on {SETTINGS['machine']}. " if SETTINGS["machine"] else ""
-    return where + (
-        "Columns: mean and 95% Student-t interval over seeds (one seed: the value). dev = max over inks "
-        "of |share − target| per digit, N = 128 per digit, 15 DDIM steps, guidance 2, the hue judge; "
-        "seen = digits 0-7 (trained), held-out = 8-9, paraphrase = 'a drawing of the number {d}' for "
-        "1, 3, 5, 7; mixed/undetermined = images the hue judge cannot place, over every neutral and "
-        "paraphrased image; explicit kept = share of 'a {red|blue} handwritten digit {d}' images "
-        "judged in the named ink (32 per prompt). Train s: wall time of `fairtune fit`."
-    )
+    return where + (columns or DEMO_COLUMNS)
+
+
+DEMO_COLUMNS = (
+    "Columns: mean and 95% Student-t interval over seeds (one seed: the value). dev = max over inks "
+    "of |share − target| per digit, N = 128 per digit, 15 DDIM steps, guidance 2, the hue judge; "
+    "seen = digits 0-7 (trained), held-out = 8-9, paraphrase = 'a drawing of the number {d}' for "
+    "1, 3, 5, 7; mixed/undetermined = images the hue judge cannot place, over every neutral and "
+    "paraphrased image; explicit kept = share of 'a {red|blue} handwritten digit {d}' images "
+    "judged in the named ink (32 per prompt). Train s: wall time of `fairtune fit`."
+)
 
 
 def final() -> dict:
@@ -285,8 +289,7 @@ def _goals_report(spec_path: Path, name: str, title: str, note: str | None = Non
         for arm, row in rows.items()
         if not arm.startswith("base")
     }
-    where = f"Measured on {SETTINGS['machine']}. " if SETTINGS["machine"] and note else ""
-    notes = [where + note if note else _columns_note(), ""]
+    notes = [_columns_note(note), ""]
     for target, gs in goals.items():
         notes += [f"Goals, {target} (its mean over seeds, against its target's base row):", ""]
         for g in gs:
