@@ -1,7 +1,8 @@
 """``fairtune demo``: the main job on the embedded ColoredDigits-Bias benchmark, end to end.
 
-1. render the data, train the judges and lever 3's classifier (skipped when already there);
-2. the sweep spec ``configs/demo/sweep.yaml``: the debiased LoRA adapter (all three levers) on the
+1. render the data and train the judges (skipped when already there);
+2. the sweep spec ``configs/demo/sweep.yaml``: the debiased LoRA adapter (lever 1 in both forms: the
+   rebalanced sampler and the distillation of the base model's class-explicit generations) on the
    shipped biased base model and, with ``--control true``, the naive control (the same training
    without any lever) with the same budget and seed;
 3. the comparison ``configs/compare/colored_digits.yaml`` with those adapters: base, debiased, Fair
@@ -31,11 +32,11 @@ def configs_dir() -> Path:
 
 DEMO_COMPARE = "compare/colored_digits.yaml"
 DEMO_SWEEP = "demo/sweep.yaml"
-CLF_FILE = "classifier.safetensors"
 
 
-def prepare_assets(data: Path, judges: Path, classifier: Path) -> None:
-    """Render ColoredDigits-Bias and train the judges and the training classifier, if missing."""
+def prepare_assets(data: Path, judges: Path, classifier: Path | None = None) -> None:
+    """Render ColoredDigits-Bias and train the judges and (given ``classifier``) lever 3's classifier,
+    if missing."""
     from fairtune.data import ColoredDigitsConfig, build_colored_digits
     from fairtune.eval import train_judges
     from fairtune.models import train_attribute_classifier
@@ -46,7 +47,7 @@ def prepare_assets(data: Path, judges: Path, classifier: Path) -> None:
     if not (judges / "judges.json").exists():
         print(f"[demo] training the judges into {judges}", file=sys.stderr)
         train_judges(data, judges)
-    if not (classifier / "classifier.json").exists():  # lever 3's classifier, never a judge
+    if classifier is not None and not (classifier / "classifier.json").exists():  # never a judge
         print(f"[demo] training the fairness loss's classifier into {classifier}", file=sys.stderr)
         train_attribute_classifier(data, classifier)
 
@@ -61,7 +62,6 @@ def demo(
     paraphrase_digits: list[int] | None = None,
     data: Path = Path("runs/data/colored-digits-16"),
     judges: Path = Path("runs/judges/colored-digits-16"),
-    classifier: Path = Path("runs/classifiers/color-train-16"),
     seed: int = 0,
     threads: int | None = None,
     control: bool = False,
@@ -73,7 +73,7 @@ def demo(
     run's adapters.
 
     Args:
-        out: Run folder: ``runs/<hash>/`` (the training runs; ``all`` and ``naive`` link to
+        out: Run folder: ``runs/<hash>/`` (the training runs; ``debiased`` and ``naive`` link to
             them), ``compare/`` (``metrics.json``, ``report.md``, ``report.html``), ``demo.json``.
         steps: Training steps of each adapter (both arms get the same budget and seed).
         n_per_prompt: Images per prompt and method.
@@ -84,7 +84,6 @@ def demo(
             those of configs/compare/colored_digits.yaml).
         data: ColoredDigits-Bias folder (rendered if missing).
         judges: Judges folder (trained if missing).
-        classifier: Lever 3's colour classifier (trained if missing; never a judge).
         seed: Training seed of both arms.
         threads: torch CPU threads (default: torch's choice).
         control: Also train and compare the naive control, the same LoRA training without any
@@ -105,13 +104,12 @@ def demo(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    prepare_assets(Path(data), Path(judges), Path(classifier))
+    prepare_assets(Path(data), Path(judges))
     timings["assets_s"] = time.perf_counter() - t0
 
     spec = load_spec(
         configs_dir() / DEMO_SWEEP,
         overrides={"trainer.max_steps": steps, "data.source.path": str(Path(data).resolve() / "table")},
-        arm_values={"all": {"model.fairness.classifier.weights": str(Path(classifier).resolve() / CLF_FILE)}},
         seeds=[seed],
     )
     if not control:
@@ -127,7 +125,7 @@ def demo(
             f"training arm {s.get('arm')!r} failed: {s.get('error')} (see {out}/runs/{s['hash']}/fit.log)"
         )
     runs = {r.arm: out / "runs" / r.hash for r in spec.runs}
-    for arm, d in runs.items():  # out/naive, out/all: what configs/compare/colored_digits.yaml names
+    for arm, d in runs.items():  # out/naive, out/debiased: what configs/compare/colored_digits.yaml names
         link = out / arm
         if link.is_symlink() or not link.exists():
             link.unlink(missing_ok=True)
@@ -143,7 +141,7 @@ def demo(
         "--generation.n_per_prompt", str(n_per_prompt), "--generation.steps", str(sampling_steps),
         *(["--generation.batch_size", str(batch_size)] if batch_size is not None else []),
     )  # fmt: skip
-    adapters = {"debiased": runs["all"] / "adapter"}
+    adapters = {"debiased": runs["debiased"] / "adapter"}
     if control:
         adapters["naive"] = runs["naive"] / "adapter"
     else:
@@ -173,4 +171,51 @@ def demo(
         f"[demo] done in {timings['total_s'] / 60:.1f} min; report: {out / 'compare' / 'report.html'}",
         file=sys.stderr,
     )
+    beside_committed(metrics["methods"].get("debiased", {}).get("summary"), steps=steps, seed=seed)
     return metrics
+
+
+# The demo's columns and the keys of benchmarks/results/dependable.json they are checked against.
+COMMITTED = "benchmarks/results/dependable.json"
+CHECKED = [
+    ("mean_dev_seen", "mean_dev_seen", "mean dev seen"),
+    ("worst_dev_seen", "worst_dev_seen", "worst seen"),
+    ("mean_dev_named", "mean_dev_named", "named, no data"),
+    ("mean_dev_heldout", "mean_dev_unnamed", "never named"),
+    ("mean_dev_paraphrase", "mean_dev_paraphrase", "paraphrase"),
+    ("fidelity", "fidelity", "fidelity"),
+    ("frechet", "frechet", "Fréchet"),
+]
+
+
+def beside_committed(summary: dict | None, *, steps: int, seed: int, path: Path | None = None) -> list[dict]:
+    """Print this run's debiased figures beside the committed five-seed results (the mean and the
+    95% range of one run), saying whether each falls inside; ``[]`` where there is nothing to compare
+    (no committed results next to the working directory, or a budget other than theirs)."""
+    path = Path(COMMITTED) if path is None else path
+    if summary is None or not path.is_file():
+        return []
+    committed = json.loads(path.read_text())
+    row = committed.get("arms", {}).get("debiased", {})
+    budget = committed.get("steps")
+    if budget is not None and budget != steps:
+        print(f"[demo] {path} was measured at {budget} steps, this run trained {steps}: not compared",
+              file=sys.stderr)  # fmt: skip
+        return []
+    checks = []
+    lines = [
+        f"[demo] debiased, this run (seed {seed}) beside {path} (mean over seeds; 95% range of one run):"
+    ]
+    for key, ckey, label in CHECKED:
+        v, s = summary.get(key), row.get(ckey) or {}
+        rng = s.get("range")
+        if v is None or rng is None:
+            continue
+        inside = rng[0] <= v <= rng[1]
+        checks.append({"metric": key, "value": v, "range": rng, "inside": inside})
+        lines.append(
+            f"  {label:16s} {v:8.3f}   mean {s['mean']:.3f}, range [{rng[0]:.3f}, {rng[1]:.3f}]: "
+            + ("inside" if inside else "OUTSIDE")
+        )
+    print("\n".join(lines), file=sys.stderr)
+    return checks

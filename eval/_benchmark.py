@@ -208,9 +208,10 @@ def judge_colored_digits(
 
     Returns:
         Flat metrics: the scoring engine's summary (``mean_dev_seen``, ``worst_dev_seen``,
-        ``mean_dev_heldout``,
-        ``fidelity``, ``frechet``, ...) and every target group's share per digit (``red_share_d3``,
-        ``green+dark_share_d3`` for a joint target).
+        ``mean_dev_heldout``, split into ``mean_dev_named`` (held-out digits the training named
+        without images, in ``model.fairness.concepts`` or ``model.distill.concepts``) and
+        ``mean_dev_unnamed`` (never named), ``fidelity``, ``frechet``, ...) and every target
+        group's share per digit (``red_share_d3``, ``green+dark_share_d3`` for a joint target).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -246,6 +247,13 @@ def judge_colored_digits(
     digits = list(range(10)) if digits is None else list(digits)
     concepts = data.get("concepts")
     seen = [d for d in digits if concepts is None or f"digit {d}" in concepts]
+    # Held-out digits the training named without images (the prompts of lever 3 or of the
+    # distillation) and those it never named: two roles, reported apart.
+    model_cfg = config.get("model") or {}
+    named_concepts = {
+        c for key in ("fairness", "distill") for c in ((model_cfg.get(key) or {}).get("concepts") or [])
+    }
+    named = [d for d in digits if d not in seen and f"digit {d}" in named_concepts]
     ref = (
         _cached_reference(str(Path(reference).resolve()), reference_n, jd.report.get("image_size"))
         if reference
@@ -310,6 +318,11 @@ def judge_colored_digits(
         )
         out["explicit_follow"] = float(np.mean(list(follow.values())))
         out["explicit_follow_min"] = float(min(follow.values()))
+    for role, ds in (("named", named), ("unnamed", [d for d in digits if d not in seen and d not in named])):
+        devs = [ev["per_concept"][f"digit {d}"]["dev"] for d in ds]
+        devs = [v for v in devs if v is not None]
+        if devs:
+            out[f"mean_dev_{role}"] = float(np.mean(devs))
     for d in digits:
         for gi, group in enumerate(target.groups):
             share = ev["per_concept"][f"digit {d}"]["p_hat"][gi]

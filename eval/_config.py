@@ -1,7 +1,9 @@
 """What a comparison or an audit is made of: prompt groups, methods, judges, and their validation.
 
 Prompts come in groups with a role: ``seen`` (neutral prompts of concepts the adapter trained on),
-``heldout`` (concepts it never saw) and ``paraphrase`` (wordings it never saw).
+``named`` (concepts its training named without images), ``heldout`` (concepts it never saw),
+``paraphrase`` (wordings it never saw) and ``explicit`` (prompts naming a class, whose target is that
+class).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from fairtune.models import (
 
 from ._clip_judge import ClipJudgeConfig
 from ._generation import GenerationConfig
+from ._scoring import ROLES
 
-ROLES = ("seen", "heldout", "paraphrase")
 METHOD_KINDS = ("base", "adapter", "fair_diffusion", "prompt_augmentation")
 
 
@@ -38,21 +40,27 @@ class PromptGroup:
 
     Attributes:
         name: Unique name of the group; an entry of it is keyed ``"<name>/<concept>"``.
-        role: ``seen`` (neutral prompts of concepts the adapter trained on), ``heldout`` (concepts it
-            never trained on) or ``paraphrase`` (wordings it never trained on).
+        role: ``seen`` (neutral prompts of concepts the adapter trained on), ``named`` (concepts its
+            training named, e.g. as fairness-loss or distillation prompts, without images),
+            ``heldout`` (concepts it never trained on), ``paraphrase`` (wordings it never trained
+            on) or ``explicit`` (prompts that name a class: ``names`` says which, and that class is
+            the target).
         template: Prompt with a ``{value}`` field, e.g. ``"a handwritten digit {value}"``.
         values: What ``{value}`` takes, one prompt each (e.g. the digits ``[0, 1, 2]``).
         concept: Concept name with a ``{value}`` field (``"digit {value}"``); a concept judge and a
             per-concept target look concepts up by this name.
         prompts: Concept to prompt, instead of ``template`` and ``values``.
+        names: ``explicit`` role only: the class its prompts name (``"red"`` for ``"a red
+            handwritten digit {value}"``).
     """
 
     name: str
-    role: Literal["seen", "heldout", "paraphrase"] = "seen"
+    role: Literal["seen", "named", "heldout", "paraphrase", "explicit"] = "seen"
     template: str | None = None
     values: list[int | str] = field(default_factory=list)
     concept: str = "{value}"
     prompts: dict[str, str] | None = None
+    names: str | None = None
 
     def entries(self) -> list[PromptEntry]:
         """The group's prompts, one :class:`PromptEntry` per concept.
@@ -62,6 +70,11 @@ class PromptGroup:
         """
         if self.role not in ROLES:
             raise ValueError(f"prompt group {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
+        if (self.role == "explicit") != (self.names is not None):
+            raise ValueError(
+                f"prompt group {self.name!r}: an explicit group names its class (names: <class>) and only "
+                f"an explicit group does (role {self.role!r}, names {self.names!r})"
+            )
         if self.prompts is not None and (self.template is not None or self.values):
             raise ValueError(
                 f"prompt group {self.name!r}: give either prompts (concept -> prompt) or template + "
@@ -83,7 +96,12 @@ class PromptGroup:
                 raise ValueError(f"prompt group {self.name!r} has an empty concept or prompt: {concept!r}")
         return [
             PromptEntry(
-                key=f"{self.name}/{c}", group=self.name, role=self.role, concept=str(c), prompt=str(p)
+                key=f"{self.name}/{c}",
+                group=self.name,
+                role=self.role,
+                concept=str(c),
+                prompt=str(p),
+                names=self.names,
             )
             for c, p in pairs
         ]
@@ -99,6 +117,7 @@ class PromptEntry:
         role: The group's role.
         concept: The concept it prompts for.
         prompt: The prompt text.
+        names: The class an explicit prompt names (its target); ``None`` for a neutral prompt.
     """
 
     key: str
@@ -106,6 +125,7 @@ class PromptEntry:
     role: str
     concept: str
     prompt: str
+    names: str | None = None
 
 
 @dataclass
@@ -221,7 +241,7 @@ class CompareConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     n_boot: int = 1000
     grid_columns: int = 8
-    frechet_roles: list[Literal["seen", "heldout", "paraphrase"]] = field(
+    frechet_roles: list[Literal["seen", "named", "heldout", "paraphrase", "explicit"]] = field(
         default_factory=lambda: ["seen", "heldout"]
     )
     title: str = "fairtune compare"

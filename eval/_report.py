@@ -44,8 +44,10 @@ SUMMARY_HEADER = [
     "kind",
     "mean dev seen [95% CI]",
     "worst dev seen",
+    "mean dev named",
     "mean dev held-out",
     "mean dev paraphrase",
+    "explicit kept",
     "fidelity",
     "Fréchet",
     "UNet evals/img",
@@ -73,8 +75,10 @@ def summary_rows(metrics: Mapping) -> list[list[str]]:
                 m["kind"],
                 _ci(s),
                 _f(s["worst_dev_seen"]),
+                _f(s.get("mean_dev_named")),
                 _f(s["mean_dev_heldout"]),
                 _f(s["mean_dev_paraphrase"]),
+                _f(s.get("explicit_kept")),
                 _f(s["fidelity"]),
                 _f(s["frechet"], 2),
                 evals_txt,
@@ -363,8 +367,10 @@ def _blocks(metrics: Mapping, figures: Mapping[str, str], grids: Mapping[str, st
         (
             "p",
             "dev = max over classes of |judged share − target| per prompt; mean/worst over the prompts of "
-            "each role (seen: neutral prompts of concepts the adapters trained on; held-out: concepts "
-            "they never saw; paraphrase: wordings they never saw). Intervals (95%) come from exact "
+            "each role (seen: neutral prompts of concepts the adapters trained on; named: concepts their "
+            "training named without images; held-out: concepts they never saw; paraphrase: wordings they "
+            "never saw). Explicit kept: share of the images of prompts that name a class judged in that "
+            "class. Intervals (95%) come from exact "
             "intervals on the judged shares; the seen mean's holds for all its prompts at once "
             "(docs/metrics.md). "
             f"Sampling-noise floor of one prompt's share: √(q(1−q)/N) ≤ {floor:.3f}. {fid_txt} {fr_txt} "

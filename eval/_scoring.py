@@ -35,7 +35,7 @@ from ._metrics import (
     shen_bias,
 )
 
-ROLES = ("seen", "heldout", "paraphrase")
+ROLES = ("seen", "named", "heldout", "paraphrase", "explicit")
 ALPHA = 0.05
 METRICS = ("dev", "fd", "kl", "bias")
 
@@ -172,8 +172,10 @@ def summarize(per_concept: Mapping[str, Mapping], *, alpha: float = ALPHA) -> di
     :func:`score_concept` writes them, plus ``fidelity``).
 
     Keys: per role ``mean_dev_<role>``, ``worst_dev_<role>``, ``mean_dev_<role>_ci`` and its
-    ``_halfwidth``; ``mean_fd_seen``, ``mean_kl_seen``, ``mean_bias_seen``; ``fidelity`` (mean over
-    prompts with a concept judge); ``undetermined``, ``n_images``, ``undetermined_rate``.
+    ``_halfwidth``; ``explicit_kept`` (share of explicit prompts' images judged in the class they
+    name, mean over those prompts; ``None`` without any); ``mean_fd_seen``, ``mean_kl_seen``,
+    ``mean_bias_seen``; ``fidelity`` (mean over prompts with a concept judge); ``undetermined``,
+    ``n_images``, ``undetermined_rate``.
     """
     out: dict = {}
     for role in ROLES:
@@ -184,6 +186,11 @@ def summarize(per_concept: Mapping[str, Mapping], *, alpha: float = ALPHA) -> di
         ci = mean_interval(recs, alpha=alpha) if recs else None
         out[f"mean_dev_{role}_ci"] = list(ci) if ci is not None else None
         out[f"mean_dev_{role}_ci_halfwidth"] = (ci[1] - ci[0]) / 2 if ci is not None else None
+    # Explicit prompts kept: the share of their images judged in the class they name (1 − their dev).
+    explicit = [
+        r["dev"] for r in per_concept.values() if r.get("role") == "explicit" and r["dev"] is not None
+    ]
+    out["explicit_kept"] = 1.0 - float(np.mean(explicit)) if explicit else None
     seen = [r for r in per_concept.values() if r.get("role") == "seen"]
     for m in ("fd", "kl", "bias"):
         out[f"mean_{m}_seen"] = _mean([r[m] for r in seen])
@@ -231,7 +238,12 @@ def score_judged(
     per_concept: dict[str, dict] = {}
     for b, e in enumerate(entries):
         sl = slice(b * n_per_prompt, (b + 1) * n_per_prompt)
-        r = score_concept(attr[sl], target=target_of(e.concept), concept=e.concept, alpha=alpha)
+        names = getattr(e, "names", None)
+        if names is not None and names not in classes:
+            raise ValueError(f"prompt {e.key!r} names class {names!r}, which is not one of {classes}")
+        # An explicit prompt's target is the class it names; a neutral prompt's is its concept's.
+        target = [float(c == names) for c in classes] if names is not None else target_of(e.concept)
+        r = score_concept(attr[sl], target=target, concept=e.concept, alpha=alpha)
         r.update(key=e.key, group=e.group, role=e.role, prompt=e.prompt, classes=classes)
         ci = concept_index(e.concept)
         r["fidelity"] = (

@@ -3,6 +3,7 @@
 from ._audit import TrainingAudit
 from ._augment import AugmentConfig, augment_command, augment_table
 from ._callbacks import AtomicCheckpointIO, EpochCheckpoint, ExportWeights, GradientCheckpointing
+from ._distill import DistillConfig, DistillLoss
 from ._fairness import FairnessConfig, FairnessLoss, alignment_loss, ot_assignment
 from ._module import DebiasModule, EmaConfig, OptimConfig
 from ._preservation import PreservationConfig, PreservationFeatures
@@ -27,6 +28,8 @@ __all__ = [
     "AugmentConfig",
     "BatchMixMonitor",
     "DebiasModule",
+    "DistillConfig",
+    "DistillLoss",
     "EmaConfig",
     "EpochCheckpoint",
     "ExportWeights",

@@ -24,6 +24,7 @@ from fairtune.models import (
     attach_lora,
 )
 
+from ._distill import DistillConfig, DistillLoss
 from ._fairness import FairnessConfig, FairnessLoss
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class DebiasModule(L.LightningModule):
         ema: EMA of the trained weights; ``None`` for none.
         adversary: Lever 2, the adversarial attribute head; ``None``: absent (no hook, no head).
         fairness: Lever 3, the fairness-penalised loss; ``None``: absent (no generation pass).
+        distill: Lever 1's data-free form: the base model's class-explicit generations distilled into
+            the neutral prompt in the target mix; ``None``: absent.
         seed: Seed of the per-step noise, timesteps and prompt dropout (a function of seed and step,
             so a resumed run draws exactly what an uninterrupted one would).
     """
@@ -88,6 +91,7 @@ class DebiasModule(L.LightningModule):
         ema: EmaConfig | None = None,
         adversary: AdversaryConfig | None = None,
         fairness: FairnessConfig | None = None,
+        distill: DistillConfig | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -101,6 +105,7 @@ class DebiasModule(L.LightningModule):
         self.ema_config = ema
         self.adversary = adversary
         self.fairness = fairness
+        self.distill = distill
         self.seed = seed
         self.backbone = Backbone.from_config(self.backbone_config)
         if lora is not None:
@@ -122,6 +127,13 @@ class DebiasModule(L.LightningModule):
                     "UNet with its adapter disabled"
                 )
             self.fairness_loss = FairnessLoss(fairness)
+        self.distill_loss: DistillLoss | None = None
+        if distill is not None:
+            if lora is None:
+                raise ValueError(
+                    "model.distill needs model.lora: the teacher is the same UNet with its adapter disabled"
+                )
+            self.distill_loss = DistillLoss(distill, seed=seed)
         if adversary is not None:
             if adversary.loss not in ("confusion", "reversal"):
                 raise ValueError(
@@ -146,6 +158,10 @@ class DebiasModule(L.LightningModule):
                 self.fairness.concepts = (
                     sorted(set(dm.record_concepts)) if hasattr(dm, "record_concepts") else None
                 )
+            if self.distill is not None and self.distill.concepts is None:
+                if not hasattr(dm, "record_concepts"):
+                    raise ValueError("model.distill.concepts is not set and the data module names none")
+                self.distill.concepts = sorted(set(dm.record_concepts))
 
     def use_latent_cache(self, dm) -> None:
         """Have the data module train from cached VAE latents, encoding them (on the training device)
@@ -246,6 +262,11 @@ class DebiasModule(L.LightningModule):
             and self._optimizer_steps_now(batch_idx)
         ):
             loss = loss + self.fairness_step(g)
+        # 4. lever 1's data-free form: the neutral prompt learns the base model's explicit predictions
+        if self.distill_loss is not None:
+            out = self.distill_loss(self.backbone, self.target, g)
+            self.log_dict({"distill/loss": out["distill"], "distill/hold": out["hold"]}, sync_dist=True)
+            loss = loss + out["loss"]
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("train/loss", loss, sync_dist=True)
         return loss

@@ -1,0 +1,208 @@
+"""Issue 24: the demo's debiased adapter over five training seeds, with the goals, and the README's
+result table rendered from the committed results (never typed by hand).
+
+    python benchmarks/dependable.py run        # train + judge seeds 0-4 (skips finished runs), write results
+    python benchmarks/dependable.py report     # tabulate the finished runs only
+    python benchmarks/dependable.py readme     # rewrite the README's result block from the results file
+
+The spec (``benchmarks/specs/dependable.yaml``) trains the demo's arm (``configs/demo/sweep.yaml``'s
+``debiased``: the same overlays and values, checked by a test) at the demo's budget and judges it as
+the demo judges. Results: ``benchmarks/results/dependable.{json,md}``: per arm, the mean and the 95%
+Student-t interval over seeds of every column, each seed's value, and the goals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from typing import Literal
+
+from _common import RESULTS, ROOT, write_results
+
+SPEC = ROOT / "benchmarks" / "specs" / "dependable.yaml"
+NAME = "dependable"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- dependable:begin -->", "<!-- dependable:end -->"
+
+# (metric key, header, decimals)
+COLUMNS = [
+    ("mean_dev_seen", "mean dev seen", 3),
+    ("worst_dev_seen", "worst seen", 3),
+    ("mean_dev_named", "named, no data", 3),
+    ("mean_dev_unnamed", "never named", 3),
+    ("mean_dev_paraphrase", "paraphrase", 3),
+    ("explicit_follow", "explicit kept", 3),
+    ("fidelity", "fidelity", 3),
+    ("frechet", "Fréchet", 1),
+    ("undetermined_rate", "mixed", 4),
+    ("train_seconds", "train s", 0),
+]
+# Issue 24's goals: (metric, bound, kind). ``max``: mean <= bound; ``min``: mean >= bound; ``halfwidth``:
+# the mean's 95% interval half-width <= bound; ``fid``: fidelity >= base - bound; ``frechet``:
+# <= bound x base.
+GOALS = [
+    ("mean_dev_seen", 0.04, "max"),
+    ("mean_dev_seen", 0.01, "halfwidth"),
+    ("worst_dev_seen", 0.10, "max"),
+    ("mean_dev_paraphrase", 0.06, "max"),
+    ("mean_dev_named", 0.06, "max"),
+    ("mean_dev_unnamed", 0.10, "max"),
+    ("explicit_follow", 0.98, "min"),
+    ("fidelity", 0.01, "fid"),
+    ("frechet", 1.10, "frechet"),
+    ("undetermined_rate", 0.005, "max"),
+]
+NOTE = (
+    "Columns: mean and 95% Student-t interval over training seeds (one seed: the value). dev = max over "
+    "inks of |share − target| per digit, N = 128 images per digit, 15 DDIM steps, guidance 2, the hue "
+    "judge; seen = digits 0-7 (trained with images); named, no data = digit 8 (named in the distillation "
+    "prompts, no training image); never named = digit 9; paraphrase = 'a drawing of the number {d}' for 1, "
+    "3, 5, 7 (a wording never trained); explicit kept = share of 'a {red|blue} handwritten digit {d}' "
+    "images judged in the named ink (digits 0-7, 32 per prompt); mixed = images the hue judge cannot "
+    "place; train s = wall time of `fairtune fit` (bank generation included). The JSON also holds, per "
+    "column, `range`: the 95% prediction interval of one more seed's run (what `fairtune demo` checks its "
+    "own figures against)."
+)
+
+
+def with_range(s: dict) -> dict:
+    """Add ``range``: the 95% prediction interval of one more run (a newcomer's seed) under the same
+    Student-t model, ``mean ± t·sd·√(1 + 1/n)``; the interval of the mean (``ci``) is narrower by √(n + 1)."""
+    if s.get("ci") is not None:
+        half = (s["ci"][1] - s["ci"][0]) / 2 * math.sqrt(s["n"] + 1)
+        s["range"] = [s["mean"] - half, s["mean"] + half]
+    else:
+        s["range"] = None
+    return s
+
+
+def goal_checks(row: dict, base: dict) -> list[dict]:
+    """Issue 24's goals for one arm's summary against the base row."""
+    out = []
+    for key, bound, kind in GOALS:
+        s = row.get(key) or {}
+        v, ref = s.get("mean"), (base.get(key) or {}).get("mean")
+        if kind == "halfwidth":
+            v = None if s.get("ci") is None else (s["ci"][1] - s["ci"][0]) / 2
+        if v is None or (kind in ("fid", "frechet") and ref is None):
+            out.append({"metric": key, "kind": kind, "value": v, "goal": None, "met": None})
+            continue
+        goal, met = {
+            "max": (f"≤ {bound}", v <= bound),
+            "halfwidth": (f"half-width ≤ {bound}", v <= bound),
+            "min": (f"≥ {bound}", v >= bound),
+            "fid": (f"≥ {ref - bound:.3f} (base − {bound})", v >= ref - bound),
+            "frechet": (f"≤ {bound * ref:.1f} ({bound} × base)", v <= bound * ref),
+        }[kind]
+        out.append({"metric": key, "kind": kind, "value": float(v), "goal": goal, "met": bool(met)})
+    return out
+
+
+def _cell(s: dict, digits: int) -> str:
+    if not s or s.get("mean") is None:
+        return ""
+    if s.get("ci") is None:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} [{s['ci'][0]:.{digits}f}, {s['ci'][1]:.{digits}f}]"
+
+
+def table_lines(rows: dict[str, dict], columns=COLUMNS) -> list[str]:
+    lines = ["| arm | seeds | " + " | ".join(c for _, c, _ in columns) + " |"]
+    lines.append("|---|---|" + "---|" * len(columns))
+    for arm, row in rows.items():
+        n = max((s.get("n", 0) for s in row.values()), default=0)
+        lines.append(f"| {arm} | {n} | " + " | ".join(_cell(row.get(k), d) for k, _, d in columns) + " |")
+    return lines
+
+
+def report(run: bool = False, workers: int = 1) -> dict:
+    """Run (with ``run``) and tabulate the spec; write ``benchmarks/results/dependable.{json,md}``."""
+    from noise_floor import OUT, seed_metrics, summarize
+
+    from fairtune.cli import load_spec, run_sweep
+
+    spec = load_spec(SPEC)
+    if run:
+        from _common import ensure_assets
+
+        ensure_assets()
+        run_sweep(spec, OUT, workers=workers, aggregate=False)
+    arms = seed_metrics(spec, OUT)
+    rows = {
+        arm: {
+            key: with_range(summarize([r.get(key) for _, r in sorted(runs.items())])) for key, _, _ in COLUMNS
+        }
+        for arm, runs in arms.items()
+    }
+    goals = {arm: goal_checks(row, rows.get("base", {})) for arm, row in rows.items() if arm != "base"}
+    seeds = sorted({r.seed for r in spec.runs if r.train})
+    lines = [
+        f"# {NAME}: the demo's debiased adapter over seeds {seeds} (spec `{SPEC.relative_to(ROOT)}`)",
+        "",
+    ]
+    lines += table_lines(rows) + ["", NOTE, ""]
+    for arm, gs in goals.items():
+        lines += [f"Issue 24's goals, `{arm}` (mean over seeds):", ""]
+        for g in gs:
+            verdict = "not measured" if g["met"] is None else "met" if g["met"] else "**missed**"
+            val = "" if g["value"] is None else f"{g['value']:.4g}"
+            label = g["metric"] + (" interval half-width" if g["kind"] == "halfwidth" else "")
+            lines.append(f"- {label} = {val} (goal {g['goal']}): {verdict}")
+        lines.append("")
+    per_seed = {
+        arm: {str(s): {k: r.get(k) for k, _, _ in COLUMNS} for s, r in sorted(runs.items())}
+        for arm, runs in arms.items()
+    }
+    steps = next((r.overrides.get("trainer.max_steps") for r in spec.runs if r.train), None)
+    payload = {"spec": str(SPEC.relative_to(ROOT)), "steps": steps, "arms": rows, "goals": goals,
+               "per_seed": per_seed}  # fmt: skip
+    write_results(NAME, payload, "\n".join(lines) + "\n")
+    return payload
+
+
+def readme_block(results: dict) -> str:
+    """The README's result block, rendered from ``benchmarks/results/dependable.json``."""
+    rows = results["arms"]
+    cols = [c for c in COLUMNS if c[0] != "train_seconds"]
+    lines = [BEGIN, *table_lines(rows, cols), "", "Goals missed (issue 24): "]
+    missed = [
+        f"{g['metric']}{' half-width' if g['kind'] == 'halfwidth' else ''} {g['value']:.3g} ({g['goal']})"
+        for gs in results["goals"].values()
+        for g in gs
+        if g["met"] is False
+    ]
+    lines[-1] += "; ".join(missed) + "." if missed else "none."
+    return "\n".join(lines + [END])
+
+
+def readme(check: bool = False) -> bool:
+    """Rewrite (or, with ``check``, only compare) the README's block between the markers."""
+    results = json.loads((RESULTS / f"{NAME}.json").read_text())
+    text = README.read_text()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{README} has no {BEGIN} ... {END} block")
+    new = pattern.sub(lambda _: readme_block(results), text)
+    if check:
+        return new == text
+    README.write_text(new)
+    return True
+
+
+def main(step: Literal["run", "report", "readme"], *, workers: int = 1) -> None:
+    """``run``: train and judge the spec's runs, then tabulate; ``report``: tabulate only; ``readme``:
+    rewrite the README's result block from the committed results."""
+    if step == "readme":
+        readme()
+        print(f"rewrote the block in {README}", file=sys.stderr)
+        return
+    report(run=step == "run", workers=workers)
+    readme()
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI(main, as_positional=True)

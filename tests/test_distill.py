@@ -1,0 +1,112 @@
+"""Lever 1's data-free form: the base model's explicit generations distilled into the neutral prompt."""
+
+import copy
+
+import pytest
+import torch
+from conftest import COLORS
+
+from fairtune.data import AttributeSpec, Target, TargetConfig
+from fairtune.models import LoraConfig, attach_lora
+from fairtune.train import DistillConfig, DistillLoss
+
+CONCEPTS = ["digit 0", "digit 7"]
+
+
+def _cfg(**over) -> DistillConfig:
+    return DistillConfig(
+        **{
+            "concepts": list(CONCEPTS),
+            "prompt": "a handwritten {concept}",
+            "explicit": "a {cls} handwritten {concept}",
+            "images_per_class": 6,
+            "sampling_steps": 4,
+            "batch_size": 8,
+            **over,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def lora_backbone(backbone):
+    bb = copy.deepcopy(backbone)
+    attach_lora(bb.unet, LoraConfig(rank=4))
+    return bb
+
+
+def _target(**props) -> Target:
+    return Target(TargetConfig(attributes=["color"], **props), AttributeSpec(COLORS))
+
+
+def test_bank_holds_the_base_models_explicit_inks_and_depends_on_the_seed_alone(lora_backbone):
+    target = _target()
+    a, b, c = DistillLoss(_cfg(), seed=0), DistillLoss(_cfg(), seed=0), DistillLoss(_cfg(), seed=1)
+    for loss in (a, b, c):
+        loss.build_bank(lora_backbone, target.groups)
+    assert a.bank.shape == (2, 2, 6, 3, 16, 16)
+    assert torch.equal(a.bank, b.bank)
+    assert not torch.equal(a.bank, c.bank)
+    # "a red handwritten digit 7" (a digit the base model draws blue 92% of the time) comes out red:
+    # ink pixels (darker than the paper) have more red than blue in the red bank, and the reverse.
+    for concept in range(2):
+        red, blue = a.bank[concept, 0], a.bank[concept, 1]
+        assert (red[:, 0] - red[:, 2]).mean() > 0.05
+        assert (blue[:, 2] - blue[:, 0]).mean() > 0.05
+
+
+def test_classes_are_drawn_in_the_target_mix_per_concept():
+    target = _target(
+        proportions={"red": 0.3, "blue": 0.7}, per_concept={"digit 7": {"red": 1.0, "blue": 0.0}}
+    )
+    loss = DistillLoss(_cfg(), seed=0)
+    ci, gi, ii = loss.draw(target, 8000, torch.Generator().manual_seed(0))
+    red_share_0 = (gi[ci == 0] == 0).float().mean().item()
+    assert abs(red_share_0 - 0.3) < 0.03
+    assert (gi[ci == 1] == 0).all()
+    assert ii.min() >= 0 and ii.max() < 6
+
+
+def test_at_initialisation_only_the_neutral_prompt_is_pulled(lora_backbone):
+    """LoRA starts at zero: the held rows (explicit and empty prompts) equal the teacher exactly,
+    while the neutral prompt differs from the explicit prediction it is pulled toward."""
+    loss = DistillLoss(_cfg(), seed=0)
+    out = loss(lora_backbone, _target(), torch.Generator().manual_seed(0))
+    assert out["hold"].item() < 1e-10
+    assert out["distill"].item() > 1e-6
+
+
+def test_training_on_the_loss_moves_the_neutral_prompt_toward_the_explicit_one(lora_backbone):
+    bb = copy.deepcopy(lora_backbone)
+    loss = DistillLoss(_cfg(hold_explicit=False, hold_uncond=False), seed=0)
+    target = _target()
+    params = [p for p in bb.unet.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    first = None
+    for step in range(25):
+        out = loss(bb, target, torch.Generator().manual_seed(100))  # the same batch: it must fit it
+        first = out["distill"].item() if first is None else first
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["distill"].item() < 0.7 * first
+
+
+@pytest.mark.parametrize(
+    ("over", "key"),
+    [
+        ({"prompt": "a handwritten digit"}, "model.distill.prompt"),
+        ({"extra_templates": ["no field"]}, "model.distill.extra_templates[0]"),
+        ({"explicit": "a {concept}"}, "model.distill.explicit"),
+        ({"batch_size": 0}, "model.distill.batch_size"),
+        ({"timesteps": (500, 100)}, "model.distill.timesteps"),
+        ({"weight": -1.0}, "model.distill.weight"),
+    ],
+)
+def test_bad_settings_name_their_key(over, key):
+    with pytest.raises(ValueError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        DistillLoss(_cfg(**over))
+
+
+def test_joint_groups_are_written_word_by_word():
+    cfg = _cfg(words={"red": "crimson"})
+    assert cfg.group_words("red+dark") == "crimson dark"

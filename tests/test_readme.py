@@ -1,0 +1,52 @@
+"""The README's result table is rendered from the committed results, and the benchmark behind it
+trains exactly the demo's arm."""
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import dependable  # noqa: E402
+
+
+def test_readme_table_matches_the_committed_results():
+    assert dependable.readme(check=True), (
+        "README.md's result block differs from benchmarks/results/dependable.json: "
+        "run `python benchmarks/dependable.py readme`"
+    )
+
+
+def test_the_benchmark_trains_the_demos_arm_at_the_demos_budget():
+    bench = yaml.safe_load(dependable.SPEC.read_text())
+    demo = yaml.safe_load((ROOT / "configs/demo/sweep.yaml").read_text())
+    arm, demo_arm = bench["arms"]["debiased"], demo["arms"]["debiased"]
+    assert bench["base"] == demo["base"]
+    assert arm["configs"] == demo_arm["configs"]
+    assert (arm.get("values") or {}) == (demo_arm.get("values") or {})
+    assert bench["overrides"]["trainer.max_steps"] == demo["overrides"]["trainer.max_steps"]
+    assert len(bench["seeds"]) >= 5
+
+
+def test_goal_checks_and_the_rendered_block():
+    row = {
+        "mean_dev_seen": {"mean": 0.03, "ci": [0.025, 0.035], "n": 5},
+        "worst_dev_seen": {"mean": 0.12, "ci": [0.1, 0.14], "n": 5},
+        "fidelity": {"mean": 0.985, "ci": None, "n": 5},
+        "frechet": {"mean": 60.0, "ci": None, "n": 5},
+    }
+    base = {"fidelity": {"mean": 0.99}, "frechet": {"mean": 50.0}}
+    goals = {(g["metric"], g["kind"]): g for g in dependable.goal_checks(row, base)}
+    assert goals[("mean_dev_seen", "max")]["met"] is True
+    assert goals[("mean_dev_seen", "halfwidth")]["met"] is True
+    assert goals[("worst_dev_seen", "max")]["met"] is False
+    assert goals[("fidelity", "fid")]["met"] is True
+    assert goals[("frechet", "frechet")]["met"] is False  # 60 > 55
+    assert goals[("mean_dev_named", "max")]["met"] is None  # not measured
+    block = dependable.readme_block({"arms": {"debiased": row}, "goals": {"debiased": list(goals.values())}})
+    assert "| debiased | 5 | 0.030 [0.025, 0.035] | 0.120 [0.100, 0.140] |" in block
+    assert "worst_dev_seen 0.12 (≤ 0.1)" in block and "frechet 60" in block
+    json.dumps(block)
