@@ -55,7 +55,7 @@ def prepare_assets(data: Path, judges: Path, classifier: Path | None = None) -> 
 def demo(
     out: Path = Path("runs/demo"),
     *,
-    steps: int = 500,
+    steps: int = 400,
     n_per_prompt: int = 128,
     sampling_steps: int = 15,
     batch_size: int | None = None,

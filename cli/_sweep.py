@@ -329,6 +329,13 @@ def run_sweep(
         raise SweepError(f"--workers must be >= 1, got {workers}")
     _write_plan(spec, out)
     runner = _Runner(spec, out, workers, retry_failed)
+    if workers > 1 and runner.judge_fn is not None and "OMP_NUM_THREADS" not in os.environ:
+        # The judge runs in this process beside the training children, each given cpus / workers
+        # threads: with torch's default here too, the cores are oversubscribed and judging slows
+        # several-fold (measured: 0.82 s/image against 0.15 s/image with the machine to itself).
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     unique = list({r.hash: r for r in spec.runs}.values())
     if index is not None:
         if not 0 <= index < len(spec.runs):

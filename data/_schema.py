@@ -166,6 +166,10 @@ class Target:
                 f"{where} names groups {sorted(unknown)} that do not exist; groups: {self.groups}"
             )
         vec = [float(proportions.get(g, 0.0)) for g in self.groups]
+        if not all(math.isfinite(v) for v in vec):
+            raise SchemaError(
+                f"{where} has a proportion that is not a finite number: {dict(zip(self.groups, vec))}"
+            )
         if any(v < 0 for v in vec):
             raise SchemaError(f"{where} has a negative proportion: {dict(zip(self.groups, vec))}")
         total = sum(vec)

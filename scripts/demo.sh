@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install (if needed) and run the main job: `fairtune demo --out runs/demo` renders ColoredDigits-Bias,
-# trains the judges and lever 3's classifier, fine-tunes the debiased LoRA adapter on the shipped biased
+# trains the judges, fine-tunes the debiased LoRA adapter on the shipped biased
 # base model, compares it with the base model, Fair Diffusion and prompt augmentation on the same
 # prompts, seeds and judges, and writes runs/demo/compare/report.{md,html}. Extra options go to
 # `fairtune demo` (e.g. --control true adds the naive control; --steps 1000 --n_per_prompt 256).

@@ -88,6 +88,7 @@ ARMS = {
     "sampler_adversary": {"sampler", "adversary"},
     "sampler_fairness": {"sampler", "fairness"},
     "all": {"sampler", "adversary", "fairness"},
+    "distill": {"sampler", "distill"},
 }
 
 
@@ -110,6 +111,8 @@ def test_ablation_arm_builds_exactly_its_levers(arm, tmp_path, classifier_weight
         assert not cli.model.backbone.unet.mid_block._forward_hooks
     if cli.model.fairness_loss is not None:
         built.add("fairness")
+    if cli.model.distill_loss is not None:
+        built.add("distill")
     assert built == ARMS[arm]
 
 

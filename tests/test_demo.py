@@ -12,10 +12,6 @@ from fairtune.cli import main
 # The main job end to end (about a minute on 2 idle cores): `pytest -m slow` runs it.
 @pytest.mark.slow
 def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
-    from fairtune.models import train_attribute_classifier
-
-    clf = tmp_path / "clf"
-    train_attribute_classifier(digits_dir, clf, epochs=1)
     out = tmp_path / "demo"
     args = [
         "demo",
@@ -26,7 +22,6 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
         "--paraphrase_digits", "[3]",
         "--data", str(digits_dir),
         "--judges", str(judges_dir),
-        "--classifier", str(clf),
         "--control", "true",
     ]  # fmt: skip
     main(args)
@@ -35,21 +30,21 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
     names = set(methods) if isinstance(methods, dict) else {m["name"] for m in methods}
     assert {"base", "naive", "debiased", "fair_diffusion", "prompt_augmentation"} <= names
     record = json.loads((out / "demo.json").read_text())
-    assert set(record["runs"]) == {"naive", "all"} and record["train_all_s"] > 0
+    assert set(record["runs"]) == {"naive", "debiased"} and record["train_debiased_s"] > 0
     for arm, run in record["runs"].items():
         assert (Path(run) / "adapter" / "pytorch_lora_weights.safetensors").exists()
         assert (out / arm).resolve() == Path(run).resolve()  # the paths the compare YAML names
         config = yaml.safe_load((Path(run) / "config.yaml").read_text())
         assert config["trainer"]["max_steps"] == 2
-        assert (config["model"]["fairness"] is not None) == (arm == "all")
+        assert (config["model"]["distill"] is not None) == (arm == "debiased")
     # the comparison judged this run's adapters
-    assert methods["debiased"]["adapter"] == str(Path(record["runs"]["all"]) / "adapter")
+    assert methods["debiased"]["adapter"] == str(Path(record["runs"]["debiased"]) / "adapter")
     assert (out / "compare" / "report.html").stat().st_size > 0
     # the sweep runner echoed the children's progress lines
-    assert "[sweep] all seed 0: step" in capfd.readouterr().err
+    assert "[sweep] debiased seed 0: step" in capfd.readouterr().err
 
     # Started again, the finished trainings are skipped (their adapters untouched).
-    adapter = Path(record["runs"]["all"]) / "adapter" / "pytorch_lora_weights.safetensors"
+    adapter = Path(record["runs"]["debiased"]) / "adapter" / "pytorch_lora_weights.safetensors"
     before = adapter.stat().st_mtime_ns
     main(args)
     assert adapter.stat().st_mtime_ns == before
@@ -57,6 +52,6 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
     # By default the demo trains the debiased adapter alone and compares it with the baselines.
     main([*args[:2], str(tmp_path / "default"), *args[3:-2]])
     record = json.loads((tmp_path / "default" / "demo.json").read_text())
-    assert set(record["runs"]) == {"all"}
+    assert set(record["runs"]) == {"debiased"}
     methods = json.loads((tmp_path / "default" / "compare" / "metrics.json").read_text())["methods"]
     assert set(methods) == {"base", "debiased", "fair_diffusion", "prompt_augmentation"}

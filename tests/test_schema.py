@@ -106,3 +106,11 @@ def test_a_datamodule_without_source_or_attributes_names_the_missing_key():
         AttributeDataModule(source=SourceConfig(path="table"))
     with pytest.raises(SchemaError, match="data.source is not set"):
         AttributeDataModule(attributes={"gender": ["female", "male"]})
+
+
+def test_a_non_finite_proportion_is_refused_naming_the_key():
+    from fairtune.data import AttributeSpec, SchemaError, Target, TargetConfig
+
+    spec = AttributeSpec({"color": ["red", "blue"]})
+    with pytest.raises(SchemaError, match="target.proportions has a proportion that is not a finite"):
+        Target(TargetConfig(proportions={"red": float("nan"), "blue": 0.5}), spec)

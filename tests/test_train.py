@@ -112,6 +112,18 @@ def test_empty_target_group_fails_before_training(digits_dir, tmp_path):
         main(["fit", "--config", str(cfg)])
 
 
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_exports_nothing(digits_dir, tmp_path):
+    # An absurd learning rate sends the weights to inf within a few steps.
+    cfg = _config(
+        digits_dir,
+        tmp_path / "nan",
+        **{"model.optim.lr": 1e30, "model.optim.warmup_steps": 0, "trainer.max_steps": 8},
+    )
+    with pytest.raises(FloatingPointError, match=r"training loss is (nan|inf) at step \d+"):
+        main(["fit", "--config", str(cfg)])
+    assert not (tmp_path / "nan" / "adapter" / LORA_WEIGHT_NAME).exists()
+
+
 def _fit_cmd(cfg):
     return [sys.executable, "-m", "fairtune.cli", "fit", "--config", str(cfg)]
 

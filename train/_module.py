@@ -267,6 +267,12 @@ class DebiasModule(L.LightningModule):
             out = self.distill_loss(self.backbone, self.target, g)
             self.log_dict({"distill/loss": out["distill"], "distill/hold": out["hold"]}, sync_dist=True)
             loss = loss + out["loss"]
+        if not torch.isfinite(loss):
+            # Stop here: one NaN update poisons every weight, and the run would go on to export them.
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at step {self.global_step}: stopping before the "
+                "weights are updated (lower model.optim.lr, check the data and any cached latents)"
+            )
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("train/loss", loss, sync_dist=True)
         return loss
