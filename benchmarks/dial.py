@@ -1,7 +1,7 @@
 """The fairness dial of the demo's debiased adapter (issue 15): the judged red share per digit against
 the adapter's scale, and how close a requested 70/30 mix lands.
 
-    bash scripts/demo.sh                 # first: trains runs/demo/all/adapter, renders data, judges
+    bash scripts/demo.sh                 # first: trains runs/demo/debiased/adapter, renders data, judges
     python benchmarks/dial.py            # digits 0-7, N=64 per digit and scale, 25 DDIM steps
     python benchmarks/dial.py --n_per_prompt 4 --scales '[0, 1]' --digits '[0, 1]' --results /tmp/r
 

@@ -1,7 +1,7 @@
 """One round of the feedback loop on ColoredDigits-Bias (issue 16), run as a user runs it: the four
 commands of docs/feedback_loop.md, each a ``fairtune`` subprocess.
 
-    bash scripts/demo.sh                      # the debiased adapter: runs/demo/all/adapter
+    bash scripts/demo.sh                      # the debiased adapter: runs/demo/debiased/adapter
     python benchmarks/feedback_loop.py        # -> benchmarks/results/feedback_loop.{json,md}
 
 1. ``fairtune audit`` the debiased adapter on prompts it never trained on (the held-out digits with

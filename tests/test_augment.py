@@ -63,3 +63,32 @@ def test_augment_adds_accepted_synthetic_records_to_the_rare_cells(digits_dir, c
     # the training data module reads the augmented table like any other
     ds = TableDataset(str(out), AttributeSpec({"color": ["red", "blue"]}))
     assert len(ds) == len(table)
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"per_cell": -3}, "augment.per_cell must be >= 1"),
+        ({"min_share": 2.0}, "augment.min_share must be in"),
+        ({"max_tries": 0}, "augment.max_tries must be >= 1"),
+        ({"classes": ["red", "green"]}, r"augment.classes names \['green'\]"),
+    ],
+)
+def test_bad_augment_settings_are_refused_naming_the_key(digits_dir, tmp_path, over, needle):
+    from fairtune.train import AugmentConfig, augment_table
+
+    cfg = AugmentConfig(**{"attribute": "color", "classes": ["red", "blue"], **over})
+    with pytest.raises(ValueError, match=needle):
+        augment_table(digits_dir / "table", tmp_path / "out", config=cfg, backbone=None, classifier=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_augment_never_writes_over_the_table_it_reads(digits_dir):
+    from fairtune.train import AugmentConfig, augment_table
+
+    cfg = AugmentConfig(attribute="color", classes=["red", "blue"])
+    before = sorted(p.name for p in (digits_dir / "table").rglob("*"))
+    for out in (digits_dir / "table", digits_dir):
+        with pytest.raises(ValueError, match="would overwrite the table it reads"):
+            augment_table(digits_dir / "table", out, config=cfg, backbone=None, classifier=None)
+    assert sorted(p.name for p in (digits_dir / "table").rglob("*")) == before

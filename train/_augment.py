@@ -111,6 +111,19 @@ def augment_table(
         raise ValueError("augment needs augment.attribute and augment.classes (the classifier's class names)")
     if "{cls}" not in cfg.template or "{concept}" not in cfg.template:
         raise ValueError(f"augment.template needs {{cls}} and {{concept}}, got {cfg.template!r}")
+    for key, ok, want in (
+        ("min_share", 0.0 < cfg.min_share <= 1.0, "in (0, 1]"),
+        ("per_cell", cfg.per_cell >= 1, ">= 1"),
+        ("max_tries", cfg.max_tries >= 1, ">= 1"),
+        ("min_confidence", 0.0 <= cfg.min_confidence <= 1.0, "in [0, 1]"),
+        ("steps", cfg.steps >= 1, ">= 1"),
+        ("batch_size", cfg.batch_size >= 1, ">= 1"),
+    ):
+        if not ok:
+            raise ValueError(f"augment.{key} must be {want}, got {getattr(cfg, key)}")
+    src, dst = Path(table).resolve(), Path(out).resolve()
+    if dst == src or dst in src.parents:
+        raise ValueError(f"--out {out} would overwrite the table it reads ({table}): write elsewhere")
     ds = load_table(str(table), split=split)
     if cfg.attribute not in ds.column_names:
         raise ValueError(
@@ -119,6 +132,13 @@ def augment_table(
     keep_cols = ["image", "prompt", "concept", cfg.attribute]
     ds = ds.select_columns(keep_cols)
     concepts, labels = list(ds["concept"]), list(ds[cfg.attribute])
+    declared = sorted({y for y in labels if y is not None and y != ""})
+    unknown = [c for c in cfg.classes if c not in declared]
+    if unknown:
+        raise ValueError(
+            f"augment.classes names {unknown}, which no record of {table} has in column "
+            f"{cfg.attribute!r} (its classes: {declared})"
+        )
     cells = rare_cells(concepts, labels, cfg.classes, cfg.min_share)
     target = Target(cfg.target, AttributeSpec({cfg.attribute: list(cfg.classes)}))
     bb = backbone if isinstance(backbone, Backbone) else Backbone.from_config(backbone)
