@@ -97,8 +97,8 @@ def floor_note(row: dict) -> str:
         import numpy as np
 
         text += (
-            f" Over seeds, mean dev seen runs {min(vals):.3f}-{max(vals):.3f} (sd {np.std(vals, ddof=1):.3f}): "
-            f"{s['mean'] - floor:+.3f} above the floor on average."
+            f" Over seeds, mean dev seen runs {min(vals):.3f}-{max(vals):.3f} "
+            f"(sd {np.std(vals, ddof=1):.3f}): {s['mean'] - floor:+.3f} above the floor on average."
         )
     return text
 
