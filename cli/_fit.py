@@ -57,10 +57,14 @@ def _flatten(d, prefix: str = "") -> dict:
 
 
 def _check_budget(cfg) -> None:
-    """No run that trains nothing: ``max_steps`` of 0 (or below -1), or an epoch smaller than a batch."""
+    """No run that trains nothing: ``max_steps`` or ``max_epochs`` of 0 (or below -1), or an epoch
+    smaller than a batch."""
     steps = cfg.trainer.get("max_steps")
     if steps is not None and (steps == 0 or steps < -1):
         raise ConfigError(f"trainer.max_steps={steps}: a run needs at least one step (-1: no step limit)")
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and (epochs == 0 or epochs < -1):
+        raise ConfigError(f"trainer.max_epochs={epochs}: a run needs at least one epoch (-1: no epoch limit)")
     data = cfg.get("data") or {}
     per_epoch, batch = data.get("samples_per_epoch"), data.get("batch_size")
     if isinstance(per_epoch, int) and isinstance(batch, int) and per_epoch < batch:

@@ -72,6 +72,7 @@ def test_a_run_folder_refuses_a_config_that_changes_the_result(digits_dir, tmp_p
     "over,needle",
     [
         ({"trainer.max_steps": 0}, "trainer.max_steps=0"),
+        ({"trainer.max_epochs": 0, "trainer.max_steps": -1}, "trainer.max_epochs=0"),
         ({"data.samples_per_epoch": 4}, "data.samples_per_epoch=4 is smaller than data.batch_size=8"),
         # no run folder: no guessed default (a resume would look for its checkpoints somewhere else)
         ({"trainer.default_root_dir": None}, "trainer.default_root_dir is not set"),
