@@ -24,6 +24,7 @@ import getpass
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -301,6 +302,9 @@ class FlagStore:
             pairs += [(p.concept or p.prompt, p.prompt) for p in self.proposals()]
         out: dict[str, list[str]] = {}
         for concept, prompt in pairs:
+            # A prompt is one line: text from the review page may hold newlines, which a .txt
+            # export would split into several prompts (and a "#" line would vanish as a comment).
+            concept, prompt = one_line(concept), one_line(prompt)
             if prompt not in out.setdefault(concept, []):
                 out[concept].append(prompt)
         return out
@@ -467,8 +471,23 @@ def flag_propose(
     )
 
 
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines included) made one space, trimmed."""
+    return " ".join(str(text).split())
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: escape sequences removed, other control characters
+    (newlines included) shown as ``\\xNN``."""
+    text = _ANSI.sub("", str(text))
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
 def _table(rows: Iterable[list[str]], header: list[str]) -> str:
-    rows = [header, *rows]
+    rows = [header, *([printable(c) for c in r] for r in rows)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

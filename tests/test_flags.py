@@ -263,3 +263,23 @@ def test_fit_continues_from_an_adapter_and_trains_on_flagged_prompts(digits_dir,
                 extra_prompts_file=str(tmp_path / "missing.yaml"),
             )
         )
+
+
+def test_flag_text_becomes_one_prompt_line_and_prints_without_escapes(tmp_path, capsys):
+    from fairtune.data import flag_export, flag_list
+
+    db = tmp_path / "flags.sqlite"
+    store = FlagStore(db)
+    store.add_proposal(Proposal(prompt="a nurse\n# not a comment\nat night", reviewer="web"))
+    store.add_flag(
+        Flag(prompt="a doctor", model="m", reviewer="web", scope="prompt", note="\x1b[2J\x1b[31mred\x07")
+    )
+    store.close()
+    out = tmp_path / "prompts.txt"
+    flag_export(db=str(db), out=out)
+    assert out.read_text().splitlines() == ["a doctor", "a nurse # not a comment at night"]
+    capsys.readouterr()
+    flag_list(db=str(db))
+    printed = capsys.readouterr().out
+    assert "\x1b" not in printed and "\x07" not in printed
+    assert "red" in printed and "a nurse\\x0a# not a comment" in printed
