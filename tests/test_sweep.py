@@ -400,7 +400,7 @@ def test_children_die_with_their_parent_grandchildren_too(tmp_path, sig):
     _wait_for(lambda: _dead(child) and _dead(grandchild), 10, "the orphans to die")
 
 
-def test_quoted_slurm_scripts_run_no_injected_command(tmp_path, monkeypatch):
+def test_quoted_slurm_scripts_run_no_injected_command(tmp_path, monkeypatch, capsys):
     """A sweep name and an out path with spaces, quotes and `;`: the scripts parse (bash -n), sbatch gets
     each value as one argument (a fake sbatch on PATH records them), and nothing injected runs."""
     weird = tmp_path / 'we\'ird dir; touch PWNED_DIR "q"'
@@ -413,6 +413,9 @@ def test_quoted_slurm_scripts_run_no_injected_command(tmp_path, monkeypatch):
     out = weird / "out 50% ;$(touch PWNED4)"
     main(["sweep", str(spec_path), "--out", str(out), "--slurm", "true"])
     sbatch, submit = out / "sweep.sbatch", out / "submit.sh"
+    # the printed hint, pasted into a shell, is one argument too
+    hint = capsys.readouterr().out.split("submit with: ")[1].strip()
+    assert shlex.split(hint) == ["bash", str(submit)]
     for script in (sbatch, submit):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = sbatch.read_text()
