@@ -408,7 +408,8 @@ def sweep(
         paths = write_slurm(parsed, Path(spec), Path(out).resolve())
         _write_plan(parsed, Path(out).resolve())
         print(
-            f"wrote {paths['sbatch']} ({len(parsed.runs)} array tasks); submit with: bash {shlex.quote(str(paths['submit']))}"
+            f"wrote {paths['sbatch']} ({len(parsed.runs)} array tasks); "
+            f"submit with: bash {shlex.quote(str(paths['submit']))}"
         )
         return
     if aggregate_only:
