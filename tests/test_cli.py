@@ -53,3 +53,25 @@ def test_wrong_type_is_named(tmp_path, capsys):
             ]
         )
     assert "digit_epochs" in capsys.readouterr().err
+
+
+def test_slurm_fit_script_names_the_python_that_cannot_import_fairtune(tmp_path):
+    """Submitted from a folder without .venv and with a Python that lacks fairtune, the job stops before
+    srun, saying which Python and how to choose one (it used to fail on every node with
+    `No module named 'fairtune'`)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "slurm_fit.sbatch"
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')  # no site-packages: no fairtune
+    bare.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "SLURM_SUBMIT_DIR": str(tmp_path), "FAIRTUNE_PYTHON": str(bare)}
+    res = subprocess.run(["bash", str(script), "--config", "x.yaml"], env=env, capture_output=True, text=True)
+    assert res.returncode == 1
+    assert f"'{bare}' cannot import fairtune" in res.stderr and "FAIRTUNE_PYTHON" in res.stderr
+    # the repository's own interpreter passes the check (then fails later only for want of SLURM)
+    env["FAIRTUNE_PYTHON"] = sys.executable
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert "cannot import fairtune" not in res.stderr
