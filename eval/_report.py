@@ -418,8 +418,12 @@ def _measurement_blocks(metrics: Mapping) -> list[tuple]:
         + "dev recomputed from the corrected shares, mean over prompts of the role. Agreement: share of "
         "images both judges placed on which they agree, and Cohen's kappa"
         + (f" (second judge: {second})" if second else " (no second judge: n/a)")
-        + ". Change vs base: mean cosine distance between the embeddings of each image and the "
-        f"`{meas.get('change_base')}` image from the same seed and prompt (0 = unchanged)."
+        + (
+            ". Change vs base: mean cosine distance between the embeddings of each image and the "
+            f"`{meas['change_base']}` image from the same seed and prompt (0 = unchanged)."
+            if meas.get("change_base")
+            else ". Change vs base: n/a (no base method in this run to compare images with)."
+        )
     )
     return [("h2", "Measurement: judge error, agreement, change"), ("table", MEASUREMENT_HEADER, rows),
             ("p", text)]  # fmt: skip

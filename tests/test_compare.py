@@ -363,3 +363,17 @@ def test_a_comparison_keeps_what_it_finishes_and_resumes(
     cfg.generation.seed = 1
     third = run_comparison(cfg, out, backbone=backbone, progress=False)
     assert third["methods"]["base"]["images_sha256"] != metrics["methods"]["base"]["images_sha256"]
+
+
+def test_the_measurement_note_without_a_base_method_says_so():
+    from fairtune.eval._report import _measurement_blocks
+
+    metrics = {
+        "methods": {"adapter": {"summary": {"agreement": 0.9, "kappa": 0.8}}},
+        "measurement": {"change_base": None, "second_judge": "cnn"},
+    }
+    text = " ".join(b[1] for b in _measurement_blocks(metrics) if b[0] == "p")
+    assert "None" not in text and "no base method" in text
+    metrics["measurement"]["change_base"] = "base"
+    text = " ".join(b[1] for b in _measurement_blocks(metrics) if b[0] == "p")
+    assert "`base` image from the same seed" in text
