@@ -33,6 +33,7 @@ from fairtune.models import (
     Backbone,
     BackboneConfig,
     add_audit_to_model_card,
+    audit_section,
     resolve_shipped,
 )
 
@@ -399,17 +400,25 @@ def run_comparison(
         write_report(metrics, images, out, grid_columns=config.grid_columns)
         print(summary_markdown(metrics))
         print(f"wrote {out / 'metrics.json'}, {out / 'report.md'}, {out / 'report.html'}", file=sys.stderr)
-    # An adapter's model card (written at export) gets the figures just measured.
+    # The figures just measured, as a model-card section: beside the report, or (asked for) in the
+    # adapter's own card. An adapter folder is an input: a comparison does not rewrite it unasked.
     for m in config.methods:
         if metrics["methods"][m.name].get("failed"):
             continue
         if m.kind == "adapter" and m.adapter is not None:
+            command = f"see {out / 'metrics.json'}"
             try:
-                add_audit_to_model_card(
-                    m.adapter, metrics, method=m.name, command=f"see {out / 'metrics.json'}"
-                )
+                if config.update_model_card:
+                    card = add_audit_to_model_card(m.adapter, metrics, method=m.name, command=command)
+                else:
+                    card = out / f"model_card_{m.name}.md"
+                    tmp = card.with_name(f".{card.name}.tmp")
+                    tmp.write_text(audit_section(metrics, method=m.name, command=command) + "\n")
+                    os.replace(tmp, card)
+                if card is not None:
+                    print(f"{m.name}: model-card section written to {card}", file=sys.stderr)
             except OSError as exc:
-                print(f"could not update the model card in {m.adapter}: {exc}", file=sys.stderr)
+                print(f"could not write the model-card section of {m.name}: {exc}", file=sys.stderr)
     failed = {n: m["error"] for n, m in metrics["methods"].items() if m.get("failed")}
     if failed:
         why = "; ".join(f"{n}: {e}" for n, e in failed.items())
@@ -470,6 +479,7 @@ def audit(
     progress: bool = True,
     backbone: Backbone | None = None,
     save_images: bool = True,
+    update_model_card: bool = False,
 ) -> dict:
     """Audit one model (optionally with a LoRA adapter): generate for PROMPTS, judge, and write
     OUT/metrics.json, OUT/report.md and OUT/report.html.
@@ -491,6 +501,8 @@ def audit(
         progress: Show progress bars.
         backbone: The model, already loaded (``model`` then only names it in the report).
         save_images: Write every image to OUT/images/ (what ``fairtune review`` shows).
+        update_model_card: Also write the figures into the adapter's own model card (by default
+            they go to OUT/model_card_<name>.md and the adapter folder is not touched).
 
     Returns:
         The metrics written to ``metrics.json``.
@@ -513,5 +525,6 @@ def audit(
         grid_columns=grid_columns,
         frechet_roles=list(ROLES),
         title=f"fairtune audit: {model}" + (f" + {adapter}" if adapter is not None else ""),
+        update_model_card=update_model_card,
     )
     return run_comparison(cfg, out, backbone=backbone, progress=progress, save_images=save_images)

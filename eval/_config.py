@@ -231,6 +231,9 @@ class CompareConfig:
         frechet_roles: Prompt roles whose images enter the Fréchet distance (the neutral prompts of
             every concept by default, matching the reference set's concept mix).
         title: Title of the report.
+        update_model_card: Also write the figures into each adapter's own model card (its
+            ``README.md``). By default the card section goes to ``OUT/model_card_<method>.md`` and
+            the adapter folder, an input, is left as it is.
     """
 
     methods: list[MethodConfig]
@@ -245,6 +248,7 @@ class CompareConfig:
         default_factory=lambda: ["seen", "heldout"]
     )
     title: str = "fairtune compare"
+    update_model_card: bool = False
 
 
 def prompt_entries(groups: Sequence[PromptGroup]) -> list[PromptEntry]:

@@ -310,24 +310,41 @@ def test_audit_tiny_stable_diffusion_with_a_classifier_judge(tiny_sd, tmp_path, 
 
 
 def test_audit_shipped_model_with_judges_and_adapter(backbone, adapter_dir, judges_dir, digits_dir, tmp_path):
+    import shutil
+
+    from fairtune.models import write_model_card
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, adapter)
+    write_model_card(adapter, base_model="colored-digits-16", kind="tiny", target=None, levers={}, steps=1,
+                     lora=None)  # fmt: skip
+    card = (adapter / "README.md").read_text()
     prompts = tmp_path / "digits.yaml"
     prompts.write_text(yaml.safe_dump([{"name": "seen", "template": "a handwritten digit {value}",
                                         "values": [1, 9], "concept": "digit {value}"}]))  # fmt: skip
-    metrics = audit(
+    kwargs = dict(
         model="colored-digits-16",
-        adapter=adapter_dir,
+        adapter=adapter,
         prompts=prompts,
-        out=tmp_path / "audit",
         judges=_judges(judges_dir, digits_dir),
         generation=GenerationConfig(n_per_prompt=4, steps=STEPS),
         n_boot=50,
         backbone=backbone,
         progress=False,
+        name="tuned",
     )
+    metrics = audit(out=tmp_path / "audit", **kwargs)
     (m,) = metrics["methods"].values()
     assert m["kind"] == "adapter"
     assert m["summary"]["fidelity"] is not None and m["summary"]["frechet"] is not None
     assert (tmp_path / "audit" / "report.html").is_file()
+    # the adapter, an input, is left as it was; its card section is written beside the report
+    assert (adapter / "README.md").read_text() == card
+    assert "mean" in (tmp_path / "audit" / "model_card_tuned.md").read_text()
+    # asked for, the section goes into the adapter's own card
+    audit(out=tmp_path / "audit2", update_model_card=True, **kwargs)
+    assert (adapter / "README.md").read_text() != card
+    assert "No audit recorded yet" not in (adapter / "README.md").read_text()
 
 
 def test_a_comparison_keeps_what_it_finishes_and_resumes(
