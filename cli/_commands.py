@@ -35,8 +35,9 @@ def compare_command(
     generation: GenerationConfig = GenerationConfig(),
     n_boot: int = 1000,
     grid_columns: int = 8,
-    frechet_roles: list[Literal["seen", "heldout", "paraphrase"]] = ["seen", "heldout"],
+    frechet_roles: list[Literal["seen", "named", "heldout", "paraphrase", "explicit"]] = ["seen", "heldout"],
     title: str = "fairtune compare",
+    update_model_card: bool = False,
 ) -> None:
     """Compare methods on the same prompts, seeds and judges; write OUT/metrics.json and a report.
 
@@ -46,7 +47,8 @@ def compare_command(
     Args:
         out: Output folder.
         methods: The methods, each {name, kind, adapter, fuse, fair_diffusion, prompt_augmentation}.
-        prompts: Prompt groups, each {name, role (seen|heldout|paraphrase), template, values, concept}.
+        prompts: Prompt groups, each {name, role (seen|named|heldout|paraphrase|explicit), template,
+            values, concept, names (the class an explicit group names)}.
         backbone: The base model.
         judges: The judges.
         target: The target attribute mix.
@@ -55,6 +57,8 @@ def compare_command(
         grid_columns: Images per prompt in each method's grid.
         frechet_roles: Prompt roles whose images enter the Fréchet distance.
         title: Title of the report.
+        update_model_card: Also write each adapter's figures into its own model card (by default
+            they go to OUT/model_card_<method>.md and the adapter folder is left as it is).
     """
     options = locals()
     run_comparison(CompareConfig(**{f.name: options[f.name] for f in fields(CompareConfig)}), out)
