@@ -1,7 +1,7 @@
-"""Issue 24: the demo's debiased adapter over five training seeds, with the goals, and the README's
+"""Issue 24: the demo's debiased adapter over training seeds, with the goals, and the README's
 result table rendered from the committed results (never typed by hand).
 
-    python benchmarks/dependable.py run        # train + judge seeds 0-4 (skips finished runs), write results
+    python benchmarks/dependable.py run        # train + judge the spec's seeds (skips finished runs)
     python benchmarks/dependable.py report     # tabulate the finished runs only
     python benchmarks/dependable.py readme     # rewrite the README's result block from the results file
 

@@ -189,7 +189,7 @@ CHECKED = [
 
 
 def beside_committed(summary: dict | None, *, steps: int, seed: int, path: Path | None = None) -> list[dict]:
-    """Print this run's debiased figures beside the committed five-seed results (the mean and the
+    """Print this run's debiased figures beside the committed results over seeds (the mean and the
     95% range of one run), saying whether each falls inside; ``[]`` where there is nothing to compare
     (no committed results next to the working directory, or a budget other than theirs)."""
     path = Path(COMMITTED) if path is None else path

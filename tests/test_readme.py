@@ -28,7 +28,7 @@ def test_the_benchmark_trains_the_demos_arm_at_the_demos_budget():
     assert arm["configs"] == demo_arm["configs"]
     assert (arm.get("values") or {}) == (demo_arm.get("values") or {})
     assert bench["overrides"]["trainer.max_steps"] == demo["overrides"]["trainer.max_steps"]
-    assert len(bench["seeds"]) >= 5
+    assert len(bench["seeds"]) >= 3
 
 
 def test_goal_checks_and_the_rendered_block():
