@@ -86,7 +86,8 @@ def judge_method(
     if cal is not None or judged.get("second") is not None:
         extra = score_measurement(
             judged["attribute"], entries, n_per_prompt=n_per_prompt, n_classes=len(target.groups),
-            target_of=target.proportions, calibration=None if cal is None else (cal["true"], cal["first"]),
+            target_of=target.proportions, classes=target.groups,
+            calibration=None if cal is None else (cal["true"], cal["first"]),
             second=judged.get("second"), n_boot=correction_boot,
         )  # fmt: skip
         for key, rec in extra["per_concept"].items():

@@ -19,6 +19,8 @@ from typing import Literal
 
 import numpy as np
 
+from ._metrics import entry_target
+
 UNDETERMINED = -1
 
 
@@ -290,6 +292,7 @@ def score_measurement(
     second=None,
     n_boot: int = 1000,
     seed: int = 0,
+    classes=None,
 ) -> dict:
     """What an imperfect judge adds to one method's scores, prompt by prompt and in summary.
 
@@ -305,6 +308,8 @@ def score_measurement(
             agreement and Cohen's kappa.
         n_boot: Bootstrap replicates of the corrected intervals.
         seed: Seed of the bootstraps.
+        classes: The class names; with them an explicit prompt (``entry.names``) is scored against
+            the class it names.
 
     Returns:
         ``{"per_concept": {key: {...}}, "summary": {...}}``: per prompt ``corrected``,
@@ -326,7 +331,8 @@ def score_measurement(
         if calibration is not None:
             c = corrected_shares(
                 y[sl], calibration[0], calibration[1], n_classes,
-                n_boot=n_boot, seed=seed + b + 1, target=target_of(e.concept), confusion_boot=c_boot,
+                n_boot=n_boot, seed=seed + b + 1, confusion_boot=c_boot,
+                target=entry_target(e, target_of, classes) if classes is not None else target_of(e.concept),
             )  # fmt: skip
             r.update(
                 corrected=c["corrected"].tolist(),
@@ -345,7 +351,7 @@ def score_measurement(
         ct, cj = np.asarray(calibration[0]), np.asarray(calibration[1])
         summary["calibration_accuracy"] = float((ct == cj).mean())
         summary["n_calibration"] = int(len(ct))
-        for role in ("seen", "heldout", "paraphrase"):
+        for role in ("seen", "named", "heldout", "paraphrase", "explicit"):
             devs = [per[e.key]["dev_corrected"] for e in entries if e.role == role]
             summary[f"mean_dev_corrected_{role}"] = float(np.mean(devs)) if devs else None
     if y2 is not None:

@@ -112,3 +112,18 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
         covmean = linalg.sqrtm((s_a + off) @ (s_b + off))
     covmean = np.real(covmean)
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean))
+
+
+def entry_target(entry, target_of, classes) -> list[float]:
+    """The target of one prompt: for an explicit prompt (``entry.names`` set), the class it names;
+    else its concept's (``target_of(entry.concept)``).
+
+    Raises:
+        ValueError: An explicit prompt names a class that is not one of ``classes``.
+    """
+    names = getattr(entry, "names", None)
+    if names is None:
+        return list(target_of(entry.concept))
+    if names not in classes:
+        raise ValueError(f"prompt {entry.key!r} names class {names!r}, which is not one of {list(classes)}")
+    return [float(c == names) for c in classes]

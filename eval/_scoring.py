@@ -26,6 +26,7 @@ import numpy as np
 from ._metrics import (
     KL_EPS,
     deviation,
+    entry_target,
     fairness_discrepancy,
     fidelity,
     frechet_distance,
@@ -238,12 +239,9 @@ def score_judged(
     per_concept: dict[str, dict] = {}
     for b, e in enumerate(entries):
         sl = slice(b * n_per_prompt, (b + 1) * n_per_prompt)
-        names = getattr(e, "names", None)
-        if names is not None and names not in classes:
-            raise ValueError(f"prompt {e.key!r} names class {names!r}, which is not one of {classes}")
-        # An explicit prompt's target is the class it names; a neutral prompt's is its concept's.
-        target = [float(c == names) for c in classes] if names is not None else target_of(e.concept)
-        r = score_concept(attr[sl], target=target, concept=e.concept, alpha=alpha)
+        r = score_concept(
+            attr[sl], target=entry_target(e, target_of, classes), concept=e.concept, alpha=alpha
+        )
         r.update(key=e.key, group=e.group, role=e.role, prompt=e.prompt, classes=classes)
         ci = concept_index(e.concept)
         r["fidelity"] = (
