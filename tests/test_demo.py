@@ -55,3 +55,31 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
     assert set(record["runs"]) == {"debiased"}
     methods = json.loads((tmp_path / "default" / "compare" / "metrics.json").read_text())["methods"]
     assert set(methods) == {"base", "debiased", "fair_diffusion", "prompt_augmentation"}
+
+
+def test_the_demo_says_whether_its_figures_fall_inside_the_committed_range(tmp_path, capsys):
+    from fairtune.cli._demo import beside_committed
+
+    committed = tmp_path / "dependable.json"
+    committed.write_text(
+        json.dumps(
+            {
+                "steps": 400,
+                "arms": {
+                    "debiased": {
+                        "mean_dev_seen": {"mean": 0.06, "range": [0.04, 0.08]},
+                        "mean_dev_unnamed": {"mean": 0.3, "range": [0.2, 0.4]},
+                        "fidelity": {"mean": 0.99, "range": None},
+                    }
+                },
+            }
+        )
+    )
+    summary = {"mean_dev_seen": 0.05, "mean_dev_heldout": 0.45, "fidelity": 0.99}
+    checks = {c["metric"]: c["inside"] for c in beside_committed(summary, steps=400, seed=0, path=committed)}
+    assert checks == {"mean_dev_seen": True, "mean_dev_heldout": False}
+    err = capsys.readouterr().err
+    assert "inside" in err and "OUTSIDE" in err
+    # another budget is not compared with the committed one
+    assert beside_committed(summary, steps=2, seed=0, path=committed) == []
+    assert "measured at 400 steps" in capsys.readouterr().err
