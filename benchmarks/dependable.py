@@ -114,13 +114,16 @@ def goal_checks(row: dict, base: dict) -> list[dict]:
         if v is None or (kind in ("fid", "frechet") and ref is None):
             out.append({"metric": key, "kind": kind, "value": v, "goal": None, "met": None})
             continue
-        goal, met = {
-            "max": (f"≤ {bound}", v <= bound),
-            "halfwidth": (f"half-width ≤ {bound}", v <= bound),
-            "min": (f"≥ {bound}", v >= bound),
-            "fid": (f"≥ {ref - bound:.3f} (base − {bound})", v >= ref - bound),
-            "frechet": (f"≤ {bound * ref:.1f} ({bound} × base)", v <= bound * ref),
-        }[kind]
+        if kind == "max":
+            goal, met = f"≤ {bound}", v <= bound
+        elif kind == "halfwidth":
+            goal, met = f"half-width ≤ {bound}", v <= bound
+        elif kind == "min":
+            goal, met = f"≥ {bound}", v >= bound
+        elif kind == "fid":
+            goal, met = f"≥ {ref - bound:.3f} (base − {bound})", v >= ref - bound
+        else:
+            goal, met = f"≤ {bound * ref:.1f} ({bound} × base)", v <= bound * ref
         out.append({"metric": key, "kind": kind, "value": float(v), "goal": goal, "met": bool(met)})
     return out
 

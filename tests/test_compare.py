@@ -309,7 +309,9 @@ def test_audit_tiny_stable_diffusion_with_a_classifier_judge(tiny_sd, tmp_path, 
     assert m["summary"]["fidelity"] is None and m["summary"]["frechet"] is None
     assert m["summary"]["unet_evals_per_image"] == 4
     row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| model |"))
-    assert row.count("n/a") == 5  # held-out and paraphrase dev, fidelity, Fréchet, follows drawn
+    assert (
+        row.count("n/a") == 7
+    )  # named, held-out, paraphrase dev, explicit kept, fidelity, Fréchet, follows drawn
     assert "| model |" in capsys.readouterr().out
 
 

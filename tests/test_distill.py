@@ -80,9 +80,9 @@ def test_training_on_the_loss_moves_the_neutral_prompt_toward_the_explicit_one(l
     loss = DistillLoss(_cfg(hold_explicit=False, hold_uncond=False), seed=0)
     target = _target()
     params = [p for p in bb.unet.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=3e-3)
+    opt = torch.optim.Adam(params, lr=2e-4)  # the loss is ~1e-4: Adam's step is lr whatever its scale
     first = None
-    for step in range(25):
+    for _ in range(30):
         out = loss(bb, target, torch.Generator().manual_seed(100))  # the same batch: it must fit it
         first = out["distill"].item() if first is None else first
         opt.zero_grad()
