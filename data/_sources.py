@@ -149,8 +149,8 @@ def load_table(
             format = "disk"
         elif str(path).endswith(".parquet") or (p.is_dir() and any(p.glob("*.parquet"))):
             format = "parquet"
-        elif p.is_dir() and ((p / "metadata.jsonl").exists() or (p / "metadata.csv").exists()):
-            format = "imagefolder"
+        elif p.is_dir() and any(any(p.glob(g)) for g in ("metadata.jsonl", "metadata.csv", "*/metadata.*")):
+            format = "imagefolder"  # split subfolders (train/, test/) each with their own metadata
         elif p.exists():
             raise SchemaError(
                 f"cannot tell how to read {path!r}: expected a save_to_disk folder, parquet, or an "

@@ -46,8 +46,10 @@ from ._correction import (
     confusion_matrix,
     corrected_shares,
     judge_agreement,
+    judge_quality,
     judged_shares,
     score_measurement,
+    share_bounds,
     solve_shares,
 )
 from ._dial import dial, dial_curve, verify_request
@@ -116,6 +118,8 @@ __all__ = [
     "CompareConfig",
     "confusion_matrix",
     "corrected_shares",
+    "judge_quality",
+    "share_bounds",
     "deviation",
     "digit_entries",
     "evaluate_backbone_on_digits",

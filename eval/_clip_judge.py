@@ -6,6 +6,7 @@ Generic over attribute and class names: nothing here knows a benchmark.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,22 @@ def build_clip_judge(cfg: ClipJudgeConfig, *, classes: list[str], what: str = "j
     return model, predict, how
 
 
+def table_splits(path: str | Path) -> list[str]:
+    """The splits a local table folder holds (a ``save_to_disk`` dataset dict, or an imagefolder with
+    split subfolders); one ``train`` for anything else."""
+    import datasets
+
+    p = Path(path)
+    if (p / "dataset_dict.json").is_file():
+        return list(json.loads((p / "dataset_dict.json").read_text())["splits"])
+    if p.is_dir() and not (p / "state.json").exists() and not any(p.glob("*.parquet")):
+        try:
+            return list(datasets.get_dataset_split_names("imagefolder", data_dir=str(p)))
+        except Exception:  # not an imagefolder: load_table names what is wrong
+            return ["train"]
+    return ["train"]
+
+
 def load_labelled_images(
     path: str | Path,
     *,
@@ -78,7 +95,7 @@ def load_labelled_images(
     seed: int = 0,
     image_column: str = "image",
     format: str = "auto",
-    split: str = "train",
+    split: str | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Labelled held-out images (e.g. for a judge's confusion matrix): ``(N, 3, H, W)`` in [0, 1] and
     class indices into ``classes``; records without a label are skipped.
@@ -93,10 +110,12 @@ def load_labelled_images(
         seed: Seed of the subset.
         image_column: Column of the images.
         format: How to read ``path``.
-        split: Split to read.
+        split: Split to read; ``None``: the only one (a folder with several splits is refused, naming
+            them, rather than silently reading ``train``, which may be what a probe trained on).
 
     Raises:
-        ValueError: A missing column, or a label outside ``classes`` (naming the record).
+        ValueError: A missing column, a label outside ``classes`` (naming the record), or several
+            splits and none chosen.
     """
     import datasets
     from PIL import Image
@@ -105,6 +124,14 @@ def load_labelled_images(
 
     if not Path(path).exists():
         raise FileNotFoundError(f"calibration images {str(path)!r} do not exist")
+    if split is None:
+        splits = table_splits(path)
+        if len(splits) > 1:
+            raise ValueError(
+                f"calibration images {str(path)!r} hold several splits {splits}: choose the held-out one "
+                "(judges.calibration_split), never the one a judge or probe was trained on"
+            )
+        split = splits[0] if splits else "train"
     table = load_table(str(path), format=format, split=split)
     for c in (image_column, attribute):
         if c not in table.column_names:
@@ -151,7 +178,7 @@ def attach_measurement(panel, cfg, *, image_size: int | None = None) -> None:
     if cfg.calibration is not None:
         panel.calibration = load_labelled_images(
             cfg.calibration, attribute=panel.attribute, classes=panel.classes, image_size=image_size,
-            n=cfg.n_calibration,
+            n=cfg.n_calibration, split=cfg.calibration_split,
         )  # fmt: skip
         notes.append(f"shares corrected with the judge's confusion on {len(panel.calibration[1])} labelled "
                      f"images from `{cfg.calibration}`")  # fmt: skip

@@ -48,7 +48,7 @@ from ._config import (
     prompt_entries,
     validate_methods,
 )
-from ._correction import change_scores, confusion_matrix, score_measurement
+from ._correction import change_scores, confusion_matrix, judge_quality, score_measurement
 from ._generation import GenerationConfig, MethodImages, generate_method, images_fingerprint, method_backbone
 from ._panel import JudgePanel, build_judges, build_target
 from ._scoring import score_judged
@@ -216,10 +216,13 @@ def compare_methods(
     if cal is not None:
         k = len(target.groups)
         second = cal["second"]
+        quality = judge_quality(cal["true"], cal["first"], k)
         measurement["calibration"] = {
             "n": int(len(cal["true"])),
             "confusion_first": confusion_matrix(cal["true"], cal["first"], k).tolist(),
             "accuracy_first": float(np.mean(cal["true"] == cal["first"])),
+            "balanced_accuracy_first": quality["balanced_accuracy"],
+            "informative_first": quality["informative"],
             "confusion_second": None if second is None else confusion_matrix(cal["true"], second, k).tolist(),
             "accuracy_second": None if second is None else float(np.mean(cal["true"] == second)),
         }

@@ -188,6 +188,8 @@ class JudgeConfig:
         calibration: Labelled held-out images (imagefolder with ``metadata.jsonl`` or a table with a
             column named ``attribute``), never trained on: each judge's confusion matrix is measured
             on them and the judged shares are corrected for the first judge's error.
+        calibration_split: The split of ``calibration`` to read; ``None``: its only split (a folder
+            with several is refused: name the held-out one, never the one the judge trained on).
         n_calibration: At most this many calibration images (a seeded random subset).
         correction_boot: Bootstrap replicates of each corrected interval.
         change_features: A CLIP folder whose image embeddings give the same-seed change score of each
@@ -209,6 +211,7 @@ class JudgeConfig:
     clip: ClipJudgeConfig = field(default_factory=ClipJudgeConfig)
     second: ClipJudgeConfig | None = None
     calibration: str | None = None
+    calibration_split: str | None = None
     n_calibration: int = 2000
     correction_boot: int = 1000
     change_features: str | None = None

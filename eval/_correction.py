@@ -7,7 +7,11 @@ Pure functions over numpy arrays of class indices (``-1`` = the judge could not 
   "undetermined") turns true shares ``p`` into expected judged shares ``C^T p``. The corrected share
   solves ``C^T p = p_judged`` by least squares over the probability simplex. Its interval is a
   bootstrap over both the generated images' judged labels and the calibration set, so it carries
-  the calibration's own uncertainty.
+  the calibration's own uncertainty. Where the judge cannot tell some classes apart (``C`` loses
+  rank: a constant judge, two classes judged alike), the judged shares fit a whole set of true
+  shares, and each replicate contributes that set's bounds instead of one arbitrary point: a judge
+  that carries no information gives ``[0, 1]``. :func:`judge_quality` says when a judge is near
+  chance.
 - **Agreement of two judges**: raw agreement and Cohen's kappa on images both could place.
 - **Same-seed change score**: mean feature distance between the base model's and the adapter's image
   generated from the same noise and prompt ("how much did debiasing change each picture").
@@ -100,6 +104,68 @@ def solve_shares(confusion: np.ndarray, judged: np.ndarray) -> np.ndarray:
     return p / s if s > 0 else np.full(k, 1.0 / k)
 
 
+def _degenerate(confusion: np.ndarray) -> bool:
+    """Whether ``C^T p`` fails to pin ``p`` down on the simplex (some direction with zero sum is
+    judged the same: ``[C^T; 1]`` has rank below ``K``)."""
+    k = confusion.shape[0]
+    a = np.vstack([confusion.T, np.ones((1, k))])
+    return int(np.linalg.matrix_rank(a, tol=1e-9)) < k
+
+
+def share_bounds(confusion: np.ndarray, judged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, the least and greatest true share among every ``p`` on the simplex that explains
+    ``judged`` as well as the least-squares solution does (its identified set).
+
+    Args:
+        confusion: ``(K, K + 1)`` row-stochastic confusion matrix.
+        judged: ``(K + 1,)`` judged shares.
+
+    Returns:
+        ``(low, high)``, each ``(K,)``; equal to the solution itself where ``C`` has full rank, and
+        ``[0, 1]`` per class for a judge that calls every image the same.
+    """
+    from scipy.optimize import linprog
+
+    c = np.asarray(confusion, dtype=np.float64)
+    p = solve_shares(c, judged)
+    if not _degenerate(c):
+        return p, p.copy()
+    k = c.shape[0]
+    a_eq = np.vstack([c.T, np.ones((1, k))])
+    b_eq = np.concatenate([c.T @ p, [1.0]])
+    low, high = p.copy(), p.copy()
+    for i in range(k):
+        for sign, out in ((1.0, low), (-1.0, high)):
+            cost = np.zeros(k)
+            cost[i] = sign
+            res = linprog(cost, A_eq=a_eq, b_eq=b_eq, bounds=[(0, None)] * k, method="highs")
+            if res.status == 0:
+                out[i] = float(np.clip(res.x[i], 0.0, 1.0))
+    return low, high
+
+
+def judge_quality(true, judged, n_classes: int) -> dict:
+    """How much a judge knows, from its labels on calibration images.
+
+    Returns:
+        ``accuracy``; ``balanced_accuracy`` (mean recall over classes, undetermined counted wrong);
+        ``chance`` (``1 / K``); ``informative``: ``False`` when the balanced accuracy is within 0.1
+        of chance, or the confusion cannot separate the classes (the corrected shares then span what
+        the data allow, up to ``[0, 1]``).
+    """
+    ct = _labels(true, "calibration_true", n_classes)
+    cj = _labels(judged, "calibration_judged", n_classes)
+    conf = confusion_matrix(ct, cj, n_classes)
+    balanced = float(np.mean(np.diag(conf[:, :n_classes])))
+    chance = 1.0 / n_classes
+    return {
+        "accuracy": float(np.mean(ct == cj)),
+        "balanced_accuracy": balanced,
+        "chance": chance,
+        "informative": bool(balanced >= chance + 0.1 and not _degenerate(conf)),
+    }
+
+
 def corrected_shares(
     judged,
     calibration_true,
@@ -131,7 +197,9 @@ def corrected_shares(
     Returns:
         ``judged``: ``(K,)`` raw judged shares among all images (undetermined included in the
         denominator); ``undetermined``: the undetermined rate; ``corrected``: ``(K,)`` corrected
-        true-class shares; ``low``/``high``: ``(K,)`` percentile interval; ``confusion``:
+        true-class shares; ``low``/``high``: ``(K,)`` percentile interval (of each replicate's
+        identified set where the judge cannot tell classes apart); ``identified``: whether the
+        observed confusion pins the shares down to one point; ``confusion``:
         ``(K, K + 1)``; ``n``, ``n_calibration``.
     """
     j = _labels(judged, "judged", n_classes)
@@ -149,24 +217,40 @@ def corrected_shares(
             f"confusion_boot has shape {c_boot.shape}, expected {(n_boot, n_classes, n_classes + 1)}"
         )
     b_boot = rng.multinomial(len(j), b, size=n_boot) / len(j)
-    reps = np.stack([solve_shares(c_boot[r], b_boot[r]) for r in range(n_boot)])
+    # Each replicate gives the bounds of the shares it cannot tell apart (one point where the
+    # confusion has full rank); replicates that repeat a degenerate (C, b) are solved once.
+    lows, highs = np.empty((n_boot, n_classes)), np.empty((n_boot, n_classes))
+    solved: dict = {}
+    for r in range(n_boot):
+        if _degenerate(c_boot[r]):
+            key = (np.round(c_boot[r], 9).tobytes(), np.round(b_boot[r], 9).tobytes())
+            if key not in solved:
+                solved[key] = share_bounds(c_boot[r], b_boot[r])
+            lows[r], highs[r] = solved[key]
+        else:
+            lows[r] = highs[r] = solve_shares(c_boot[r], b_boot[r])
+    point_low, point_high = share_bounds(conf, b)
     alpha = (1 - level) / 2
     extra = {}
     if target is not None:
         q = np.asarray(target, dtype=np.float64)
-        devs = np.abs(reps - q).max(1)
+        # over a box of shares: the least dev is the farthest class's distance to its range, the
+        # greatest the farthest end (exact for two classes, conservative beyond)
+        dev_lo = np.maximum(np.maximum(lows - q, q - highs), 0.0).max(1)
+        dev_hi = np.maximum(np.abs(lows - q), np.abs(highs - q)).max(1)
         extra = {
             "dev": float(np.abs(point - q).max()),
-            "dev_low": float(np.quantile(devs, alpha)),
-            "dev_high": float(np.quantile(devs, 1 - alpha)),
+            "dev_low": float(np.quantile(dev_lo, alpha)),
+            "dev_high": float(np.quantile(dev_hi, 1 - alpha)),
         }
     return {
         **extra,
         "judged": b[:n_classes],
         "undetermined": float(b[n_classes]),
         "corrected": point,
-        "low": np.quantile(reps, alpha, axis=0),
-        "high": np.quantile(reps, 1 - alpha, axis=0),
+        "low": np.minimum(np.quantile(lows, alpha, axis=0), point_low),
+        "high": np.maximum(np.quantile(highs, 1 - alpha, axis=0), point_high),
+        "identified": not _degenerate(conf),
         "confusion": conf,
         "n": int(len(j)),
         "n_calibration": int(len(ct)),
@@ -315,7 +399,8 @@ def score_measurement(
         ``{"per_concept": {key: {...}}, "summary": {...}}``: per prompt ``corrected``,
         ``corrected_low``, ``corrected_high``, ``dev_corrected`` (+ ``_low``/``_high``),
         ``agreement``, ``kappa``; summary ``mean_dev_corrected_<role>``, ``agreement``, ``kappa``,
-        ``undetermined_rate_second``, ``calibration_accuracy`` and ``n_calibration``.
+        ``undetermined_rate_second``, ``calibration_accuracy``, ``calibration_balanced_accuracy``,
+        ``judge_informative`` (see :func:`judge_quality`) and ``n_calibration``.
     """
     y = np.asarray(labels, dtype=np.int64)
     y2 = None if second is None else np.asarray(second, dtype=np.int64)
@@ -348,9 +433,11 @@ def score_measurement(
         per[e.key] = r
     summary: dict = {}
     if calibration is not None:
-        ct, cj = np.asarray(calibration[0]), np.asarray(calibration[1])
-        summary["calibration_accuracy"] = float((ct == cj).mean())
-        summary["n_calibration"] = int(len(ct))
+        quality = judge_quality(calibration[0], calibration[1], n_classes)
+        summary["calibration_accuracy"] = quality["accuracy"]
+        summary["calibration_balanced_accuracy"] = quality["balanced_accuracy"]
+        summary["judge_informative"] = quality["informative"]
+        summary["n_calibration"] = int(len(calibration[0]))
         for role in ("seen", "named", "heldout", "paraphrase", "explicit"):
             devs = [per[e.key]["dev_corrected"] for e in entries if e.role == role]
             summary[f"mean_dev_corrected_{role}"] = float(np.mean(devs)) if devs else None

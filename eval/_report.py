@@ -409,6 +409,12 @@ def _measurement_blocks(metrics: Mapping) -> list[tuple]:
         if cal.get("accuracy_second") is not None:
             cal_txt += f", second judge {_f(cal['accuracy_second'])}"
         cal_txt += "); "
+        if cal.get("informative_first") is False:
+            cal_txt += (
+                f"**the judge is not informative**: its balanced accuracy there is "
+                f"{_f(cal.get('balanced_accuracy_first'))}, near chance, so the corrected shares span what "
+                "the data allow (up to [0, 1]) and its judged shares say little about the true mix; "
+            )
     else:
         cal_txt = "a calibration set: none given (n/a); "
     second = meas.get("second_judge")

@@ -400,3 +400,18 @@ def test_the_measurement_note_without_a_base_method_says_so():
     metrics["measurement"]["change_base"] = "base"
     text = " ".join(b[1] for b in _measurement_blocks(metrics) if b[0] == "p")
     assert "`base` image from the same seed" in text
+
+
+def test_the_measurement_note_flags_a_judge_near_chance():
+    from fairtune.eval._report import _measurement_blocks
+
+    cal = {"n": 200, "accuracy_first": 0.49, "balanced_accuracy_first": 0.5, "informative_first": False}
+    metrics = {
+        "methods": {"adapter": {"summary": {"mean_dev_corrected_seen": 0.5, "calibration_accuracy": 0.49}}},
+        "measurement": {"change_base": None, "calibration": cal},
+    }
+    text = " ".join(b[1] for b in _measurement_blocks(metrics) if b[0] == "p")
+    assert "the judge is not informative" in text and "0.500" in text
+    cal.update(accuracy_first=0.97, balanced_accuracy_first=0.97, informative_first=True)
+    text = " ".join(b[1] for b in _measurement_blocks(metrics) if b[0] == "p")
+    assert "not informative" not in text

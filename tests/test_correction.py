@@ -10,8 +10,10 @@ from fairtune.eval import (
     confusion_matrix,
     corrected_shares,
     judge_agreement,
+    judge_quality,
     judged_shares,
     score_measurement,
+    share_bounds,
     solve_shares,
 )
 
@@ -89,6 +91,51 @@ def test_corrected_interval_covers_at_its_level():
     # and an interval that ignored the calibration's noise would fall below it
     assert hits / trials >= 0.88
     assert np.mean(widths) < 0.3
+
+
+def test_a_judge_that_calls_every_image_one_class_gives_no_false_certainty():
+    """Zero-shot CLIP that says "red" to everything: its judged shares fit every true mix, so each
+    corrected interval is [0, 1] (not the solver's arbitrary vertex) and the judge is flagged."""
+    true_cal = np.repeat([0, 1], 100)
+    constant = np.zeros(200, dtype=int)
+    out = corrected_shares(np.zeros(128, dtype=int), true_cal, constant, 2, n_boot=200, target=[0.5, 0.5])
+    assert not out["identified"]
+    np.testing.assert_allclose(out["low"], [0.0, 0.0], atol=1e-9)
+    np.testing.assert_allclose(out["high"], [1.0, 1.0], atol=1e-9)
+    assert out["dev_low"] == pytest.approx(0.0) and out["dev_high"] == pytest.approx(0.5)
+    q = judge_quality(true_cal, constant, 2)
+    assert q["balanced_accuracy"] == pytest.approx(0.5) and not q["informative"]
+    # three classes, two of which the judge confuses completely: those two are unidentified, their
+    # sum is not, and the third class keeps a point
+    conf = np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    lo, hi = share_bounds(conf, np.array([0.2, 0.8, 0.0, 0.0]))
+    np.testing.assert_allclose(lo, [0.2, 0.0, 0.0], atol=1e-9)
+    np.testing.assert_allclose(hi, [0.2, 0.8, 0.8], atol=1e-9)
+
+
+def test_corrected_interval_is_a_point_for_a_perfect_judge_and_widens_with_error_and_fewer_images():
+    rng = np.random.default_rng(3)
+    true_gen = (rng.random(400) >= 0.3).astype(int)
+
+    def width(confusion, n_cal):
+        true_cal = np.repeat([0, 1], n_cal)
+        judged_cal = _noisy_labels(true_cal, confusion, rng)
+        out = corrected_shares(_noisy_labels(true_gen, confusion, rng), true_cal, judged_cal, 2, n_boot=300)
+        assert out["identified"]
+        return out["high"][0] - out["low"][0], judge_quality(true_cal, judged_cal, 2)
+
+    perfect = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    poor = np.array([[0.52, 0.48, 0.0], [0.48, 0.52, 0.0]])
+    w_perfect, q_perfect = width(perfect, 200)
+    w_noisy, _ = width(NOISY, 200)
+    w_noisy_small, _ = width(NOISY, 25)
+    w_poor, q_poor = width(poor, 200)
+    assert q_perfect["informative"] and q_perfect["balanced_accuracy"] == 1.0
+    # only the generated images' sampling error is left for a perfect judge (binomial, N = 400)
+    assert w_perfect < 0.1
+    assert w_perfect < w_noisy < w_noisy_small
+    assert w_noisy < w_poor
+    assert not q_poor["informative"]  # balanced accuracy ~0.52: near chance
 
 
 def _hue_renders(colors, rng):

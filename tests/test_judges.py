@@ -226,3 +226,27 @@ def test_the_sweep_judge_scores_a_paraphrase_and_explicit_prompts(judges_dir, tm
     assert out["worst_dev_paraphrase"] == pytest.approx(out["mean_dev_paraphrase"])  # one digit
     assert out["n_images"] == plain["n_images"] + 8
     assert out["explicit_follow"] >= 0.75 and 0.0 <= out["explicit_follow_min"] <= out["explicit_follow"]
+
+
+def test_calibration_images_from_a_folder_with_several_splits_name_the_split(tmp_path):
+    """A probe's folder often holds train/ and test/: the calibration split is chosen, never guessed."""
+    from PIL import Image
+
+    from fairtune.eval._clip_judge import load_labelled_images
+
+    for split, color in (("train", "red"), ("test", "blue")):
+        d = tmp_path / "labelled" / split
+        d.mkdir(parents=True)
+        rows = []
+        for i in range(3):
+            Image.new("RGB", (8, 8), color).save(d / f"{i}.png")
+            rows.append(json.dumps({"file_name": f"{i}.png", "color": color}))
+        (d / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    folder = tmp_path / "labelled"
+    with pytest.raises(ValueError, match=r"several splits \['train', 'test'\].*calibration_split"):
+        load_labelled_images(folder, attribute="color", classes=["red", "blue"])
+    x, y = load_labelled_images(folder, attribute="color", classes=["red", "blue"], split="test")
+    assert x.shape == (3, 3, 8, 8) and y.tolist() == [1, 1, 1]
+    # one split: read without being named
+    x, y = load_labelled_images(folder / "train", attribute="color", classes=["red", "blue"])
+    assert y.tolist() == [0, 0, 0]
