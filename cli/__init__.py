@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FAIRTUNE_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    if argv and argv[0] in ("fit", "validate"):
+        argv = fit_argv(argv)
     if from_shell:  # what LightningCLI (and DDP's relaunch of this command) read
         sys.argv = [sys.argv[0], *argv]
     if debug or not from_shell:  # called from Python (tests, notebooks): exceptions propagate
@@ -245,6 +247,44 @@ def main(argv: list[str] | None = None) -> None:
 
 
 _HINT = "  (--debug shows the traceback)"
+_NULLS = ("null", "Null", "NULL", "None", "~")
+
+
+def _nested(key: str, value) -> str:
+    out = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return json.dumps(out)
+
+
+def fit_argv(argv: list[str]) -> list[str]:
+    """``fairtune fit`` arguments as the parser should read them.
+
+    - ``--a.b.c null`` (a key two levels down or more) becomes an inline config ``{"a": {"b": {"c":
+      null}}}`` at the same place: jsonargparse reads a null given as a nested argument under an
+      optional section as the string ``'None'`` (or fails for a number), but reads it from a config.
+    - ``--X.module NAME`` (a class from a config, e.g. ``model.fairness.classifier``) starts
+      ``X.init_args`` afresh, as LightningCLI's ``class_path`` does: the previous class's arguments
+      are not merged into the new class's (``--X.init_args.KEY`` after it add to the new ones).
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        key, value, used = None, None, 1
+        if a.startswith("--") and "=" in a:
+            key, value = a[2:].split("=", 1)
+        elif a.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            key, value, used = a[2:], argv[i + 1], 2
+        if key is not None and key.count(".") >= 2 and value in _NULLS:
+            out += ["--config", _nested(key, None)]
+        elif key is not None and key.count(".") >= 1 and key.endswith(".module"):
+            out += argv[i : i + used]
+            out += ["--config", _nested(key[: -len(".module")] + ".init_args", {})]
+        else:
+            out += argv[i : i + used]
+        i += used
+    return out
 
 
 def _one_line(e: BaseException) -> str:

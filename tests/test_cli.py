@@ -75,3 +75,30 @@ def test_slurm_fit_script_names_the_python_that_cannot_import_fairtune(tmp_path)
     env["FAIRTUNE_PYTHON"] = sys.executable
     res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert "cannot import fairtune" not in res.stderr
+
+
+def _printed_config(capsys, *args) -> dict:
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/colored_digits/lora.yaml", *args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_null_on_the_command_line_is_none_and_a_class_change_resets_its_arguments(capsys):
+    fairness = ["--config", "configs/ablations/fairness.yaml"]
+    cfg = _printed_config(capsys, *fairness, "--model.fairness.classifier.weights", "null")
+    # jsonargparse alone reads this nested null as the string 'None' (then "missing file 'None'")
+    assert cfg["model"]["fairness"]["classifier"]["weights"] is None
+    cfg = _printed_config(capsys, *fairness, "--model.fairness.preservation.weights=None")
+    assert cfg["model"]["fairness"]["preservation"]["weights"] is None
+    cfg = _printed_config(
+        capsys, *fairness,
+        "--model.fairness.classifier.module", "fairtune.models.CLIPLinearProbe",
+        "--model.fairness.classifier.init_args.probe", "runs/probe",
+    )  # fmt: skip
+    clf = cfg["model"]["fairness"]["classifier"]
+    # SmallCNN's num_classes / width / feature_dim are not carried into the probe's arguments
+    assert clf["module"] == "fairtune.models.CLIPLinearProbe" and clf["init_args"] == {"probe": "runs/probe"}
+    # the rest of the section is kept
+    assert cfg["model"]["fairness"]["every_k_steps"] == 8
