@@ -24,7 +24,7 @@ def _dm(digits_dir, cache=None, **kw):
         attributes=COLORS,
         source=SourceConfig(path=str(digits_dir / "table")),
         rebalance=RebalanceConfig(),
-        concepts=CONCEPTS,
+        concepts=kw.pop("concepts", CONCEPTS),
         batch_size=8,
         samples_per_epoch=16,
         latents=LatentCacheConfig(dir=str(cache)) if cache else None,
@@ -129,3 +129,45 @@ def test_a_pixel_space_backbone_refuses_the_latent_cache(digits_dir, tmp_path):
     with pytest.raises(ValueError, match="no VAE.*data.latents"):
         smoke_trainer(max_steps=1).fit(_module(None, kind="tiny"), _dm(digits_dir, tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
+
+
+def _damage(path, how):
+    """Damage an entry on disk as a crash, a full disk or bit rot would."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "latents.safetensors"
+    if how == "nan":  # corrupted in place: same size, same header, NaN values
+        size = file.stat().st_size
+        tensors = load_file(str(file))
+        tensors["mean"][0] = float("nan")
+        save_file(tensors, str(file))
+        assert file.stat().st_size == size
+    elif how == "truncated":
+        data = file.read_bytes()
+        file.write_bytes(data[: len(data) // 2])
+    elif how == "partial":  # a folder without meta.json, as a build killed half-way leaves
+        (path / "meta.json").unlink()
+
+
+@pytest.mark.parametrize("how", ["nan", "truncated", "partial"])
+def test_a_damaged_entry_is_rebuilt_not_trained_on(digits_dir, tiny_sd, tmp_path, caplog, how):
+    cache = tmp_path / "cache"
+
+    def entry():
+        dm = _dm(digits_dir, cache, concepts=["digit 0"])  # a few hundred records
+        dm.setup("fit")
+        _module(tiny_sd).use_latent_cache(dm)
+        return dm.latent_entry
+
+    first = entry()
+    assert first.built
+    mean = first.mean.clone()
+    _damage(first.path, how)
+
+    with caplog.at_level("WARNING", logger="fairtune.data._latents"):
+        again = entry()
+    assert again.built and again.path == first.path  # encoded again, in the same place
+    assert torch.isfinite(again.mean).all() and torch.equal(again.mean, mean)
+    assert str(first.path) in caplog.text and "encoding it again" in caplog.text
+    assert [p.name for p in cache.iterdir() if p.is_dir()] == [first.path.name]  # nothing left aside
+    assert not entry().built  # and the rebuilt entry is reused as any other
