@@ -49,7 +49,6 @@ from ._schema import (
     SchemaError,
     Target,
     TargetConfig,
-    group_counts,
     validate_record,
 )
 from ._sources import (
@@ -101,7 +100,6 @@ __all__ = [
     "flag_propose",
     "FlagStore",
     "generate_colored_digits",
-    "group_counts",
     "images_from_table",
     "index_path",
     "INK",

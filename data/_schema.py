@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -205,13 +205,3 @@ class Target:
                         f"target group {self.groups[gi]!r} has proportion {q:g} for concept "
                         f"{concept!r}, but that concept has no record of the group"
                     )
-
-
-def group_counts(concepts: Iterable[str], groups: Iterable[int], num_groups: int) -> dict[str, list[int]]:
-    """Per concept, how many records fall in each group (unknown labels are not counted)."""
-    counts: dict[str, list[int]] = {}
-    for c, g in zip(concepts, groups):
-        row = counts.setdefault(c, [0] * num_groups)
-        if g >= 0:
-            row[g] += 1
-    return counts

@@ -7,7 +7,7 @@ docs/metrics.md.
 
 Intervals. A deviation ``|p̂ − q|`` folds at 0, so a percentile bootstrap of it puts the estimate on
 the lower edge for a balanced concept (e.g. 0.004 [0.004, 0.100]). Here every interval is derived
-from intervals on the shares themselves: a Wilson score interval per class (Bonferroni over the
+from intervals on the shares themselves: an exact (Clopper–Pearson) interval per class (Bonferroni over the
 classes when there are more than two; with two, one interval fixes both shares), and each metric's
 interval is its range over that box of shares. Where the target lies inside the box the deviation's
 lower bound is 0. The interval of a mean over ``C`` concepts is the mean of the per-concept bounds
