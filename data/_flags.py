@@ -181,6 +181,14 @@ def content_hash(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _hide_password(url: str) -> str:
+    """``url`` with its password (if any) shown as ``***``."""
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url
+
+
 def database_url(db: str | os.PathLike) -> str:
     """A SQLAlchemy URL for ``db``: a URL as it is (``postgresql+psycopg://...``), a path as SQLite."""
     text = str(db)
@@ -197,17 +205,29 @@ class FlagStore:
         db: A SQLite file path (created with its folder) or a SQLAlchemy URL.
 
     Raises:
-        ValueError: The database was written by a newer fairtune, or holds a ``flags`` table without
-            a schema version (not a fairtune flag store).
+        ValueError: The database was written by a newer fairtune, holds a ``flags`` table without a
+            schema version (not a fairtune flag store), cannot be opened or read as a database (a
+            folder, a file that is not SQLite, a malformed URL), in one line naming ``db``.
     """
 
     def __init__(self, db: str | os.PathLike) -> None:
         url = database_url(db)
+        shown = str(db) if url.startswith("sqlite:///") else _hide_password(url)
         if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(url[len("sqlite:///") :])
+            if path.is_dir():
+                raise ValueError(f"--db {shown} is a directory, not a flag database file")
+            path.parent.mkdir(parents=True, exist_ok=True)
         self.url = url
-        self.engine = sa.create_engine(url)
-        self.version = self._migrate()
+        try:
+            self.engine = sa.create_engine(url)
+            self.version = self._migrate()
+        except sa.exc.DBAPIError as e:  # not a database, or none we can open: the driver's reason
+            reason = one_line(str(e.orig).splitlines()[0] if str(e.orig) else type(e.orig).__name__)
+            what = "cannot be opened as" if isinstance(e, sa.exc.OperationalError) else "is not"
+            raise ValueError(f"--db {shown} {what} a flag database ({reason})") from e
+        except sa.exc.ArgumentError as e:  # a URL SQLAlchemy cannot read, or an unknown dialect
+            raise ValueError(f"--db {shown} is not a database URL SQLAlchemy knows ({one_line(e)})") from e
 
     def _migrate(self) -> int:
         with self.engine.begin() as conn:

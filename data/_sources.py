@@ -35,17 +35,27 @@ class SkipCounter:
     the source when the skipped share passes ``max_share`` (checked once ``min_records`` records were
     seen, and at the end of a pass), or when nothing at all could be read.
 
+    The first ``max_warnings`` skips are logged one by one; the next one logs a single line saying the
+    rest are only counted, and the end of a pass logs the total (the count is always in ``skipped``).
+
     Args:
         source: What the records come from (a table path, shards), named in the error.
         max_share: The ceiling (``None``: no ceiling; every unreadable record is still counted).
         min_records: Records seen before the ceiling is checked mid-pass.
+        max_warnings: Skips logged one by one (in this process).
     """
 
     def __init__(
-        self, source: str, max_share: float | None = MAX_SKIPPED_SHARE, min_records: int = 100
+        self,
+        source: str,
+        max_share: float | None = MAX_SKIPPED_SHARE,
+        min_records: int = 100,
+        max_warnings: int = 3,
     ) -> None:
         self.source, self.max_share, self.min_records = source, max_share, min_records
+        self.max_warnings = max_warnings
         self.seen = self.skipped = 0
+        self.warned = 0  # skips logged one by one
         self.first: str | None = None
 
     def read(self, n: int = 1) -> None:
@@ -55,9 +65,19 @@ class SkipCounter:
         self.seen += n
         self.skipped += n
         self.first = self.first or f"{what}: {exc}"
-        log.warning(
-            "skipping %s (%s); %d of %d skipped so far in %s", what, exc, self.skipped, self.seen, self.source
-        )
+        if self.warned < self.max_warnings:
+            self.warned += 1
+            log.warning(
+                "skipping %s (%s); %d of %d skipped so far in %s",
+                what, exc, self.skipped, self.seen, self.source,
+            )  # fmt: skip
+        elif self.warned == self.max_warnings:
+            self.warned += 1
+            log.warning(
+                "skipping more unreadable records in %s (%d of %d so far), counted from here on without a "
+                "warning each",
+                self.source, self.skipped, self.seen,
+            )  # fmt: skip
         self.check()
 
     def check(self, final: bool = False) -> None:
@@ -65,14 +85,15 @@ class SkipCounter:
             raise SchemaError(
                 f"{self.source}: none of its {self.seen} records could be read (first: {self.first})"
             )
-        if self.max_share is None or self.seen < (1 if final else self.min_records):
-            return
-        if self.skipped > self.max_share * self.seen:
+        checked = self.max_share is not None and self.seen >= (1 if final else self.min_records)
+        if checked and self.skipped > self.max_share * self.seen:
             raise SchemaError(
                 f"{self.source}: {self.skipped} of {self.seen} records could not be read "
                 f"({self.skipped / self.seen:.1%}), more than the ceiling of {self.max_share:.1%} "
                 f"(data.source.max_skipped_share); first: {self.first}"
             )
+        if final and self.warned > self.max_warnings:  # the total, past those logged one by one
+            log.warning("skipped %d of %d records in %s in all", self.skipped, self.seen, self.source)
 
 
 def check_shard(path: str) -> None:

@@ -7,10 +7,13 @@ propose a prompt to audit next. Flags land in the flag store (:class:`fairtune.d
 prompt, the model and adapter (by content hash), the audit folder and the image's index, its seed and
 the generation settings that regenerate it.
 
-Bound to a loopback address (the default ``127.0.0.1``) there is no login. Bound to any other interface
-every request must carry a token (generated unless ``--token`` is given, printed with the URL). Writes
-are accepted only as ``application/json`` POSTs, which a page from another origin cannot send without a
-preflight this server never answers.
+Bound to a loopback address (the default ``127.0.0.1``) there is no login, and a request is answered
+only when its ``Host`` header names this machine (``localhost``, ``127.0.0.1``, ``[::1]`` or the bound
+address, with any port), so a page whose site name was re-pointed at 127.0.0.1 (DNS rebinding) cannot
+read or write. Bound to any other interface every request must carry a token (generated unless
+``--token`` is given, printed with the URL). Writes are accepted only as ``application/json`` POSTs,
+which a page from another origin cannot send without a preflight this server never answers, with a
+``Content-Length`` of at most :data:`MAX_BODY` bytes (a body is never read without one).
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ import ipaddress
 import json
 import math
 import mimetypes
+import re
 import secrets
 import sys
 import threading
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs
 
 from fairtune.data import Flag, FlagStore, Proposal, content_hash
 from fairtune.models import resolve_shipped
@@ -37,6 +41,11 @@ from ._scoring import share_box
 
 TOKEN_HEADER = "X-Review-Token"
 _COOKIE = "fairtune_review_token"
+MAX_BODY = 1 << 16
+"""The largest request body read (bytes); a longer one is refused (413) unread."""
+_LOCAL_NAMES = ("localhost", "127.0.0.1", "[::1]")
+_IMAGE_PATH = re.compile(r"/img/([0-9]{1,6})/([0-9]{1,6})")
+_LENGTH = re.compile(r"[0-9]{1,12}")
 
 
 def is_loopback(host: str) -> bool:
@@ -124,7 +133,8 @@ class AuditView:
         scope = data.get("scope", "prompt")
         index = data.get("index")
         if scope == "image":
-            if not isinstance(index, int) or not 0 <= index < self.n:
+            # a JSON true is a Python int too: only a JSON integer names an image
+            if type(index) is not int or not 0 <= index < self.n:
                 raise ValueError(f"image index must be an integer in [0, {self.n}), got {index!r}")
         elif scope == "prompt":
             index = None
@@ -312,6 +322,7 @@ class ReviewServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: ReviewServer
+    timeout = 60  # seconds a client may take to send its request: a stalled one frees its thread
 
     def log_message(self, format, *args) -> None:  # quiet: one line per write only
         pass
@@ -329,6 +340,53 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, code: int, obj) -> None:
         self._send(code, json.dumps(obj).encode(), "application/json")
 
+    def _host_allowed(self) -> bool:
+        """Off loopback the token guards every request; on loopback (no token) the request must be
+        addressed to this machine by name or address: one ``Host`` header, with any port."""
+        if self.server.token is not None:
+            return True
+        hosts = self.headers.get_all("Host") or []
+        if len(hosts) != 1:
+            return False
+        names = {*_LOCAL_NAMES, str(self.server.server_address[0])}
+        match = re.fullmatch(r"(\[[^\]]*\]|[^:\[\]]*)(?::[0-9]{1,5})?", hosts[0].strip().lower())
+        return match is not None and match.group(1) in names
+
+    def _refuse_host(self) -> bool:
+        """Answer 403 and return True when :meth:`_host_allowed` refuses the request."""
+        if self._host_allowed():
+            return False
+        self._send(403, b"this server answers only to localhost, 127.0.0.1 or [::1]", "text/plain")
+        return True
+
+    def _split(self) -> tuple[str, dict]:
+        """The request's path and query (any request target: no URL parsing that can fail)."""
+        path, _, query = self.path.partition("?")
+        return path, parse_qs(query)
+
+    def _body(self) -> bytes | None:
+        """The request body, or ``None`` after answering 411/400/413: a body is read only when one
+        ``Content-Length`` gives its size in ASCII digits, at most :data:`MAX_BODY`."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths or "Transfer-Encoding" in self.headers:
+            self._json(411, {"error": "send the body with a Content-Length"})
+            return None
+        if len(lengths) != 1 or not _LENGTH.fullmatch(lengths[0].strip()):
+            self._json(400, {"error": "Content-Length must be one non-negative integer"})
+            return None
+        length = int(lengths[0])
+        if length > MAX_BODY:
+            self._json(413, {"error": f"request body too large ({length} bytes; at most {MAX_BODY})"})
+            return None
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:  # the client stopped sending (see ``timeout``)
+            body = b""
+        if len(body) != length:
+            self._json(400, {"error": "the body is shorter than its Content-Length"})
+            return None
+        return body
+
     def _authorised(self, query: dict) -> bool:
         token = self.server.token
         if token is None:
@@ -340,29 +398,28 @@ class _Handler(BaseHTTPRequestHandler):
         return hmac.compare_digest(given.encode(), token.encode())
 
     def do_GET(self) -> None:
-        url = urlparse(self.path)
-        query = parse_qs(url.query)
+        if self._refuse_host():
+            return
+        path, query = self._split()
         if not self._authorised(query):
             self._send(401, b"a token is required: open the URL `fairtune review` printed", "text/plain")
             return
         view = self.server.view
-        if url.path == "/":
+        if path == "/":
             headers = {}
             if self.server.token:
                 headers["Set-Cookie"] = f"{_COOKIE}={self.server.token}; HttpOnly; SameSite=Strict; Path=/"
             page = view.page(self.server.reviewer, self.server.store.flags(audit_run=str(view.dir)))
             self._send(200, page.encode(), "text/html; charset=utf-8", headers)
-        elif url.path.startswith("/img/"):
-            parts = url.path.split("/")[2:]
-            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        elif path.startswith("/img/"):
+            # ASCII digits only: int() also reads other scripts' digits and fails on superscripts
+            match = _IMAGE_PATH.fullmatch(path)
+            image = match and view.images_dir / f"{int(match[1]):03d}" / f"{int(match[2]):04d}.png"
+            if not image or not image.is_file():
                 self._send(404, b"not found", "text/plain")
                 return
-            path = view.images_dir / f"{int(parts[0]):03d}" / f"{int(parts[1]):04d}.png"
-            if not path.is_file():
-                self._send(404, b"not found", "text/plain")
-                return
-            self._send(200, path.read_bytes(), mimetypes.guess_type(path.name)[0] or "image/png")
-        elif url.path == "/api/flags":
+            self._send(200, image.read_bytes(), mimetypes.guess_type(image.name)[0] or "image/png")
+        elif path == "/api/flags":
             flags = self.server.store.flags(audit_run=str(view.dir))
             self._json(200, [{"id": f.id, "prompt": f.prompt, "scope": f.scope, "index": f.image_index,
                               "direction": f.direction, "reviewer": f.reviewer} for f in flags])  # fmt: skip
@@ -370,21 +427,28 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found", "text/plain")
 
     def do_POST(self) -> None:
-        url = urlparse(self.path)
-        if not self._authorised(parse_qs(url.query)):
+        if self._refuse_host():
+            return
+        path, query = self._split()
+        if not self._authorised(query):
             self._json(401, {"error": "a token is required"})
             return
         if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
             self._json(415, {"error": "send application/json"})
             return
+        body = self._body()
+        if body is None:
+            return
         try:
-            length = int(self.headers.get("Content-Length", "0"))
-            data = json.loads(self.rfile.read(min(length, 1 << 16)) or b"{}")
+            try:
+                data = json.loads(body or b"{}")
+            except RecursionError:
+                raise ValueError("the JSON is nested too deeply") from None
             if not isinstance(data, dict):
                 raise ValueError("send a JSON object")
-            if url.path == "/api/flag":
+            if path == "/api/flag":
                 fid = self.server.store.add_flag(self.server.view.flag(data))
-            elif url.path == "/api/propose":
+            elif path == "/api/propose":
                 fid = self.server.store.add_proposal(
                     Proposal(prompt=str(data.get("prompt") or "").strip(),
                              concept=str(data.get("concept") or "").strip() or None,
@@ -397,7 +461,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, json.JSONDecodeError) as e:
             self._json(400, {"error": str(e)})
             return
-        print(f"review: {url.path[5:]} {fid} by {data.get('reviewer')!r}", file=sys.stderr)
+        print(f"review: {path[5:]} {fid} by {data.get('reviewer')!r}", file=sys.stderr)
         self._json(200, {"id": fid})
 
 

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
+import sys
 
 import pytest
 from conftest import COLORS
@@ -283,3 +285,43 @@ def test_flag_text_becomes_one_prompt_line_and_prints_without_escapes(tmp_path, 
     printed = capsys.readouterr().out
     assert "\x1b" not in printed and "\x07" not in printed
     assert "red" in printed and "a nurse\\x0a# not a comment" in printed
+
+
+def test_a_db_that_is_not_a_flag_store_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """Issue 26: a corrupt file, a text file or a folder given as ``--db`` is an error of one line
+    naming the path, from ``fairtune flag`` and ``fairtune review`` alike, and the file is left as it was."""
+    corrupt = tmp_path / "corrupt.sqlite"
+    corrupt.write_bytes(bytes(range(256)) * 20)
+    text = tmp_path / "notes.sqlite"
+    text.write_text("hello, this is not SQLite\n")
+    folder = tmp_path / "a folder"
+    folder.mkdir()
+    audit = tmp_path / "audit"  # what `fairtune review` reads before it opens the store
+    (audit / "images" / "0").mkdir(parents=True)
+    (audit / "metrics.json").write_text(
+        json.dumps({
+            "methods": {"base": {"per_concept": {}}}, "prompts": [], "classes": ["red", "blue"],
+            "generation": {"n_per_prompt": 2, "steps": 5, "guidance_scale": 1.0, "seed": 0},
+        })
+    )  # fmt: skip
+    monkeypatch.delenv("FAIRTUNE_DEBUG", raising=False)
+    cases = [
+        (corrupt, "is not a flag database (file is not a database)"),
+        (text, "is not a flag database (file is not a database)"),
+        (folder, "is a directory, not a flag database file"),
+    ]
+    for db, why in cases:
+        for args in (["flag", "list"], ["flag", "add", "--prompt", "p", "--model", "m"], ["flag", "propose",
+                     "--prompt", "p"], ["review", "--audit", str(audit), "--port", "0"]):  # fmt: skip
+            monkeypatch.setattr(sys, "argv", ["fairtune", *args, "--db", str(db)])
+            with pytest.raises(SystemExit) as exit_:
+                main()
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and "Traceback" not in err and "sqlalchemy" not in err, (args, err)
+            (line,) = err.strip().splitlines()
+            assert line.startswith(f"fairtune: error: --db {db} {why}"), (args, line)
+        with pytest.raises(ValueError, match=re.escape(f"--db {db} {why}")):
+            FlagStore(db)
+    assert corrupt.read_bytes() == bytes(range(256)) * 20 and folder.is_dir() and not any(folder.iterdir())
+    with pytest.raises(ValueError, match=r"--db nope://u:\*\*\*@h/x is not a database URL"):
+        FlagStore("nope://u:secret@h/x")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import urllib.error
 import urllib.request
@@ -183,3 +184,152 @@ def test_a_reviewer_flags_an_image_and_a_prompt_in_a_real_browser(audit_dir, tmp
     )  # fmt: skip
     (prop,) = con.execute("SELECT prompt, concept, reviewer FROM proposals").fetchall()
     assert tuple(prop) == ("a drawing of the number 8", "digit 8", "ana")
+
+
+# ----------------------------------------------------------------------------- every input (issue 26)
+@pytest.fixture
+def small_review(tmp_path):
+    """A review server on loopback over a small audit folder written by hand (two prompts, three
+    images each: the files `fairtune audit` writes, without running a model), and its flag file."""
+    from PIL import Image
+
+    from fairtune.eval._review import serve_review
+
+    audit = tmp_path / "audit"
+    for b in range(2):
+        (audit / "images" / "0" / f"{b:03d}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (4, 4), (255, 0, 0)).save(audit / "images" / "0" / f"{b:03d}" / f"{i:04d}.png")
+    prompts = [
+        {"key": f"prompts/digit {d}", "prompt": f"a handwritten digit {d}", "concept": f"digit {d}",
+         "role": "seen"}
+        for d in (1, 8)
+    ]  # fmt: skip
+    (audit / "metrics.json").write_text(
+        json.dumps({
+            "methods": {"base": {"per_concept": {}, "adapter": None}}, "prompts": prompts,
+            "generation": {"n_per_prompt": 3, "steps": 5, "guidance_scale": 1.0, "seed": 0},
+            "classes": ["red", "blue"], "attribute": "color", "backbone": {},
+        })
+    )  # fmt: skip
+    db = tmp_path / "flags.sqlite"
+    server = serve_review(audit, str(db), port=0, reviewer="r", background=True)
+    try:
+        yield server, db
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _raw(
+    port: int, head: str, body: bytes = b"", *, close: bool = True, encoding: str = "utf-8"
+) -> tuple[int, bytes]:
+    """Send one request as written (``head``: request line and headers, in ``encoding``) and read the
+    whole reply; the status is 0 when the server closed without answering. With ``close=False`` the
+    client keeps its side open after the body (a server reading to the end of the stream would wait
+    for ever)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head.replace("\n", "\r\n").encode(encoding) + b"\r\n\r\n" + body)
+        if close:
+            s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := s.recv(1 << 16):
+            reply += chunk
+    return (int(reply.split(b" ", 2)[1]) if reply else 0), reply
+
+
+def _flag_rows(db) -> list[tuple]:
+    return sqlite3.connect(db).execute("SELECT scope, image_index FROM flags ORDER BY id").fetchall()
+
+
+def test_a_body_without_a_sane_length_is_refused_unread(small_review):
+    server, db = small_review
+    port = server.server_address[1]
+    body = json.dumps({"key": "prompts/digit 1", "scope": "prompt", "reviewer": "x"}).encode()
+    head = f"POST /api/flag HTTP/1.1\nHost: 127.0.0.1:{port}\nContent-Type: application/json"
+    # a negative length used to read the stream to its end: the client here keeps it open
+    for bad in ("-1", "-100", "+5", " 1_0", "١٢", "12abc", "99999999999999999999999"):
+        status, reply = _raw(port, f"{head}\nContent-Length: {bad}", body, close=False)
+        assert status in (400, 413), (bad, reply)
+    assert _raw(port, head, body, close=False)[0] == 411  # no length at all
+    assert _raw(port, f"{head}\nContent-Length: 5\nContent-Length: 7", body, close=False)[0] == 400
+    status, reply = _raw(port, f"{head}\nContent-Length: {1 << 20}", body, close=False)  # the ceiling
+    assert status == 413 and b"too large" in reply
+    assert _flag_rows(db) == []
+    assert _raw(port, f"{head}\nContent-Length: {len(body)}", body)[0] == 200
+    assert _flag_rows(db) == [("prompt", None)]
+
+
+def test_on_loopback_only_local_host_names_are_answered(small_review):
+    server, db = small_review
+    port = server.server_address[1]
+    for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", "127.0.0.1", f"[::1]:{port}",
+                 "[::1]", f"LocalHost:{port}"):  # fmt: skip
+        status, reply = _raw(port, f"GET / HTTP/1.1\nHost: {host}")
+        assert status == 200 and b"a handwritten digit 8" in reply, host
+    # DNS rebinding: a page of another site whose name now points at 127.0.0.1 sends its own name
+    for host in ("evil.example", f"evil.example:{port}", f"localhost.evil.example:{port}", "127.0.0.1.nip.io",
+                 f"localhost:{port}@evil.example", "localhost:", "localhost:abc", ""):  # fmt: skip
+        assert _raw(port, f"GET / HTTP/1.1\nHost: {host}")[0] in (403, 421), host
+        assert _raw(port, f"GET /img/0/0 HTTP/1.1\nHost: {host}")[0] in (403, 421), host
+    assert _raw(port, "GET / HTTP/1.0")[0] in (403, 421)  # no Host header at all
+    assert _raw(port, f"GET / HTTP/1.1\nHost: localhost\nHost: evil.example:{port}")[0] in (403, 421)
+    body = json.dumps({"key": "prompts/digit 1", "scope": "prompt", "reviewer": "x"}).encode()
+    post = f"POST /api/flag HTTP/1.1\nContent-Type: application/json\nContent-Length: {len(body)}"
+    assert _raw(port, f"{post}\nHost: evil.example:{port}", body)[0] in (403, 421)
+    assert _flag_rows(db) == []
+    assert _raw(port, f"{post}\nHost: localhost:{port}", body)[0] == 200
+    assert _flag_rows(db) == [("prompt", None)]
+    assert _get(server.url)[0] == 200  # the URL the command prints (a browser opens it)
+
+
+def test_every_malformed_path_gets_a_4xx(small_review):
+    server, _ = small_review
+    port = server.server_address[1]
+    assert _raw(port, f"GET /img/1/2 HTTP/1.1\nHost: localhost:{port}")[1].split(b"\r\n\r\n", 1)[1][:4] == (
+        b"\x89PNG"
+    )
+    paths = [
+        "/img/\u0661/\u0660",  # Arabic-Indic digits: int() reads them as 1 and 0
+        "/img/\u00b2/0", "/img/0/\u00b9",  # superscripts: isdigit() but not int()
+        "/img/\uff11/0",  # a fullwidth 1
+        "/img/-1/0", "/img/+1/0", "/img/ 1/0", "/img/1/2/3", "/img/1", "/img/", "/img//0", "/img/1/0x1",
+        "/img/0/" + "9" * 5000,  # past int()'s limit on digits
+        "/img/99/0", "/img/0/99",  # no such image
+        "//[x/", "//[::1", "http://[::1/", "*", "/%ff%fe", "/../../etc/passwd", "/img/../metrics.json",
+        "/?token=%ff&&==", "/api/flags?" + "a=1&" * 2000, "/nope",
+    ]  # fmt: skip
+    # the request line is read as Latin-1: a raw byte 0xb2 is a superscript 2, other scripts arrive as UTF-8
+    sent = [(p, "latin-1") for p in paths if p.isascii() or max(p) <= "\xff"] + [(p, "utf-8") for p in paths]
+    for path, encoding in sent:
+        status, reply = _raw(port, f"GET {path} HTTP/1.1\nHost: localhost:{port}", encoding=encoding)
+        ok = (400 <= status < 500) or (path.startswith(("/?", "/api/flags")) and status == 200)
+        assert ok, (path, encoding, reply)
+    body = json.dumps({"key": "prompts/digit 1", "scope": "prompt", "reviewer": "x"}).encode()
+    for path in ("//[x/", "/api/\u0661", "/api/flag/", "*"):
+        head = f"POST {path} HTTP/1.1\nHost: localhost\nContent-Type: application/json"
+        status, reply = _raw(port, f"{head}\nContent-Length: {len(body)}", body)
+        assert 400 <= status < 500, (path, reply)
+
+
+def test_an_image_index_must_be_a_json_integer(small_review):
+    server, db = small_review
+    port = server.server_address[1]
+
+    def flag(**fields) -> tuple[int, bytes]:
+        body = json.dumps({"key": "prompts/digit 1", "scope": "image", "reviewer": "x", **fields}).encode()
+        head = "POST /api/flag HTTP/1.1\nHost: localhost\nContent-Type: application/json"
+        return _raw(port, f"{head}\nContent-Length: {len(body)}", body)
+
+    for index in (True, False, 1.0, "1", None, [1], {"i": 1}, -1, 3, 10**400):
+        status, reply = flag(index=index)
+        assert status == 400 and b"index must be an integer" in reply, (index, reply)
+    for bad in ('{"key": "prompts/digit 1", "scope": "image", "reviewer": "x", "index": 1e999}',
+                "[" * 60_000, '{"a": ' * 10_000, b"\xff\xfe{}", "[1]", "null"):  # fmt: skip
+        body = bad if isinstance(bad, bytes) else bad.encode()
+        head = "POST /api/flag HTTP/1.1\nHost: localhost\nContent-Type: application/json"
+        status, reply = _raw(port, f"{head}\nContent-Length: {len(body)}", body)
+        assert status in (400, 413), (bad[:20], reply)
+    assert _flag_rows(db) == []
+    assert flag(index=1)[0] == 200 and flag(index=0)[0] == 200
+    assert _flag_rows(db) == [("image", 1), ("image", 0)]

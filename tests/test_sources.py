@@ -1,5 +1,6 @@
 import io
 import json
+import logging
 import tarfile
 
 import datasets
@@ -14,6 +15,7 @@ from fairtune.data import (
     Record,
     SchemaError,
     ShardDataset,
+    SkipCounter,
     TableDataset,
     collate_records,
     write_shards,
@@ -203,6 +205,39 @@ def test_a_table_of_unreadable_images_stops_the_job(tmp_path):
         )
     with pytest.raises(SchemaError, match="100 of 100 records could not be read"):
         list(DataLoader(TableDataset(ds, SPEC), batch_size=200, collate_fn=collate_records))
+
+
+def test_a_table_of_unreadable_images_warns_a_few_times_then_stops(caplog):
+    """Issue 26: the one-line error comes after three warnings and one line saying the rest are only
+    counted, not after a warning per image."""
+    n = 120
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": b"not a png", "path": None}] * n, "prompt": ["p"] * n, "concept": ["c"] * n,
+         "color": ["red"] * n},
+        features=datasets.Features(
+            {"image": datasets.Image(), "prompt": datasets.Value("string"),
+             "concept": datasets.Value("string"), "color": datasets.Value("string")}
+        ),
+    )  # fmt: skip
+    table = TableDataset(ds, SPEC)
+    with caplog.at_level(logging.WARNING, logger="fairtune.data"):
+        with pytest.raises(SchemaError, match="100 of 100 records could not be read"):
+            list(DataLoader(table, batch_size=200, collate_fn=collate_records))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("fairtune.data")]
+    assert len(lines) == 4, lines
+    assert all(ln.startswith("skipping record ") for ln in lines[:3])
+    assert lines[3].startswith("skipping more unreadable records in the table (4 of 4 so far)")
+    assert table.skipped == 100  # every one still counted
+    # a pass that ends under its ceiling reports its total in one line
+    caplog.clear()
+    counter = SkipCounter("shards 'x.tar'", max_share=None)
+    with caplog.at_level(logging.WARNING, logger="fairtune.data"):
+        for i in range(50):
+            counter.read()
+            counter.skip(f"member {i}", "truncated")
+        counter.check(final=True)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("fairtune.data")]
+    assert len(lines) == 5 and lines[-1] == "skipped 50 of 100 records in shards 'x.tar' in all"
 
 
 def test_shards_split_across_ranks_and_workers(tmp_path):
