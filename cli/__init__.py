@@ -18,201 +18,71 @@ misspelt option or a value of the wrong type fails before any work with a messag
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
-from pathlib import Path
 
-from fairtune.data import DEFAULT_RED_SHARE, ColoredDigitsConfig, build_colored_digits
-from fairtune.eval import JudgeTrainConfig, train_judges
-from fairtune.models import train_attribute_classifier
+# name -> submodule: the public facade, loaded on first use (PEP 562) so that `fairtune --help`,
+# `fairtune flag` and `fairtune review` start without importing torch, Lightning or diffusers
+_EXPORTS = {
+    "FairtuneCLI": "._fit",
+    "run_fit_cli": "._fit",
+    "Spec": "._sweep_spec",
+    "SweepError": "._sweep_spec",
+    "load_spec": "._sweep_spec",
+    "read_status": "._sweep_spec",
+    "check_goals": "._sweep_report",
+    "t_interval": "._sweep_report",
+    "write_report": "._sweep_report",
+    "write_slurm": "._sweep_report",
+    "run_sweep": "._sweep",
+    "sweep": "._sweep",
+    "audit_command": "._commands",
+    "compare_command": "._commands",
+    "dial_command": "._commands",
+    "demo": "._demo",
+    "prepare_assets": "._demo",
+}
 
-from ._commands import audit_command, compare_command, dial_command
-from ._demo import demo, prepare_assets
-from ._fit import FairtuneCLI, run_fit_cli
-from ._sweep import run_sweep, sweep
-from ._sweep_report import check_goals, t_interval, write_report, write_slurm
-from ._sweep_spec import Spec, SweepError, load_spec, read_status
+__all__ = [*_EXPORTS, "COMMANDS", "fit_argv", "main"]
+
+# The subcommands and what each does: `fairtune --help` prints this without importing the command
+# set (tests/test_cli.py checks it lists exactly the full parser's subcommands).
+COMMANDS = {
+    "fit": "Train an adapter or a full fine-tune (resumes a killed run); `fairtune fit --help`.",
+    "demo": "The main job: train the debiased adapter, compare it with the base model and the baselines.",
+    "compare": "Compare methods on the same prompts, seeds and judges; write OUT/metrics.json and a report.",
+    "audit": "Audit one model (optionally with a LoRA adapter): generate, judge, report.",
+    "dial": "The judged mix per concept against the adapter's scale; with --request, the scale per concept.",
+    "sweep": "Run an ablation sweep (arms x values x seeds), resumable.",
+    "data": "Render benchmark data (ColoredDigits-Bias); augment a table with generated images.",
+    "judges": "Train the benchmark's judges (never used by training).",
+    "classifier": "Train lever 3's attribute classifier (not a judge), or a CLIP linear probe.",
+    "flag": "Reviewers' flags on biased outputs (a SQL database; docs/feedback_loop.md).",
+    "review": "A local page to review an audit's images and flag them.",
+}
+_DESCRIPTION = (
+    "Debias text-to-image diffusion models at training time, and compare with inference-time fixes. "
+    "`fairtune <command> --help` lists a command's options."
+)
 
 
-def colored_digits(
-    *,
-    out: Path,
-    size: int = 16,
-    colors: list[str] = ["red", "blue"],
-    background: bool = False,
-    red_share: list[float] = DEFAULT_RED_SHARE,
-    color_shares: list[list[float]] | None = None,
-    dark_share: list[float] = [0.3] * 10,
-    explicit_share: float = 0.25,
-    renders_per_image: int = 4,
-    heldout_fraction: float = 0.5,
-    heldout_renders: int = 4,
-    shard_size: int = 1000,
-    seed: int = 0,
-) -> None:
-    """Render ColoredDigits-Bias into OUT: table/, shards/, stats.json.
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
 
-    Args:
-        out: Output folder.
-        size: Image side, 16 or 32.
-        colors: Ink colours (classes of attribute ``color``); add green for three classes.
-        background: Also render attribute ``background`` (light/dark), for joint targets.
-        red_share: Per digit 0-9, share of training renders in the first colour (the rest split
-            evenly over the other colours).
-        color_shares: Per digit 0-9, the share of each colour (rows in the order of ``colors``,
-            each summing to 1); overrides ``red_share``, e.g. a dominant ink among three per digit.
-        dark_share: Per digit, share of dark backgrounds (with ``background``).
-        explicit_share: Share of captions that name the attributes.
-        renders_per_image: Training renders per source image.
-        heldout_fraction: Share of source images held out for judges.
-        heldout_renders: Renders per held-out source image.
-        shard_size: Records per webdataset shard.
-        seed: Random seed.
-    """
-    cfg = ColoredDigitsConfig(
-        size=size,
-        colors=list(colors),
-        background=background,
-        red_share=list(red_share),
-        color_shares=None if color_shares is None else [list(r) for r in color_shares],
-        dark_share=list(dark_share),
-        explicit_share=explicit_share,
-        renders_per_image=renders_per_image,
-        heldout_fraction=heldout_fraction,
-        heldout_renders=heldout_renders,
-        shard_size=shard_size,
-        seed=seed,
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+    return (
+        f"usage: fairtune [-h] {{{','.join(COMMANDS)}}} ...\n\n{_DESCRIPTION}\n\ncommands:\n{rows}\n\n"
+        "options:\n  -h, --help  Show this help message and exit.\n  --debug     Show tracebacks."
     )
-    stats = build_colored_digits(cfg, out)
-    print(
-        f"wrote {out}: {stats['train_source_images']} training / "
-        f"{stats['heldout_source_images']} held-out source images"
-    )
-    for concept, s in stats["splits"]["train"].items():
-        mix = "  ".join(f"{c} {k / max(1, s['n']):.3f}" for a in stats["attributes"] for c, k in s[a].items())
-        print(f"  {concept}: n={s['n']:4d}  {mix}")
-
-
-def judges_train(
-    *,
-    data: Path,
-    out: Path,
-    train: JudgeTrainConfig = JudgeTrainConfig(),
-) -> None:
-    """Train the colour and digit CNN judges on DATA's held-out split; write weights and judges.json.
-
-    Args:
-        data: A folder written by ``fairtune data colored-digits``.
-        out: Output folder for ``*.safetensors`` and ``judges.json``.
-        train: Training settings.
-    """
-    report = train_judges(data, out, train)
-    shown = {k: report[k] for k in ("digit_cnn", "color_cnn", "hue", "background") if k in report}
-    print(json.dumps(shown, indent=2))
-
-
-def classifier_train(
-    *,
-    data: Path,
-    out: Path,
-    attribute: str | None = None,
-    width: int = 8,
-    feature_dim: int = 16,
-    epochs: int = 3,
-    seed: int = 1,
-    mixed_ink_prob: float = 0.5,
-) -> None:
-    """Train the fairness loss's attribute classifier (not a judge: other architecture, seed and split).
-
-    Args:
-        data: A folder written by ``fairtune data colored-digits``.
-        out: Output folder for ``classifier.safetensors`` and ``classifier.json``.
-        attribute: The attribute it predicts (``None``: the data's only attribute).
-        width: First-block channels.
-        feature_dim: Penultimate width.
-        epochs: Training epochs.
-        seed: Random seed.
-        mixed_ink_prob: Share of training images recoloured with two classes' inks and labelled by
-            each ink's share, so the fairness loss cannot satisfy it with purple or two-ink digits.
-    """
-    report = train_attribute_classifier(
-        data,
-        out,
-        attribute=attribute,
-        width=width,
-        feature_dim=feature_dim,
-        epochs=epochs,
-        seed=seed,
-        mixed_ink_prob=mixed_ink_prob,
-    )
-    print(json.dumps({k: report[k] for k in ("heldout_accuracy", "heldout_accuracy_perturbed")}, indent=2))
-
-
-def classifier_clip_probe(
-    *,
-    data: Path,
-    out: Path,
-    clip: str,
-    attribute: str,
-    classes: list[str] | None = None,
-    image_column: str = "image",
-    val_fraction: float = 0.2,
-    C: float = 10.0,
-    seed: int = 0,
-) -> None:
-    """Train a linear probe on CLIP image embeddings of labelled images: a classifier for lever 3
-    (``module: fairtune.models.CLIPLinearProbe``, ``init_args: {probe: OUT}``) or a judge
-    (``judges.clip.probe: OUT``; never the same one for both).
-
-    Args:
-        data: An imagefolder with metadata.jsonl, a save_to_disk folder or parquet, with a label column.
-        out: Output folder for probe.safetensors and probe.json.
-        clip: CLIP folder (local path or hub id).
-        attribute: The label column (and the attribute's name).
-        classes: Class names in order; default the sorted distinct labels.
-        image_column: Column of the images.
-        val_fraction: Share of each class held out for the reported accuracy and confusion matrix.
-        C: Inverse L2 strength of the logistic regression.
-        seed: Seed of the split.
-    """
-    from fairtune.models import train_clip_probe
-
-    report = train_clip_probe(
-        data, out, clip=clip, attribute=attribute, classes=classes, image_column=image_column,
-        val_fraction=val_fraction, C=C, seed=seed,
-    )  # fmt: skip
-    keys = ("classes", "n_train", "n_val", "train_accuracy", "val_accuracy", "majority_rate", "val_confusion")
-    print(json.dumps({k: report[k] for k in keys}, indent=2))
-
-
-__all__ = [
-    "FairtuneCLI",
-    "Spec",
-    "SweepError",
-    "check_goals",
-    "read_status",
-    "audit_command",
-    "compare_command",
-    "dial_command",
-    "demo",
-    "load_spec",
-    "main",
-    "prepare_assets",
-    "run_fit_cli",
-    "run_sweep",
-    "sweep",
-    "t_interval",
-    "write_report",
-    "write_slurm",
-]
-
-
-def fit() -> None:
-    """Train an adapter or a full fine-tune (resumes a killed run); ``fairtune fit --help``.
-
-    LightningCLI over model / data / trainer; handled before this parser, listed here for --help.
-    """
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -298,51 +168,30 @@ def _one_line(e: BaseException) -> str:
 def _run(argv: list[str]) -> None:
     from jsonargparse import CLI
 
-    if argv and argv[0] in ("fit", "validate"):
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        if not argv:
+            raise SystemExit(2)
+        return
+    if argv[0] in ("fit", "validate"):
         from ._fit import run_fit_cli
 
         run_fit_cli(None if argv == sys.argv[1:] else argv)
         return
-    from fairtune.data import flag_add, flag_export, flag_list, flag_propose
-    from fairtune.eval import review_command
-    from fairtune.train import augment_command
+    if argv[0] == "flag":  # light commands: the flag store and the review page need no model stack
+        from fairtune.data import flag_add, flag_export, flag_list, flag_propose
 
-    CLI(
-        {
-            "fit": fit,
-            "demo": demo,
-            "compare": compare_command,
-            "audit": audit_command,
-            "dial": dial_command,
-            "sweep": sweep,
-            "data": {
-                "_help": "Render benchmark data (ColoredDigits-Bias).",
-                "colored-digits": colored_digits,
-                "augment": augment_command,
-            },
-            "judges": {
-                "_help": "Train the benchmark's judges (never used by training).",
-                "train": judges_train,
-            },
-            "classifier": {
-                "_help": "Train lever 3's attribute classifier (not a judge).",
-                "train": classifier_train,
-                "clip-probe": classifier_clip_probe,
-            },
-            "flag": {
-                "_help": "Reviewers' flags on biased outputs (a SQL database; docs/feedback_loop.md).",
-                "add": flag_add,
-                "propose": flag_propose,
-                "list": flag_list,
-                "export": flag_export,
-            },
-            "review": review_command,
-        },
-        args=argv,
-        prog="fairtune",
-        description="Debias text-to-image diffusion models at training time, and compare with "
-        "inference-time fixes. `fairtune <command> --help` lists a command's options.",
-    )
+        table = {"flag": {"_help": COMMANDS["flag"], "add": flag_add, "propose": flag_propose,
+                          "list": flag_list, "export": flag_export}}  # fmt: skip
+    elif argv[0] == "review":
+        from fairtune.eval import review_command
+
+        table = {"review": review_command}
+    else:
+        from ._app import commands
+
+        table = commands()
+    CLI(table, args=argv, prog="fairtune", description=_DESCRIPTION)
 
 
 if __name__ == "__main__":

@@ -1,77 +1,83 @@
-"""Records, targets, data sources (tables, webdataset shards) and the ColoredDigits-Bias benchmark."""
+"""Records, targets, data sources (tables, webdataset shards) and the ColoredDigits-Bias benchmark.
 
-from ._colored_digits import (
-    BACKGROUND,
-    DEFAULT_RED_SHARE,
-    INK,
-    ColoredDigitsConfig,
-    InkMap,
-    concept_name,
-    explicit_prompt,
-    ink_alpha,
-    ink_hue,
-    ink_map,
-    mixed_ink,
-    neutral_prompt,
-    perturb,
-    random_shift,
-    render,
-    rgb_to_hue_chroma,
-)
-from ._colored_digits import (
-    build as build_colored_digits,
-)
-from ._colored_digits import (
-    generate as generate_colored_digits,
-)
-from ._datamodule import AttributeDataModule, CachedRecord, SourceConfig, to_pixels
-from ._flags import (
-    SCHEMA_VERSION,
-    Flag,
-    FlagStore,
-    Proposal,
-    content_hash,
-    database_url,
-    flag_add,
-    flag_export,
-    flag_list,
-    flag_propose,
-    read_prompt_pairs,
-    write_prompt_file,
-)
-from ._images import images_from_table
-from ._latents import LatentCacheConfig, LatentEntry, cache_key, default_cache_dir, load_or_build
-from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
-from ._schema import (
-    GROUP_SEP,
-    AttributeSpec,
-    Record,
-    SchemaError,
-    Target,
-    TargetConfig,
-    validate_record,
-)
-from ._sources import (
-    MAX_SKIPPED_SHARE,
-    ColumnMap,
-    ShardDataset,
-    SkipCounter,
-    TableDataset,
-    check_shard,
-    collate_records,
-    decode_image,
-    expand_shards,
-    load_table,
-    write_shards,
-)
-from ._streaming import (
-    ShardLoader,
-    StreamingRebalancedDataset,
-    index_path,
-    load_index,
-    scan_shard,
-    write_index,
-)
+Names load on first use (PEP 562), so a light command (``fairtune flag``, ``--help``) does not
+import torch, Lightning or diffusers it never touches.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> (submodule, attribute): the public facade
+_EXPORTS = {
+    "BACKGROUND": ("._colored_digits", "BACKGROUND"),
+    "DEFAULT_RED_SHARE": ("._colored_digits", "DEFAULT_RED_SHARE"),
+    "INK": ("._colored_digits", "INK"),
+    "ColoredDigitsConfig": ("._colored_digits", "ColoredDigitsConfig"),
+    "InkMap": ("._colored_digits", "InkMap"),
+    "concept_name": ("._colored_digits", "concept_name"),
+    "explicit_prompt": ("._colored_digits", "explicit_prompt"),
+    "ink_alpha": ("._colored_digits", "ink_alpha"),
+    "ink_hue": ("._colored_digits", "ink_hue"),
+    "ink_map": ("._colored_digits", "ink_map"),
+    "mixed_ink": ("._colored_digits", "mixed_ink"),
+    "neutral_prompt": ("._colored_digits", "neutral_prompt"),
+    "perturb": ("._colored_digits", "perturb"),
+    "random_shift": ("._colored_digits", "random_shift"),
+    "render": ("._colored_digits", "render"),
+    "rgb_to_hue_chroma": ("._colored_digits", "rgb_to_hue_chroma"),
+    "build_colored_digits": ("._colored_digits", "build"),
+    "generate_colored_digits": ("._colored_digits", "generate"),
+    "AttributeDataModule": ("._datamodule", "AttributeDataModule"),
+    "CachedRecord": ("._datamodule", "CachedRecord"),
+    "SourceConfig": ("._datamodule", "SourceConfig"),
+    "to_pixels": ("._datamodule", "to_pixels"),
+    "SCHEMA_VERSION": ("._flags", "SCHEMA_VERSION"),
+    "Flag": ("._flags", "Flag"),
+    "FlagStore": ("._flags", "FlagStore"),
+    "Proposal": ("._flags", "Proposal"),
+    "content_hash": ("._flags", "content_hash"),
+    "database_url": ("._flags", "database_url"),
+    "flag_add": ("._flags", "flag_add"),
+    "flag_export": ("._flags", "flag_export"),
+    "flag_list": ("._flags", "flag_list"),
+    "flag_propose": ("._flags", "flag_propose"),
+    "read_prompt_pairs": ("._flags", "read_prompt_pairs"),
+    "write_prompt_file": ("._flags", "write_prompt_file"),
+    "images_from_table": ("._images", "images_from_table"),
+    "LatentCacheConfig": ("._latents", "LatentCacheConfig"),
+    "LatentEntry": ("._latents", "LatentEntry"),
+    "cache_key": ("._latents", "cache_key"),
+    "default_cache_dir": ("._latents", "default_cache_dir"),
+    "load_or_build": ("._latents", "load_or_build"),
+    "RebalanceConfig": ("._sampler", "RebalanceConfig"),
+    "WeightedEpochSampler": ("._sampler", "WeightedEpochSampler"),
+    "rebalance_weights": ("._sampler", "rebalance_weights"),
+    "GROUP_SEP": ("._schema", "GROUP_SEP"),
+    "AttributeSpec": ("._schema", "AttributeSpec"),
+    "Record": ("._schema", "Record"),
+    "SchemaError": ("._schema", "SchemaError"),
+    "Target": ("._schema", "Target"),
+    "TargetConfig": ("._schema", "TargetConfig"),
+    "validate_record": ("._schema", "validate_record"),
+    "MAX_SKIPPED_SHARE": ("._sources", "MAX_SKIPPED_SHARE"),
+    "ColumnMap": ("._sources", "ColumnMap"),
+    "ShardDataset": ("._sources", "ShardDataset"),
+    "SkipCounter": ("._sources", "SkipCounter"),
+    "TableDataset": ("._sources", "TableDataset"),
+    "check_shard": ("._sources", "check_shard"),
+    "collate_records": ("._sources", "collate_records"),
+    "decode_image": ("._sources", "decode_image"),
+    "expand_shards": ("._sources", "expand_shards"),
+    "load_table": ("._sources", "load_table"),
+    "write_shards": ("._sources", "write_shards"),
+    "ShardLoader": ("._streaming", "ShardLoader"),
+    "StreamingRebalancedDataset": ("._streaming", "StreamingRebalancedDataset"),
+    "index_path": ("._streaming", "index_path"),
+    "load_index": ("._streaming", "load_index"),
+    "scan_shard": ("._streaming", "scan_shard"),
+    "write_index": ("._streaming", "write_index"),
+}
 
 __all__ = [
     "GROUP_SEP",
@@ -142,3 +148,17 @@ __all__ = [
     "write_prompt_file",
     "write_shards",
 ]
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

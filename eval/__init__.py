@@ -1,93 +1,104 @@
 """Evaluation: generation for judging, judges, the one scoring engine, compare / audit and reports.
 
 ``fairtune.eval`` imports only ``fairtune.data`` and ``fairtune.models``.
+
+Names load on first use (PEP 562), so a light command (``fairtune flag``, ``--help``) does not
+import torch, Lightning or diffusers it never touches.
 """
 
-from ._benchmark import (
-    colored_digits_prompts,
-    digit_entries,
-    evaluate_backbone_on_digits,
-    judge_colored_digits,
-    judge_digit_images,
-    load_benchmark_judges,
-)
-from ._clip_judge import ClipJudgeConfig, attach_measurement, build_clip_judge, load_labelled_images
-from ._colored_digits import (
-    UNDETERMINED,
-    BackgroundJudge,
-    HueJudge,
-    Judges,
-    JudgeTrainConfig,
-    load_judges,
-    train_judges,
-)
-from ._compare import (
-    audit,
-    backbone_for_model,
-    compare_methods,
-    judge_method,
-    run_comparison,
-    write_metrics,
-)
-from ._config import (
-    ROLES,
-    CompareConfig,
-    JudgeConfig,
-    MethodConfig,
-    PromptEntry,
-    PromptGroup,
-    load_prompt_file,
-    prompt_entries,
-)
-from ._correction import (
-    bootstrap_confusions,
-    change_score,
-    change_scores,
-    confusion_matrix,
-    corrected_shares,
-    judge_agreement,
-    judge_quality,
-    judged_shares,
-    score_measurement,
-    share_bounds,
-    solve_shares,
-)
-from ._dial import dial, dial_curve, verify_request
-from ._dial_curve import (
-    DEFAULT_SCALES,
-    concept_shares,
-    curve_from_metrics,
-    curve_markdown,
-    expand_request,
-    request_markdown,
-    scale_for,
-    scales_for,
-)
-from ._generation import GenerationConfig, MethodImages, generate, generate_method, images_fingerprint
-from ._metrics import (
-    KL_EPS,
-    deviation,
-    fairness_discrepancy,
-    fidelity,
-    frechet_distance,
-    kl_divergence,
-    noise_floor,
-    proportions,
-    shen_bias,
-)
-from ._panel import JudgePanel, build_judges, build_target, colored_digits_panel, load_reference_images
-from ._report import summary_markdown, write_report
-from ._review import AuditView, ReviewServer, review_command, serve_review
-from ._scoring import (
-    exact_interval,
-    mean_interval,
-    metric_intervals,
-    score_concept,
-    score_judged,
-    share_box,
-    summarize,
-    wilson_interval,
-)
+from __future__ import annotations
+
+import importlib
+
+# name -> (submodule, attribute): the public facade
+_EXPORTS = {
+    "colored_digits_prompts": ("._benchmark", "colored_digits_prompts"),
+    "digit_entries": ("._benchmark", "digit_entries"),
+    "evaluate_backbone_on_digits": ("._benchmark", "evaluate_backbone_on_digits"),
+    "judge_colored_digits": ("._benchmark", "judge_colored_digits"),
+    "judge_digit_images": ("._benchmark", "judge_digit_images"),
+    "load_benchmark_judges": ("._benchmark", "load_benchmark_judges"),
+    "ClipJudgeConfig": ("._clip_judge", "ClipJudgeConfig"),
+    "attach_measurement": ("._clip_judge", "attach_measurement"),
+    "build_clip_judge": ("._clip_judge", "build_clip_judge"),
+    "load_labelled_images": ("._clip_judge", "load_labelled_images"),
+    "UNDETERMINED": ("._colored_digits", "UNDETERMINED"),
+    "BackgroundJudge": ("._colored_digits", "BackgroundJudge"),
+    "HueJudge": ("._colored_digits", "HueJudge"),
+    "Judges": ("._colored_digits", "Judges"),
+    "JudgeTrainConfig": ("._colored_digits", "JudgeTrainConfig"),
+    "load_judges": ("._colored_digits", "load_judges"),
+    "train_judges": ("._colored_digits", "train_judges"),
+    "audit": ("._compare", "audit"),
+    "backbone_for_model": ("._compare", "backbone_for_model"),
+    "compare_methods": ("._compare", "compare_methods"),
+    "judge_method": ("._compare", "judge_method"),
+    "run_comparison": ("._compare", "run_comparison"),
+    "write_metrics": ("._compare", "write_metrics"),
+    "ROLES": ("._config", "ROLES"),
+    "CompareConfig": ("._config", "CompareConfig"),
+    "JudgeConfig": ("._config", "JudgeConfig"),
+    "MethodConfig": ("._config", "MethodConfig"),
+    "PromptEntry": ("._config", "PromptEntry"),
+    "PromptGroup": ("._config", "PromptGroup"),
+    "load_prompt_file": ("._config", "load_prompt_file"),
+    "prompt_entries": ("._config", "prompt_entries"),
+    "bootstrap_confusions": ("._correction", "bootstrap_confusions"),
+    "change_score": ("._correction", "change_score"),
+    "change_scores": ("._correction", "change_scores"),
+    "confusion_matrix": ("._correction", "confusion_matrix"),
+    "corrected_shares": ("._correction", "corrected_shares"),
+    "judge_agreement": ("._correction", "judge_agreement"),
+    "judge_quality": ("._correction", "judge_quality"),
+    "judged_shares": ("._correction", "judged_shares"),
+    "score_measurement": ("._correction", "score_measurement"),
+    "share_bounds": ("._correction", "share_bounds"),
+    "solve_shares": ("._correction", "solve_shares"),
+    "dial": ("._dial", "dial"),
+    "dial_curve": ("._dial", "dial_curve"),
+    "verify_request": ("._dial", "verify_request"),
+    "DEFAULT_SCALES": ("._dial_curve", "DEFAULT_SCALES"),
+    "concept_shares": ("._dial_curve", "concept_shares"),
+    "curve_from_metrics": ("._dial_curve", "curve_from_metrics"),
+    "curve_markdown": ("._dial_curve", "curve_markdown"),
+    "expand_request": ("._dial_curve", "expand_request"),
+    "request_markdown": ("._dial_curve", "request_markdown"),
+    "scale_for": ("._dial_curve", "scale_for"),
+    "scales_for": ("._dial_curve", "scales_for"),
+    "GenerationConfig": ("._generation", "GenerationConfig"),
+    "MethodImages": ("._generation", "MethodImages"),
+    "generate": ("._generation", "generate"),
+    "generate_method": ("._generation", "generate_method"),
+    "images_fingerprint": ("._generation", "images_fingerprint"),
+    "KL_EPS": ("._metrics", "KL_EPS"),
+    "deviation": ("._metrics", "deviation"),
+    "fairness_discrepancy": ("._metrics", "fairness_discrepancy"),
+    "fidelity": ("._metrics", "fidelity"),
+    "frechet_distance": ("._metrics", "frechet_distance"),
+    "kl_divergence": ("._metrics", "kl_divergence"),
+    "noise_floor": ("._metrics", "noise_floor"),
+    "proportions": ("._metrics", "proportions"),
+    "shen_bias": ("._metrics", "shen_bias"),
+    "JudgePanel": ("._panel", "JudgePanel"),
+    "build_judges": ("._panel", "build_judges"),
+    "build_target": ("._panel", "build_target"),
+    "colored_digits_panel": ("._panel", "colored_digits_panel"),
+    "load_reference_images": ("._panel", "load_reference_images"),
+    "summary_markdown": ("._report", "summary_markdown"),
+    "write_report": ("._report", "write_report"),
+    "AuditView": ("._review", "AuditView"),
+    "ReviewServer": ("._review", "ReviewServer"),
+    "review_command": ("._review", "review_command"),
+    "serve_review": ("._review", "serve_review"),
+    "exact_interval": ("._scoring", "exact_interval"),
+    "mean_interval": ("._scoring", "mean_interval"),
+    "metric_intervals": ("._scoring", "metric_intervals"),
+    "score_concept": ("._scoring", "score_concept"),
+    "score_judged": ("._scoring", "score_judged"),
+    "share_box": ("._scoring", "share_box"),
+    "summarize": ("._scoring", "summarize"),
+    "wilson_interval": ("._scoring", "wilson_interval"),
+}
 
 __all__ = [
     "attach_measurement",
@@ -177,3 +188,17 @@ __all__ = [
     "write_metrics",
     "write_report",
 ]
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

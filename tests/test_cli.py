@@ -102,3 +102,35 @@ def test_null_on_the_command_line_is_none_and_a_class_change_resets_its_argument
     assert clf["module"] == "fairtune.models.CLIPLinearProbe" and clf["init_args"] == {"probe": "runs/probe"}
     # the rest of the section is kept
     assert cfg["model"]["fairness"]["every_k_steps"] == 8
+
+
+def test_light_commands_do_not_import_the_model_stack(tmp_path):
+    """`fairtune --help`, `flag` and `review --help` answer without torch, Lightning or diffusers
+    (their start-up time is measured in benchmarks/startup.py)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from fairtune.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted(m for m in ('torch', 'lightning', 'diffusers', 'transformers') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    db = str(tmp_path / "flags.sqlite")
+    for args in (["--help"], ["flag", "list", "--db", db], ["review", "--help"]):
+        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        assert "HEAVY []" in out.stdout, (args, out.stdout[-500:], out.stderr[-2000:])
+
+
+def test_the_fast_help_lists_exactly_the_commands_the_parser_has(capsys):
+    from fairtune.cli import COMMANDS
+    from fairtune.cli._app import commands
+
+    assert list(COMMANDS) == list(commands())
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in COMMANDS)

@@ -1,24 +1,45 @@
-"""Training: the LightningModule, lever losses, callbacks and loggers (imports data and models only)."""
+"""Training: the LightningModule, lever losses, callbacks and loggers (imports data and models only).
 
-from ._audit import TrainingAudit
-from ._augment import AugmentConfig, augment_command, augment_table
-from ._callbacks import AtomicCheckpointIO, EpochCheckpoint, ExportWeights, GradientCheckpointing
-from ._distill import DistillConfig, DistillLoss
-from ._fairness import FairnessConfig, FairnessLoss, alignment_loss, ot_assignment
-from ._module import DebiasModule, EmaConfig, OptimConfig
-from ._preservation import PreservationConfig, PreservationFeatures
-from ._tracking import (
-    BatchMixMonitor,
-    LearningRateLog,
-    ProgressLog,
-    SampleGrid,
-    TensorBoardLogger,
-    finish_wandb,
-    image_grid,
-    prepare_logger_config,
-    redact,
-    wandb_offline_reason,
-)
+Names load on first use (PEP 562), so a light command (``fairtune flag``, ``--help``) does not
+import torch, Lightning or diffusers it never touches.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> (submodule, attribute): the public facade
+_EXPORTS = {
+    "TrainingAudit": ("._audit", "TrainingAudit"),
+    "AugmentConfig": ("._augment", "AugmentConfig"),
+    "augment_command": ("._augment", "augment_command"),
+    "augment_table": ("._augment", "augment_table"),
+    "AtomicCheckpointIO": ("._callbacks", "AtomicCheckpointIO"),
+    "EpochCheckpoint": ("._callbacks", "EpochCheckpoint"),
+    "ExportWeights": ("._callbacks", "ExportWeights"),
+    "GradientCheckpointing": ("._callbacks", "GradientCheckpointing"),
+    "DistillConfig": ("._distill", "DistillConfig"),
+    "DistillLoss": ("._distill", "DistillLoss"),
+    "FairnessConfig": ("._fairness", "FairnessConfig"),
+    "FairnessLoss": ("._fairness", "FairnessLoss"),
+    "alignment_loss": ("._fairness", "alignment_loss"),
+    "ot_assignment": ("._fairness", "ot_assignment"),
+    "DebiasModule": ("._module", "DebiasModule"),
+    "EmaConfig": ("._module", "EmaConfig"),
+    "OptimConfig": ("._module", "OptimConfig"),
+    "PreservationConfig": ("._preservation", "PreservationConfig"),
+    "PreservationFeatures": ("._preservation", "PreservationFeatures"),
+    "BatchMixMonitor": ("._tracking", "BatchMixMonitor"),
+    "LearningRateLog": ("._tracking", "LearningRateLog"),
+    "ProgressLog": ("._tracking", "ProgressLog"),
+    "SampleGrid": ("._tracking", "SampleGrid"),
+    "TensorBoardLogger": ("._tracking", "TensorBoardLogger"),
+    "finish_wandb": ("._tracking", "finish_wandb"),
+    "image_grid": ("._tracking", "image_grid"),
+    "prepare_logger_config": ("._tracking", "prepare_logger_config"),
+    "redact": ("._tracking", "redact"),
+    "wandb_offline_reason": ("._tracking", "wandb_offline_reason"),
+}
 
 __all__ = [
     "alignment_loss",
@@ -51,3 +72,17 @@ __all__ = [
     "TrainingAudit",
     "wandb_offline_reason",
 ]
+
+
+def __getattr__(name: str):
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
