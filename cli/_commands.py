@@ -33,7 +33,6 @@ def compare_command(
     judges: JudgeConfig = JudgeConfig(),
     target: TargetConfig = TargetConfig(),
     generation: GenerationConfig = GenerationConfig(),
-    n_boot: int = 1000,
     grid_columns: int = 8,
     frechet_roles: list[Literal["seen", "named", "heldout", "paraphrase", "explicit"]] = ["seen", "heldout"],
     title: str = "fairtune compare",
@@ -53,7 +52,6 @@ def compare_command(
         judges: The judges.
         target: The target attribute mix.
         generation: Images per prompt, DDIM steps, guidance scale, first seed, batch size.
-        n_boot: Unused (intervals are exact, docs/metrics.md); kept so older configs still run.
         grid_columns: Images per prompt in each method's grid.
         frechet_roles: Prompt roles whose images enter the Fréchet distance.
         title: Title of the report.

@@ -477,7 +477,6 @@ def audit(
     judges: JudgeConfig = JudgeConfig(),
     target: TargetConfig = TargetConfig(),
     generation: GenerationConfig = GenerationConfig(),
-    n_boot: int = 1000,
     grid_columns: int = 8,
     name: str | None = None,
     progress: bool = True,
@@ -499,7 +498,6 @@ def audit(
         judges: The judges (ColoredDigits-Bias judges, or any attribute classifier).
         target: The target attribute mix.
         generation: Images per prompt, DDIM steps, guidance scale, first seed, batch size.
-        n_boot: Unused (intervals are exact, docs/metrics.md); kept so older configs still run.
         grid_columns: Images per prompt in the grid.
         name: The method's name in the report (default ``model`` or ``model+adapter``).
         progress: Show progress bars.
@@ -525,7 +523,6 @@ def audit(
         judges=judges,
         target=target,
         generation=generation,
-        n_boot=n_boot,
         grid_columns=grid_columns,
         frechet_roles=list(ROLES),
         title=f"fairtune audit: {model}" + (f" + {adapter}" if adapter is not None else ""),

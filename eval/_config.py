@@ -229,7 +229,6 @@ class CompareConfig:
         target: The attribute mix the outputs should follow (over the judges' classes).
         generation: Images per prompt, DDIM steps, guidance, first seed, batch size (the same for
             every method, so the timings compare).
-        n_boot: Unused (intervals are exact, docs/metrics.md); kept so older configs still run.
         grid_columns: Images per prompt shown in each method's image grid.
         frechet_roles: Prompt roles whose images enter the Fréchet distance (the neutral prompts of
             every concept by default, matching the reference set's concept mix).
@@ -245,7 +244,6 @@ class CompareConfig:
     judges: JudgeConfig = field(default_factory=JudgeConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    n_boot: int = 1000
     grid_columns: int = 8
     frechet_roles: list[Literal["seen", "named", "heldout", "paraphrase", "explicit"]] = field(
         default_factory=lambda: ["seen", "heldout"]

@@ -122,7 +122,8 @@ def test_light_commands_do_not_import_the_model_stack(tmp_path):
     )
     db = str(tmp_path / "flags.sqlite")
     for args in (["--help"], ["flag", "list", "--db", db], ["review", "--help"]):
-        out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+        cmd = [sys.executable, "-c", probe, *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert "HEAVY []" in out.stdout, (args, out.stdout[-500:], out.stderr[-2000:])
 
 

@@ -56,7 +56,6 @@ def _config(judges_dir, digits_dir, methods, **kw):
         judges=_judges(judges_dir, digits_dir),
         target=TargetConfig(attributes=["color"], proportions="uniform", per_concept=RED_9),
         generation=GenerationConfig(n_per_prompt=N, steps=STEPS, batch_size=64),
-        n_boot=200,
         **kw,
     )
 
@@ -182,7 +181,6 @@ def test_cli_compare_reproduces_the_base_images(compared, judges_dir, digits_dir
         },
         "target": {"attributes": ["color"], "proportions": "uniform", "per_concept": RED_9},
         "generation": {"n_per_prompt": N, "steps": STEPS, "batch_size": 64},
-        "n_boot": 200,
     }
     path = tmp_path / "cmp.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -297,7 +295,6 @@ def test_audit_tiny_stable_diffusion_with_a_classifier_judge(tiny_sd, tmp_path, 
             "--target.attributes", "[gender]",
             "--generation.n_per_prompt", "4",
             "--generation.steps", "2",
-            "--n_boot", "50",
         ]
     )  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
@@ -334,7 +331,6 @@ def test_audit_shipped_model_with_judges_and_adapter(backbone, adapter_dir, judg
         prompts=prompts,
         judges=_judges(judges_dir, digits_dir),
         generation=GenerationConfig(n_per_prompt=4, steps=STEPS),
-        n_boot=50,
         backbone=backbone,
         progress=False,
         name="tuned",

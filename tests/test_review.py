@@ -45,7 +45,7 @@ def audit_dir(color_judge_dir, tmp_path_factory):  # noqa: F811
         judges=JudgeConfig(kind="classifier", attribute="color", classes=["red", "blue"], classifier=judge,
                            reference=None),
         target=TargetConfig(attributes=["color"]), generation=GenerationConfig(n_per_prompt=N, steps=5),
-        n_boot=50, progress=False,
+        progress=False,
     )  # fmt: skip
     return root / "audit"
 
