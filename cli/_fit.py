@@ -38,6 +38,7 @@ NO_RESULT_KEYS = (
     "trainer.log_every_n_steps", "trainer.callbacks", "trainer.devices", "trainer.num_nodes",
     "trainer.strategy", "trainer.default_root_dir", "trainer.profiler", "ckpt_path", "lr_monitor",
     "batch_mix", "samples", "allow_config_change", "config",
+    "checkpoint.every_n_train_steps", "checkpoint.every_n_epochs", "checkpoint.train_time_interval",
 )  # fmt: skip
 
 
@@ -105,7 +106,9 @@ class FairtuneCLI(LightningCLI):
 
     - the run folder is ``trainer.default_root_dir``: it gets ``config.yaml`` (the resolved config),
       ``logs/version_N/metrics.csv`` (one version per launch, so a resume keeps the history),
-      ``checkpoints/last.ckpt`` (written atomically at every epoch end) and the export;
+      ``checkpoints/last.ckpt`` (written atomically every 100 optimizer steps and at every epoch end:
+      ``--checkpoint.every_n_train_steps``, ``--checkpoint.every_n_epochs``,
+      ``--checkpoint.train_time_interval``; any that fires saves, 0 turns one off) and the export;
     - ``ckpt_path`` defaults to ``last``: the same command started again resumes a killed run;
     - the sampler deals its own draw to DDP ranks, so Lightning does not wrap it;
     - ``--trainer.logger`` adds loggers (wandb, TensorBoard) beside the CSV log; one left without a
@@ -131,12 +134,12 @@ class FairtuneCLI(LightningCLI):
         )
         parser.set_defaults(
             {
-                # One file, overwritten at every epoch end (atomically): checkpoints/last.ckpt.
+                # One file, overwritten (atomically) at each trigger: checkpoints/last.ckpt. The triggers
+                # (every 100 steps and every epoch end by default) are EpochCheckpoint's own defaults.
                 "checkpoint.filename": "last",
                 "checkpoint.save_top_k": 1,
                 "checkpoint.save_last": False,
                 "checkpoint.enable_version_counter": False,
-                "checkpoint.every_n_epochs": 1,
                 "trainer.use_distributed_sampler": False,
             }
         )

@@ -96,6 +96,43 @@ class _Subset(Dataset):
         return self.base[self.indices[i]]
 
 
+class EpochLoader(DataLoader):
+    """The table's DataLoader over a :class:`WeightedEpochSampler`, *stateful* as :class:`ShardLoader` is:
+    ``state_dict()`` (``{"epoch", "batches"}``) goes into the checkpoint, and ``load_state_dict`` makes the
+    next pass over that epoch skip the batches already consumed. A run resumed from a checkpoint written
+    inside an epoch (``checkpoint.every_n_train_steps``) then trains on the batches an uninterrupted run
+    trains on next.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._resume: dict | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
+    def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        # Resolved at the first batch, after Lightning's set_epoch and load_state_dict.
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == self.sampler.epoch:
+            skip = self._resume["batches"]
+        self._resume = None
+        self._yielded = skip
+        if skip >= len(self):
+            return
+        self.sampler.skip = skip * self.batch_size  # (drop_last: whole batches only)
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+
+
 class AttributeDataModule(L.LightningDataModule):
     """Training batches of records: pixels, prompts, concepts and target-group labels.
 
@@ -113,7 +150,8 @@ class AttributeDataModule(L.LightningDataModule):
         concepts: Train only on these concepts (e.g. digits 0-7); ``None`` keeps all.
         image_size: Side the images are resized to; ``None`` keeps the source's size.
         batch_size: Batch size per device.
-        samples_per_epoch: Draws per epoch across all ranks; checkpoints are written at epoch ends.
+        samples_per_epoch: Draws per epoch across all ranks. The loader's place in the epoch is
+            checkpointed (tables and shards), so a run resumes exactly from a checkpoint inside an epoch.
         num_workers: DataLoader workers.
         seed: Seed of the draw.
         random_flip: Flip each drawn image horizontally with probability 1/2 (the training module draws
@@ -299,7 +337,7 @@ class AttributeDataModule(L.LightningDataModule):
         if isinstance(self.dataset, StreamingRebalancedDataset):
             return ShardLoader(self.dataset, collate_fn=self.collate, num_workers=self.num_workers)
         sampler = WeightedEpochSampler(self.weights, num_samples=self.samples_per_epoch, seed=self.seed)
-        return DataLoader(
+        return EpochLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=sampler,

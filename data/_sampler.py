@@ -103,6 +103,7 @@ class WeightedEpochSampler(Sampler[int]):
         self.total = -(-total // self.world_size) * self.world_size
         self.seed = seed
         self.epoch = 0
+        self.skip = 0  # draws of this rank's epoch already consumed (a resumed run): skipped once
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning (and DDP loops) at the start of each epoch."""
@@ -115,7 +116,8 @@ class WeightedEpochSampler(Sampler[int]):
         return torch.from_numpy(rng.choice(len(p), size=self.total, replace=True, p=p / p.sum()))
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_draw()[self.rank :: self.world_size].tolist())
+        skip, self.skip = self.skip, 0
+        return iter(self.epoch_draw()[self.rank :: self.world_size][skip:].tolist())
 
     def __len__(self) -> int:
         return self.total // self.world_size

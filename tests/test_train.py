@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -5,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -167,6 +169,60 @@ def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):
     for k in ref:  # bit for bit: the EMA in the checkpoint is that of its weights (it was one update behind)
         torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0)
     assert torch.load(last, weights_only=True)["global_step"] == 20
+
+
+class Killed(Exception):
+    pass
+
+
+class StopAfter(L.Callback):
+    """Stands in for a kill: the run stops, exporting nothing, after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Killed(f"killed after step {self.step}")
+
+
+def test_a_run_stopped_mid_epoch_resumes_from_its_step_checkpoint_to_the_same_adapter(digits_dir, tmp_path):
+    over = {
+        "trainer.max_steps": 6,
+        "data.samples_per_epoch": 48,  # 6 steps per epoch: steps 2 and 3 are mid-epoch
+        "model.ema": {"decay": 0.9},
+        "data.rebalance": {},
+    }
+    main(["fit", "--config", str(_config(digits_dir, tmp_path / "ref", **over))])
+    recorded = yaml.safe_load((tmp_path / "ref" / "config.yaml").read_text())["checkpoint"]
+    assert (recorded["every_n_train_steps"], recorded["every_n_epochs"]) == (100, 1)  # the defaults
+
+    # every 2 steps and never at an epoch end (Lightning's ModelCheckpoint refuses both set; with only
+    # every_n_epochs 0 it wrote nothing); stopped at step 3: the checkpoint is step 2's
+    cfg = _config(digits_dir, tmp_path / "run", **over)
+    every = ["--checkpoint.every_n_train_steps", "2", "--checkpoint.every_n_epochs", "0"]
+    stop = [
+        "--trainer.callbacks",
+        json.dumps([{"class_path": f"{__name__}.StopAfter", "init_args": {"step": 3}}]),
+    ]
+    with pytest.raises(Killed):
+        main(["fit", "--config", str(cfg), *every, *stop])
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    adapter = tmp_path / "run" / "adapter" / LORA_WEIGHT_NAME
+    assert not adapter.exists()
+
+    main(["fit", "--config", str(cfg), *every])  # the same command, started again
+    import csv
+
+    with open(tmp_path / "run" / "logs" / "version_1" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert min(steps) >= 2  # resumed from step 2, not restarted
+    ref = load_file(str(tmp_path / "ref" / "adapter" / LORA_WEIGHT_NAME))
+    got = load_file(str(adapter))
+    assert ref.keys() == got.keys()
+    for k in ref:  # bit for bit: the rest of epoch 0 was drawn as the uninterrupted run drew it
+        torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0)
 
 
 def test_stable_diffusion_trains_and_exports_through_the_same_module(digits_dir, tiny_sd, tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, is_dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -157,19 +159,65 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class EpochCheckpoint(ModelCheckpoint):
-    """A ModelCheckpoint that saves on the *last batch* of every epoch (``on_train_batch_end``).
+    """The run's checkpoint (``fairtune fit`` writes one file, ``checkpoints/last.ckpt``), saved when any
+    of its triggers fires:
 
-    Saved there, a resumed run starts the next epoch cleanly. Saved in ``on_train_epoch_end`` (the
-    stock behaviour), Lightning resumes by running one more batch of the finished epoch, drawn from
-    the next epoch's sampler, and then starts that epoch again: the data order shifts and the resumed
-    run no longer matches an uninterrupted one.
+    - every ``every_n_train_steps`` optimizer steps (default 100, so a kill in a long epoch loses at most
+      100 steps),
+    - at the end of every ``every_n_epochs``-th epoch (default 1),
+    - every ``train_time_interval`` (default none),
+
+    at most once per step; ``0`` or ``None`` turns a trigger off. Lightning's ``ModelCheckpoint`` takes
+    only one of the three; here they combine, so asking for steps does not give up the epoch ends.
+
+    Epoch ends are saved on the epoch's *last batch* (``on_train_batch_end``), so a resumed run starts
+    the next epoch cleanly. Saved in ``on_train_epoch_end`` (the stock behaviour), Lightning resumes by
+    running one more batch of the finished epoch, drawn from the next epoch's sampler, and then starts
+    that epoch again: the data order shifts and the resumed run no longer matches an uninterrupted one.
+    A step checkpoint inside an epoch resumes as exactly: the training loaders are stateful (their place
+    in the epoch is in the checkpoint). Steps are saved only after an optimizer step, never in the middle
+    of a gradient accumulation.
+
+    Args:
+        every_n_train_steps: Save every n optimizer steps (``0``/``None``: never).
+        every_n_epochs: Save at the end of every n-th epoch (``0``/``None``: never).
+        train_time_interval: Save when this much time has passed since the last save (``None``: never).
+        **kwargs: The other arguments of Lightning's ``ModelCheckpoint`` (``dirpath``, ``filename``, ...).
     """
 
+    def __init__(
+        self,
+        every_n_train_steps: int | None = 100,
+        every_n_epochs: int | None = 1,
+        train_time_interval: timedelta | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)  # Lightning's triggers are mutually exclusive: ours are set below
+        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and value < 0:
+                raise ValueError(f"checkpoint.{name}={value}: must be >= 0 (0 or null: never)")
+        self._every_n_train_steps = every_n_train_steps or 0
+        self._every_n_epochs = every_n_epochs or 0
+        self._train_time_interval = train_time_interval
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         last = batch_idx + 1 == trainer.num_training_batches
-        if last and not self._should_skip_saving_checkpoint(trainer):
+        epochs = self._every_n_epochs
+        at_epoch = last and epochs >= 1 and (trainer.current_epoch + 1) % epochs == 0
+        steps = self._every_n_train_steps
+        at_step = stepped and steps >= 1 and trainer.global_step % steps == 0
+        at_time = False
+        if self._train_time_interval is not None and (stepped or last):
+            elapsed = time.monotonic() - (self._last_time_checked or time.monotonic())
+            # ranks' clocks differ: rank zero decides for all, so every rank saves (or none does)
+            at_time = trainer.strategy.broadcast(elapsed >= self._train_time_interval.total_seconds())
+        if at_epoch or at_step or at_time:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._last_time_checked = time.monotonic()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pass
