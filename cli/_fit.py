@@ -39,6 +39,8 @@ NO_RESULT_KEYS = (
     "trainer.strategy", "trainer.default_root_dir", "trainer.profiler", "ckpt_path", "lr_monitor",
     "batch_mix", "samples", "allow_config_change", "config",
     "checkpoint.every_n_train_steps", "checkpoint.every_n_epochs", "checkpoint.train_time_interval",
+    # it acts through data.image_size, which is compared (and it was recorded, unread, as 512 before)
+    "model.backbone.resolution",
 )  # fmt: skip
 
 
@@ -72,6 +74,27 @@ def _check_budget(cfg) -> None:
         raise ConfigError(
             f"data.samples_per_epoch={per_epoch} is smaller than data.batch_size={batch}: an epoch would "
             "hold no full batch"
+        )
+
+
+def _apply_resolution(cfg) -> None:
+    """``model.backbone.resolution`` (sd/sdxl; diffusers' ``--resolution``) is the training images' side:
+    it sets ``data.image_size``, so ``config.yaml`` records the size the run trains at."""
+    res = cfg.get("model.backbone.resolution")
+    if res is None:
+        return
+    if cfg.get("model.backbone.kind") == "tiny":
+        raise ConfigError(
+            f"model.backbone.resolution={res} applies to sd and sdxl backbones; the tiny backbone trains at "
+            "data.image_size (its UNet's sample_size)"
+        )
+    size = cfg.get("data.image_size")
+    if size is None:
+        cfg["data.image_size"] = res
+    elif size != res:
+        raise ConfigError(
+            f"model.backbone.resolution={res} and data.image_size={size} disagree: both set the training "
+            "images' side; give one of them (or the same value to both)"
         )
 
 
@@ -163,6 +186,7 @@ class FairtuneCLI(LightningCLI):
                 "adapter, logs), e.g. --trainer.default_root_dir runs/my-run"
             )
         _check_budget(cfg)
+        _apply_resolution(cfg)
         if self.subcommand == "fit":
             self._check_resume(cfg, Path(root))
         cfg.trainer.logger = prepare_logger_config(cfg.trainer.get("logger"), root)

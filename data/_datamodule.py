@@ -148,7 +148,8 @@ class AttributeDataModule(L.LightningDataModule):
         target: The target mix (used by the sampler and by the other levers).
         rebalance: The rebalanced sampler (lever 1); ``None`` draws uniformly.
         concepts: Train only on these concepts (e.g. digits 0-7); ``None`` keeps all.
-        image_size: Side the images are resized to; ``None`` keeps the source's size.
+        image_size: Side the images are resized to; ``None`` keeps the source's size. (``fairtune fit``
+            sets it from ``model.backbone.resolution`` where that is given, for sd/sdxl.)
         batch_size: Batch size per device.
         samples_per_epoch: Draws per epoch across all ranks. The loader's place in the epoch is
             checkpointed (tables and shards), so a run resumes exactly from a checkpoint inside an epoch.

@@ -95,7 +95,11 @@ class BackboneConfig:
         max_length: Token length prompts are padded/truncated to (``tiny``; ``sd`` uses CLIP's).
         prediction_type: What the UNet predicts, for a freshly built ``tiny`` model.
         num_train_timesteps: Diffusion steps of the noise schedule, for a freshly built ``tiny`` model.
-        resolution: ``sd`` only: training image side in pixels.
+        resolution: ``sd``/``sdxl``: the training images' side in pixels, as diffusers'
+            ``train_text_to_image_lora.py --resolution``: the images are resized to it. It sets
+            ``data.image_size`` (the option every backbone trains at; ``fairtune fit`` records the
+            size there, and refuses the two set to different values, or this one on ``tiny``).
+            ``None``: ``data.image_size`` decides, else the source images' own size.
         gradient_checkpointing: Recompute the UNet's activations in the backward pass: much less
             activation memory for about one more forward pass per step.
         attention: ``sdpa``: PyTorch's fused scaled-dot-product attention (flash / memory-efficient
@@ -109,7 +113,7 @@ class BackboneConfig:
     max_length: int = 16
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     num_train_timesteps: int = 1000
-    resolution: int = 512
+    resolution: int | None = None
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "eager"] = "sdpa"
 
@@ -257,7 +261,8 @@ class Backbone(nn.Module):
             raise ValueError("backbone.kind='sdxl' needs backbone.pretrained (a folder or hub id)")
         bb = cls(config, **load_sdxl(config.pretrained))
         pooled_dim = bb.text_encoder_2.config.projection_dim
-        bb.unet.register_forward_pre_hook(sdxl_pre_hook(pooled_dim, bb.image_size), with_kwargs=True)
+        vae_scale = 2 ** (len(bb.vae.config.block_out_channels) - 1)
+        bb.unet.register_forward_pre_hook(sdxl_pre_hook(pooled_dim, vae_scale), with_kwargs=True)
         return bb
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -7,7 +7,9 @@ runs ``unet(x, t, encoder_hidden_states=ctx)`` -- the training step, the adversa
 loss, sampling, Fair Diffusion -- works unchanged, :meth:`Backbone.encode_prompts` returns one tensor
 per prompt: the concatenated token states of both encoders (``(L, D1 + D2)``) and one more row that
 carries the pooled embedding (zero-padded to the width). A forward pre-hook on the UNet takes that row
-off and passes it as ``text_embeds``, with time ids for the training resolution (no crop). A caller
+off and passes it as ``text_embeds``, with time ids for the size of the images being denoised: the
+latents' side times the VAE's scale factor, i.e. the training images' size in training (not the UNet's
+native 1024) and the generation size in sampling, as original and target size, with no crop. A caller
 that passes ``added_cond_kwargs`` itself (diffusers' ``StableDiffusionXLPipeline``) is left alone.
 As in SDXL's pipeline (``force_zeros_for_empty_prompt``), the empty prompt encodes to zeros.
 """
@@ -19,8 +21,14 @@ from pathlib import Path
 import torch
 
 
-def sdxl_pre_hook(pooled_dim: int, size: int):
-    """The UNet forward pre-hook that unpacks the pooled row and adds the time ids (see the module doc)."""
+def sdxl_pre_hook(pooled_dim: int, vae_scale: int):
+    """The UNet forward pre-hook that unpacks the pooled row and adds the time ids (see the module doc).
+
+    Args:
+        pooled_dim: Width of the second text encoder's pooled embedding.
+        vae_scale: Pixels per latent position (the VAE's scale factor): the images' size is the latents'
+            times this.
+    """
 
     def hook(module, args, kwargs):
         if kwargs.get("added_cond_kwargs") is not None:
@@ -29,7 +37,10 @@ def sdxl_pre_hook(pooled_dim: int, size: int):
         if ctx is None:
             raise ValueError("an SDXL UNet needs encoder_hidden_states as a keyword (from encode_prompts)")
         b = ctx.shape[0]
-        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=ctx.dtype, device=ctx.device)
+        sample = args[0] if args else kwargs["sample"]
+        h, w = (int(n) * vae_scale for n in sample.shape[-2:])
+        # (original height, width; crop top, left; target height, width), as SDXL's pipeline orders them
+        time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=ctx.dtype, device=ctx.device)
         kwargs = dict(kwargs)
         kwargs["encoder_hidden_states"] = ctx[:, :-1]
         kwargs["added_cond_kwargs"] = {

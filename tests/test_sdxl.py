@@ -97,6 +97,49 @@ def test_sdxl_trains_through_fit_and_its_adapter_loads_in_diffusers(digits_dir, 
     assert not torch.allclose(before, after)  # the run's adapter changes what the user's pipeline draws
 
 
+def test_size_conditioning_is_the_size_of_the_images_trained_on_and_generated(digits_dir, tiny_sdxl):
+    """SDXL's time ids (original and target size) are the training images' size, not the UNet's native
+    size (a real SDXL trained at 512 must not be told 1024), and the generation size when sampling."""
+    from conftest import COLORS, smoke_trainer
+
+    from fairtune.data import AttributeDataModule, RebalanceConfig, SourceConfig
+    from fairtune.models import LoraConfig
+    from fairtune.train import DebiasModule, OptimConfig
+
+    torch.manual_seed(0)
+    module = DebiasModule(
+        backbone=BackboneConfig(kind="sdxl", pretrained=str(tiny_sdxl)),
+        lora=LoraConfig(rank=4),
+        optim=OptimConfig(lr=1e-3, warmup_steps=1),
+    )
+    bb = module.backbone
+    assert bb.image_size == 16  # the tiny SDXL's native size
+    seen: list[torch.Tensor] = []
+
+    def record(unet, args, kwargs):  # runs after fairtune's hook: sees the time ids it added
+        seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone())
+
+    bb.unet.register_forward_pre_hook(record, with_kwargs=True)
+    dm = AttributeDataModule(
+        attributes=COLORS,
+        source=SourceConfig(path=str(digits_dir / "table")),
+        rebalance=RebalanceConfig(),
+        concepts=["digit 0"],
+        image_size=32,  # trained at twice the native size
+        batch_size=2,
+        samples_per_epoch=2,
+    )
+    smoke_trainer(max_steps=1).fit(module, dm)
+    assert seen and all(t.tolist() == [[32, 32, 0, 0, 32, 32]] * 2 for t in seen)
+
+    seen.clear()  # generation: the size of the images being generated
+    bb.sample(["a handwritten digit 3"], seeds=[0], steps=1)
+    assert seen and all(t.tolist() == [[16, 16, 0, 0, 16, 16]] * 2 for t in seen)  # (with the unconditional)
+    seen.clear()
+    bb.denoise(["a handwritten digit 3"], torch.randn(1, 4, 12, 12), steps=1)
+    assert seen and all(t.tolist() == [[24, 24, 0, 0, 24, 24]] * 2 for t in seen)
+
+
 def test_fair_diffusion_and_prompt_augmentation_run_on_sdxl(sdxl):
     prompts = ["a handwritten digit 3"] * 4
     seeds = [0, 1, 2, 3]

@@ -225,6 +225,54 @@ def test_a_run_stopped_mid_epoch_resumes_from_its_step_checkpoint_to_the_same_ad
         torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0)
 
 
+PIXEL_SIDES: list[int] = []
+
+
+class RecordPixelSide(L.Callback):
+    """Records the side of the pixels each training batch carries (into ``PIXEL_SIDES``)."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        PIXEL_SIDES.append(batch["pixels"].shape[-1])
+
+
+def test_backbone_resolution_is_the_training_image_side_and_config_yaml_says_so(
+    digits_dir, tiny_sd, tmp_path
+):
+    """``model.backbone.resolution`` (diffusers' ``--resolution``) resizes the training images (16 px here)
+    and is recorded as ``data.image_size``; set with another ``data.image_size``, or on ``tiny``, it is
+    refused before training."""
+    from fairtune.cli._fit import ConfigError
+
+    over = {"model.backbone": {"kind": "sd", "pretrained": str(tiny_sd)}, "data.rebalance": {}}
+    cfg = _config(digits_dir, tmp_path / "sd", **over, **{"trainer.max_steps": 1})
+    record = json.dumps([{"class_path": f"{__name__}.RecordPixelSide"}])
+    PIXEL_SIDES.clear()
+    main(["fit", "--config", str(cfg), "--model.backbone.resolution", "32", "--trainer.callbacks", record])
+    assert PIXEL_SIDES == [32]
+    resolved = yaml.safe_load((tmp_path / "sd" / "config.yaml").read_text())
+    assert resolved["model"]["backbone"]["resolution"] == 32 and resolved["data"]["image_size"] == 32
+
+    with pytest.raises(ConfigError, match="resolution=32 and data.image_size=16 disagree"):
+        main(["fit", "--config", str(cfg), "--model.backbone.resolution", "32", "--data.image_size", "16"])
+    tiny = _config(digits_dir, tmp_path / "tiny")
+    with pytest.raises(ConfigError, match="resolution=32 applies to sd and sdxl"):
+        main(["fit", "--config", str(tiny), "--model.backbone.resolution", "32"])
+    # built in Python, where no CLI sets the data's side from it: a mismatch is an error, not ignored
+    module = DebiasModule(
+        backbone=BackboneConfig(kind="sd", pretrained=str(tiny_sd), resolution=32),
+        lora=LoraConfig(rank=4),
+        optim=OptimConfig(lr=1e-3, warmup_steps=1),
+    )
+    dm = AttributeDataModule(
+        attributes=COLORS,
+        source=SourceConfig(path=str(digits_dir / "table")),
+        batch_size=8,
+        samples_per_epoch=8,
+    )
+    with pytest.raises(ValueError, match="resolution=32 but the data module trains at 16 px"):
+        smoke_trainer(max_steps=1).fit(module, dm)
+
+
 def test_stable_diffusion_trains_and_exports_through_the_same_module(digits_dir, tiny_sd, tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -150,6 +150,15 @@ class DebiasModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        res = self.backbone_config.resolution
+        if res is not None and self.backbone_config.kind != "tiny" and dm is not None:
+            size = getattr(dm, "image_size", res)
+            # (fairtune fit sets data.image_size from it; a data module built in Python may differ)
+            if size != res:
+                raise ValueError(
+                    f"model.backbone.resolution={res} but the data module trains at {size} px: set "
+                    f"data.image_size={res} (the training images' side) or leave resolution unset"
+                )
         if dm is not None and getattr(dm, "latents", None) is not None and stage == "fit":
             self.use_latent_cache(dm)
         if dm is not None and getattr(dm, "target", None) is not None:
