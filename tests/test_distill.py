@@ -110,3 +110,22 @@ def test_bad_settings_name_their_key(over, key):
 def test_joint_groups_are_written_word_by_word():
     cfg = _cfg(words={"red": "crimson"})
     assert cfg.group_words("red+dark") == "crimson dark"
+
+
+def test_the_data_loss_trains_only_its_timesteps():
+    """`model.data_timesteps: [0, 600]` leaves the high-noise steps to the distillation: every
+    timestep the data loss draws lies in the range, and the default still draws over all of them."""
+    from fairtune.models import BackboneConfig, TinyUNetConfig
+    from fairtune.train import DebiasModule
+
+    unet = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
+    tiny = BackboneConfig(kind="tiny", unet=unet)
+    batch = {"pixels": torch.rand(64, 3, 16, 16), "prompts": ["a handwritten digit 1"] * 64}
+    split = DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), data_timesteps=(0, 600))
+    _, aux = split.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    assert int(aux["t"].max()) < 600
+    full = DebiasModule(backbone=tiny, lora=LoraConfig(rank=2))
+    _, aux = full.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    assert int(aux["t"].max()) >= 600
+    with pytest.raises(ValueError, match="model.data_timesteps"):
+        DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), data_timesteps=(600, 600))

@@ -77,6 +77,11 @@ class DebiasModule(L.LightningModule):
         fairness: Lever 3, the fairness-penalised loss; ``None``: absent (no generation pass).
         distill: Lever 1's data-free form: the base model's class-explicit generations distilled into
             the neutral prompt in the target mix; ``None``: absent.
+        data_timesteps: ``[lo, hi)``: the timesteps the diffusion loss on the data trains (drawn
+            uniformly). ``[0, 1000)`` trains all; e.g. ``[0, 600)`` with ``distill.timesteps: [600,
+            1000]`` leaves the high-noise steps, where the attribute is decided, to the distillation,
+            and the data anchors only the details (its scarce minority images are not memorised as
+            "the" images of that class).
         seed: Seed of the per-step noise, timesteps and prompt dropout (a function of seed and step,
             so a resumed run draws exactly what an uninterrupted one would).
     """
@@ -92,11 +97,16 @@ class DebiasModule(L.LightningModule):
         adversary: AdversaryConfig | None = None,
         fairness: FairnessConfig | None = None,
         distill: DistillConfig | None = None,
+        data_timesteps: tuple[int, int] = (0, 1000),
         seed: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= prompt_dropout < 1.0:
             raise ValueError(f"model.prompt_dropout must be in [0, 1), got {prompt_dropout}")
+        lo, hi = data_timesteps
+        if not 0 <= lo < hi:
+            raise ValueError(f"model.data_timesteps must be [lo, hi) with 0 <= lo < hi, got {data_timesteps}")
+        self.data_timesteps = (int(lo), int(hi))
         self.backbone_config = backbone or BackboneConfig()
         self.lora = lora
         self.optim = optim or OptimConfig()
@@ -237,7 +247,14 @@ class DebiasModule(L.LightningModule):
                 pixels = torch.where(flip.to(pixels.device)[:, None, None, None], pixels.flip(-1), pixels)
             latents = bb.to_latents(pixels, generator=g)
         noise = torch.randn(latents.shape, generator=g).to(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=g).to(latents.device)
+        lo, hi = self.data_timesteps
+        hi = min(hi, sched.config.num_train_timesteps)
+        if lo >= hi:
+            raise ValueError(
+                f"model.data_timesteps {self.data_timesteps} is outside the schedule's "
+                f"{sched.config.num_train_timesteps} timesteps"
+            )
+        t = torch.randint(lo, hi, (n,), generator=g).to(latents.device)
         # Drop some prompts to "" so the same model also learns the unconditional score (CFG).
         drop = torch.rand(n, generator=g) < self.prompt_dropout
         prompts = ["" if d else p for d, p in zip(drop.tolist(), batch["prompts"])]
