@@ -16,13 +16,14 @@ its last checkpoint; the assets are built once.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+from fairtune.data import atomic_write_json
 
 
 def configs_dir() -> Path:
@@ -164,9 +165,7 @@ def demo(
         "runs": {arm: str(d) for arm, d in runs.items()},
         **timings,
     }
-    tmp = out / ".demo.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out / "demo.json")
+    atomic_write_json(out / "demo.json", record, indent=2)
     print(
         f"[demo] done in {timings['total_s'] / 60:.1f} min; report: {out / 'compare' / 'report.html'}",
         file=sys.stderr,

@@ -15,7 +15,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from fairtune.data import AttributeDataModule
+from fairtune.data import AttributeDataModule, atomic_write_text
 from fairtune.train import (
     AtomicCheckpointIO,
     BatchMixMonitor,
@@ -114,9 +114,7 @@ class RunConfigCallback(SaveConfigCallback):
             root.mkdir(parents=True, exist_ok=True)
             text = redact(self.parser.dump(self.config, skip_none=False))
             path = root / self.config_filename
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            atomic_write_text(path, text)
             hparams = yaml.safe_load(text) or {}
             for logger in trainer.loggers:
                 if not isinstance(logger, CSVLogger):

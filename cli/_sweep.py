@@ -61,6 +61,8 @@ from typing import Any
 
 import yaml
 
+from fairtune.data import atomic_write_json, atomic_write_text
+
 from ._fit import PEAK_RSS
 from ._sweep_procs import Children, RunLock, killed_with_us
 from ._sweep_report import write_report, write_slurm
@@ -187,9 +189,7 @@ class _Runner:
             res = subprocess.run(cmd, capture_output=True, text=True, env=self.env(), cwd=Path.cwd())
             if res.returncode != 0:
                 return self._fail(run, d, status, "config", _error_summary(res.stderr), res.stderr[-4000:])
-            tmp = d / ".config.yaml.tmp"
-            tmp.write_text(res.stdout)
-            os.replace(tmp, d / "config.yaml")
+            atomic_write_text(d / "config.yaml", res.stdout)
             status["state"] = "trained"
             write_status(d, status)
         elif not trained:
@@ -371,9 +371,7 @@ def run_sweep(
 
 def _write_plan(spec: Spec, out: Path) -> None:
     plan = [asdict(r) for r in spec.runs]
-    tmp = out / f".plan.json.tmp-{socket.gethostname()}-{os.getpid()}"
-    tmp.write_text(json.dumps({"spec": str(spec.path), "name": spec.name, "runs": plan}, indent=2))
-    os.replace(tmp, out / "plan.json")
+    atomic_write_json(out / "plan.json", {"spec": str(spec.path), "name": spec.name, "runs": plan}, indent=2)
 
 
 # --------------------------------------------------------------------------------------------- CLI

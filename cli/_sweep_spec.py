@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fairtune.data import atomic_write_json
 
 SPEC_KEYS = {
     "name", "base", "arms", "grid", "seeds", "seed_keys", "overrides", "judge", "report", "slurm", "goals",
@@ -311,10 +312,7 @@ def read_status(run_dir: Path) -> dict:
 
 
 def write_status(run_dir: Path, status: dict) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{STATUS}.tmp-{os.getpid()}-{threading.get_ident()}"
-    tmp.write_text(json.dumps(status, indent=2, default=str))
-    os.replace(tmp, run_dir / STATUS)
+    atomic_write_json(run_dir / STATUS, status, indent=2, default=str)
 
 
 def summarize(spec: Spec, out: Path) -> dict:

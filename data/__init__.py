@@ -10,6 +10,9 @@ import importlib
 
 # name -> (submodule, attribute): the public facade
 _EXPORTS = {
+    "atomic_path": ("._io", "atomic_path"),
+    "atomic_write_json": ("._io", "atomic_write_json"),
+    "atomic_write_text": ("._io", "atomic_write_text"),
     "BACKGROUND": ("._colored_digits", "BACKGROUND"),
     "DEFAULT_RED_SHARE": ("._colored_digits", "DEFAULT_RED_SHARE"),
     "INK": ("._colored_digits", "INK"),
@@ -80,6 +83,9 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "atomic_path",
+    "atomic_write_json",
+    "atomic_write_text",
     "GROUP_SEP",
     "AttributeDataModule",
     "AttributeSpec",

@@ -32,6 +32,8 @@ from typing import Literal
 
 import sqlalchemy as sa
 
+from ._io import atomic_write_text
+
 SCHEMA_VERSION = 2
 """The schema this code writes. History: 1 = flags (image flags only); 2 = adds ``flags.scope``
 (image or prompt), ``flags.settings`` (the generation settings, JSON) and the ``proposals`` table."""
@@ -353,10 +355,7 @@ def write_prompt_file(prompts: dict[str, list[str]], path: str | os.PathLike) ->
         )
     else:
         text = "".join(p + "\n" for ps in prompts.values() for p in ps)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return path
 
 

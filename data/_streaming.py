@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler, get_worker_info
 
+from ._io import atomic_write_json
 from ._sampler import rebalance_weights
 from ._schema import AttributeSpec, Record, SchemaError, Target
 from ._sources import (
@@ -61,10 +62,7 @@ def _stamp(shard: str) -> dict[str, int]:
 
 def write_index(shard: str, members: list[dict[str, Any]]) -> None:
     """Write ``shard``'s label index atomically (members: ``{"key", "concept", "attributes"}``)."""
-    path = index_path(shard)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"shard": _stamp(shard), "members": members}))
-    os.replace(tmp, path)
+    atomic_write_json(index_path(shard), {"shard": _stamp(shard), "members": members})
 
 
 def scan_shard(shard: str) -> list[dict[str, Any]]:

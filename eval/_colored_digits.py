@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from safetensors.torch import load_file
 from fairtune.data import (
     BACKGROUND,
     GROUP_SEP,
+    atomic_write_json,
     images_from_table,
     ink_hue,
     load_table,
@@ -305,9 +305,7 @@ def train_judges(data_dir: str | Path, out: str | Path, cfg: JudgeTrainConfig | 
         }
     save_safetensors_atomic(digit_cnn.state_dict(), out / "digit_cnn.safetensors")
     save_safetensors_atomic(color_cnn.state_dict(), out / "color_cnn.safetensors")
-    tmp = out / "judges.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "judges.json")
+    atomic_write_json(out / "judges.json", report, indent=2)
     return report
 
 

@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fairtune.data import Target, TargetConfig
+from fairtune.data import Target, TargetConfig, atomic_write_json, atomic_write_text
 from fairtune.models import (
     BACKBONE_FILE,
     LORA_WEIGHT_NAME,
@@ -338,9 +338,7 @@ def write_metrics(metrics: Mapping, out: str | Path) -> Path:
     """Write ``out/metrics.json`` atomically (strict JSON: NaN becomes null)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(_jsonable(dict(metrics)), indent=2, allow_nan=False))
-    os.replace(tmp, out / "metrics.json")
+    atomic_write_json(out / "metrics.json", _jsonable(dict(metrics)), indent=2, allow_nan=False)
     return out / "metrics.json"
 
 
@@ -416,9 +414,7 @@ def run_comparison(
                     card = add_audit_to_model_card(m.adapter, metrics, method=m.name, command=command)
                 else:
                     card = out / f"model_card_{m.name}.md"
-                    tmp = card.with_name(f".{card.name}.tmp")
-                    tmp.write_text(audit_section(metrics, method=m.name, command=command) + "\n")
-                    os.replace(tmp, card)
+                    atomic_write_text(card, audit_section(metrics, method=m.name, command=command) + "\n")
                 if card is not None:
                     print(f"{m.name}: model-card section written to {card}", file=sys.stderr)
             except OSError as exc:

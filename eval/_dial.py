@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -25,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from fairtune.data import TargetConfig
+from fairtune.data import TargetConfig, atomic_write_text
 from fairtune.models import Backbone, BackboneConfig
 
 from ._compare import _jsonable, backbone_for_model, compare_methods, write_metrics
@@ -72,12 +71,6 @@ def _check_scales(scales: Sequence[float]) -> list[float]:
     return sorted(scales)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _append_report(out: Path, title: str, body: str) -> None:
     """Add (or replace) a ``## title`` section at the end of ``out/report.md``."""
     path = out / "report.md"
@@ -85,7 +78,7 @@ def _append_report(out: Path, title: str, body: str) -> None:
     marker = f"\n## {title}\n"
     if marker in text:
         text = text[: text.index(marker)]
-    _atomic_write(path, text.rstrip("\n") + "\n" + marker + "\n" + body.rstrip("\n") + "\n")
+    atomic_write_text(path, text.rstrip("\n") + "\n" + marker + "\n" + body.rstrip("\n") + "\n")
 
 
 def dial_curve(
@@ -155,7 +148,7 @@ def dial_curve(
     write_report(metrics, images, out, grid_columns=grid_columns)
     curve = curve_from_metrics(metrics, {m.name: m.adapter_scale for m in methods})
     curve.update(adapter=str(adapter), fuse=fuse, title=title)
-    _atomic_write(out / "dial.json", json.dumps(_jsonable(curve), indent=2, allow_nan=False))
+    atomic_write_text(out / "dial.json", json.dumps(_jsonable(curve), indent=2, allow_nan=False))
     plot_dial(curve, out / "dial.png")
     table = curve_markdown(curve)
     _append_report(
@@ -263,7 +256,7 @@ def verify_request(
         "mean_abs_error": float(np.mean(errors)) if errors else None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "request.json", json.dumps(_jsonable(result), indent=2, allow_nan=False))
+    atomic_write_text(out / "request.json", json.dumps(_jsonable(result), indent=2, allow_nan=False))
     table = request_markdown(result)
     _append_report(
         out,

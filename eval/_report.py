@@ -12,13 +12,14 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from fairtune.data import atomic_write_text
 
 NA = "n/a"
 
@@ -533,8 +534,6 @@ def write_report(
         blocks += [("h2", "Failed methods")]
         blocks += [("p", f"`{name}` failed: {error}") for name, error in failed.items()]
     for fname, text in (("report.md", render_markdown(blocks)), ("report.html", render_html(blocks, out))):
-        tmp = out / f".{fname}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / fname)
+        atomic_write_text(out / fname, text)
         paths[fname] = out / fname
     return paths

@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,7 +18,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from fairtune.data import images_from_table, ink_map, load_table, mixed_ink, perturb, random_shift
+from fairtune.data import (
+    atomic_path,
+    atomic_write_json,
+    images_from_table,
+    ink_map,
+    load_table,
+    mixed_ink,
+    perturb,
+    random_shift,
+)
 
 # Class paths of earlier releases, still accepted in configs and classifier.json files.
 _ALIASES = {"fairtune.eval.SmallCNN": "fairtune.models.SmallCNN"}
@@ -147,10 +154,8 @@ def load_classifier(cfg: ClassifierConfig, *, what: str = "classifier") -> nn.Mo
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors file through a temporary file and a rename (never half-written)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def train_cnn(
@@ -253,7 +258,5 @@ def train_attribute_classifier(
         "mixed_ink_prob": mixed_ink_prob,
     }
     save_safetensors_atomic(model.state_dict(), out / "classifier.safetensors")
-    tmp = out / "classifier.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "classifier.json")
+    atomic_write_json(out / "classifier.json", report, indent=2)
     return report

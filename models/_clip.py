@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from fairtune.data import atomic_path, atomic_write_json
 
 PROBE_WEIGHTS = "probe.safetensors"
 PROBE_CONFIG = "probe.json"
@@ -418,18 +419,6 @@ def _image_tensor(img, side: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def train_clip_probe(
     data,
     out: str | Path,
@@ -554,6 +543,7 @@ def train_clip_probe(
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / PROBE_WEIGHTS, lambda p: save_file(weights, p))
-    _atomic_write(out / PROBE_CONFIG, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    with atomic_path(out / PROBE_WEIGHTS) as tmp:
+        save_file(weights, str(tmp))
+    atomic_write_json(out / PROBE_CONFIG, report, indent=2)
     return report

@@ -8,9 +8,10 @@ run on it, the measured figures. The audit section sits between markers so a lat
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
+
+from fairtune.data import atomic_write_text
 
 CARD = "README.md"
 AUDIT_BEGIN = "<!-- fairtune:audit:begin -->"
@@ -25,12 +26,6 @@ def _fmt(v) -> str:
     if isinstance(v, (dict, list)):
         return json.dumps(v, sort_keys=False, default=str)
     return str(v)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def model_card_text(
@@ -116,7 +111,7 @@ def write_model_card(folder: str | Path, **kwargs) -> Path:
         if AUDIT_BEGIN in old and AUDIT_END in old:
             kept = old[old.index(AUDIT_BEGIN) : old.index(AUDIT_END)]
             text = text[: text.index(AUDIT_BEGIN)] + kept + text[text.index(AUDIT_END) :]
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
     return path
 
 
@@ -177,5 +172,5 @@ def add_audit_to_model_card(folder: str | Path, metrics: Mapping, **kwargs) -> P
     new = (
         old[: old.index(AUDIT_BEGIN) + len(AUDIT_BEGIN)] + "\n" + section + "\n" + old[old.index(AUDIT_END) :]
     )
-    _atomic_write_text(path, new)
+    atomic_write_text(path, new)
     return path

@@ -27,6 +27,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger as _TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from fairtune.data import atomic_path
+
 WANDB_LOGGERS = ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
 
 # Environment variables whose values are secrets: never written to a config, log or report.
@@ -326,9 +328,8 @@ class SampleGrid(L.Callback):
         img = Image.fromarray(grid)
         if self.upscale > 1:
             img = img.resize((img.width * self.upscale, img.height * self.upscale), Image.NEAREST)
-        tmp = out.with_name(f".{out.name}.tmp")
-        img.save(tmp, format="PNG")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            img.save(tmp, format="PNG")
         self._log_image(trainer, img, grid, prompts, step)
         return out
 
