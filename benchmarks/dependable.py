@@ -4,6 +4,7 @@ result table rendered from the committed results (never typed by hand).
     python benchmarks/dependable.py run        # train + judge the spec's seeds (skips finished runs)
     python benchmarks/dependable.py report     # tabulate the finished runs only
     python benchmarks/dependable.py readme     # rewrite the README's result block from the results file
+    python benchmarks/dependable.py report --spec benchmarks/specs/distill_split.yaml   # any multi-seed spec
 
 The spec (``benchmarks/specs/dependable.yaml``) trains the demo's arm (``configs/demo/sweep.yaml``'s
 ``debiased``: the same overlays and values, checked by a test) at the demo's budget and judges it as
@@ -17,6 +18,7 @@ import json
 import math
 import re
 import sys
+from pathlib import Path
 from typing import Literal
 
 from _common import RESULTS, ROOT, write_results
@@ -145,13 +147,16 @@ def table_lines(rows: dict[str, dict], columns=COLUMNS) -> list[str]:
     return lines
 
 
-def report(run: bool = False, workers: int = 1) -> dict:
-    """Run (with ``run``) and tabulate the spec; write ``benchmarks/results/dependable.{json,md}``."""
+def report(run: bool = False, workers: int = 1, spec_path: Path = SPEC) -> dict:
+    """Run (with ``run``) and tabulate a spec over its seeds; write ``benchmarks/results/<name>.{json,md}``
+    (``dependable`` for the default spec; any other multi-seed spec, e.g. a variant tried against it,
+    gets the same table, intervals and goals)."""
     from noise_floor import OUT, seed_metrics, summarize
 
     from fairtune.cli import load_spec, run_sweep
 
-    spec = load_spec(SPEC)
+    spec = load_spec(spec_path)
+    name = spec.name
     if run:
         from _common import ensure_assets
 
@@ -166,11 +171,11 @@ def report(run: bool = False, workers: int = 1) -> dict:
     }
     goals = {arm: goal_checks(row, rows.get("base", {})) for arm, row in rows.items() if arm != "base"}
     seeds = sorted({r.seed for r in spec.runs if r.train})
-    lines = [
-        f"# {NAME}: the demo's debiased adapter over seeds {seeds} (spec `{SPEC.relative_to(ROOT)}`)",
-        "",
-    ]
-    lines += table_lines(rows) + ["", NOTE, "", floor_note(rows.get("debiased", {})), ""]
+    what = "the demo's debiased adapter" if name == NAME else "arms"
+    spec_rel = Path(spec.path).resolve().relative_to(ROOT)
+    lines = [f"# {name}: {what} over seeds {seeds} (spec `{spec_rel}`)", ""]
+    main_arm = "debiased" if "debiased" in rows else next((a for a in rows if a != "base"), "base")
+    lines += table_lines(rows) + ["", NOTE, "", floor_note(rows.get(main_arm, {})), ""]
     for arm, gs in goals.items():
         lines += [f"Issue 24's goals, `{arm}` (mean over seeds):", ""]
         for g in gs:
@@ -184,9 +189,9 @@ def report(run: bool = False, workers: int = 1) -> dict:
         for arm, runs in arms.items()
     }
     steps = next((r.overrides.get("trainer.max_steps") for r in spec.runs if r.train), None)
-    payload = {"spec": str(SPEC.relative_to(ROOT)), "steps": steps, "arms": rows, "goals": goals,
+    payload = {"spec": str(spec_rel), "steps": steps, "arms": rows, "goals": goals,
                "per_seed": per_seed}  # fmt: skip
-    write_results(NAME, payload, "\n".join(lines) + "\n")
+    write_results(name, payload, "\n".join(lines) + "\n")
     return payload
 
 
@@ -219,15 +224,17 @@ def readme(check: bool = False) -> bool:
     return True
 
 
-def main(step: Literal["run", "report", "readme"], *, workers: int = 1) -> None:
+def main(step: Literal["run", "report", "readme"], *, workers: int = 1, spec: Path = SPEC) -> None:
     """``run``: train and judge the spec's runs, then tabulate; ``report``: tabulate only; ``readme``:
-    rewrite the README's result block from the committed results."""
+    rewrite the README's result block from the committed results. ``--spec`` tabulates another
+    multi-seed spec (its own results file; the README block stays the dependable spec's)."""
     if step == "readme":
         readme()
         print(f"rewrote the block in {README}", file=sys.stderr)
         return
-    report(run=step == "run", workers=workers)
-    readme()
+    report(run=step == "run", workers=workers, spec_path=Path(spec))
+    if Path(spec).resolve() == SPEC.resolve():
+        readme()
 
 
 if __name__ == "__main__":
