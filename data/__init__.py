@@ -1,15 +1,15 @@
 """Records, targets, data sources (tables, webdataset shards) and the ColoredDigits-Bias benchmark.
 
-Names load on first use (PEP 562), so a light command (``fairtune flag``, ``--help``) does not
-import torch, Lightning or diffusers it never touches.
+Names load on first use (``fairtune.data.lazy_facade``).
 """
 
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_facade
 
 # name -> (submodule, attribute): the public facade
 _EXPORTS = {
+    "lazy_facade": ("._lazy", "lazy_facade"),
     "atomic_path": ("._io", "atomic_path"),
     "atomic_write_json": ("._io", "atomic_write_json"),
     "atomic_write_text": ("._io", "atomic_write_text"),
@@ -83,6 +83,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "lazy_facade",
     "atomic_path",
     "atomic_write_json",
     "atomic_write_text",
@@ -155,16 +156,4 @@ __all__ = [
     "write_shards",
 ]
 
-
-def __getattr__(name: str):
-    try:
-        module, attr = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module, __name__), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_facade(__name__, _EXPORTS, globals())

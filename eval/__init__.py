@@ -2,13 +2,12 @@
 
 ``fairtune.eval`` imports only ``fairtune.data`` and ``fairtune.models``.
 
-Names load on first use (PEP 562), so a light command (``fairtune flag``, ``--help``) does not
-import torch, Lightning or diffusers it never touches.
+Names load on first use (``fairtune.data.lazy_facade``).
 """
 
 from __future__ import annotations
 
-import importlib
+from fairtune.data import lazy_facade
 
 # name -> (submodule, attribute): the public facade
 _EXPORTS = {
@@ -189,16 +188,4 @@ __all__ = [
     "write_report",
 ]
 
-
-def __getattr__(name: str):
-    try:
-        module, attr = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module, __name__), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_facade(__name__, _EXPORTS, globals())

@@ -3,13 +3,12 @@ attribute classifiers, and the inference-time baselines (Fair Diffusion, prompt 
 
 ``fairtune.models`` imports only ``fairtune.data``.
 
-Names load on first use (PEP 562), so a light command (``fairtune flag``, ``--help``) does not
-import torch, Lightning or diffusers it never touches.
+Names load on first use (``fairtune.data.lazy_facade``).
 """
 
 from __future__ import annotations
 
-import importlib
+from fairtune.data import lazy_facade
 
 from . import _quiet as _quiet
 
@@ -124,16 +123,4 @@ __all__ = [
     "write_model_card",
 ]
 
-
-def __getattr__(name: str):
-    try:
-        module, attr = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module, __name__), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_facade(__name__, _EXPORTS, globals())
