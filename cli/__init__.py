@@ -18,10 +18,11 @@ misspelt option or a value of the wrong type fails before any work with a messag
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
+
+from fairtune.data import lazy_facade
 
 # name -> submodule: the public facade, loaded on first use (PEP 562) so that `fairtune --help`,
 # `fairtune flag` and `fairtune review` start without importing torch, Lightning or diffusers
@@ -68,12 +69,7 @@ _DESCRIPTION = (
 )
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_facade(__name__, {k: (m, k) for k, m in _EXPORTS.items()}, globals())
 
 
 def _usage() -> str:
