@@ -29,9 +29,6 @@ from fairtune.data import (
     random_shift,
 )
 
-# Class paths of earlier releases, still accepted in configs and classifier.json files.
-_ALIASES = {"fairtune.eval.SmallCNN": "fairtune.models.SmallCNN"}
-
 
 def import_module_class(ref: str, *, what: str) -> type[nn.Module]:
     """Import ``pkg.mod.Class`` (or ``pkg.mod:Class``) and check it is a ``torch.nn.Module`` subclass.
@@ -131,7 +128,7 @@ def load_classifier(cfg: ClassifierConfig, *, what: str = "classifier") -> nn.Mo
     """Instantiate ``cfg.module`` and load its safetensors weights (none for a module that loads its
     own, such as a CLIP classifier from its folder); frozen and in eval mode."""
     if not cfg.weights:
-        cls = import_module_class(_ALIASES.get(cfg.module, cfg.module), what=f"{what}.module")
+        cls = import_module_class(cfg.module, what=f"{what}.module")
         if not getattr(cls, "loads_own_weights", False):
             raise ValueError(f"{what}.weights is not set: give the classifier's safetensors file")
         return cls(**cfg.init_args).eval().requires_grad_(False)
@@ -142,7 +139,7 @@ def load_classifier(cfg: ClassifierConfig, *, what: str = "classifier") -> nn.Mo
         )
     # Configs are code-equivalent (like LightningCLI's class_path), but the class must still be a
     # torch module: checked before anything is instantiated, and the weights are checked first.
-    cls = import_module_class(_ALIASES.get(cfg.module, cfg.module), what=f"{what}.module")
+    cls = import_module_class(cfg.module, what=f"{what}.module")
     model = cls(**cfg.init_args)
     try:
         state = load_file(cfg.weights)
