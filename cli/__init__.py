@@ -44,6 +44,10 @@ _EXPORTS = {
     "dial_command": "._commands",
     "demo": "._demo",
     "prepare_assets": "._demo",
+    "flag_add": "._flag",
+    "flag_export": "._flag",
+    "flag_list": "._flag",
+    "flag_propose": "._flag",
 }
 
 __all__ = [*_EXPORTS, "COMMANDS", "fit_argv", "main"]
@@ -175,10 +179,9 @@ def _run(argv: list[str]) -> None:
         run_fit_cli(None if argv == sys.argv[1:] else argv)
         return
     if argv[0] == "flag":  # light commands: the flag store and the review page need no model stack
-        from fairtune.data import flag_add, flag_export, flag_list, flag_propose
+        from ._flag import flag_commands
 
-        table = {"flag": {"_help": COMMANDS["flag"], "add": flag_add, "propose": flag_propose,
-                          "list": flag_list, "export": flag_export}}  # fmt: skip
+        table = {"flag": flag_commands()}
     elif argv[0] == "review":
         from fairtune.eval import review_command
 

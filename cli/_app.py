@@ -12,6 +12,7 @@ from fairtune.models import train_attribute_classifier
 
 from ._commands import audit_command, compare_command, dial_command
 from ._demo import demo
+from ._flag import flag_commands
 from ._sweep import sweep
 
 
@@ -175,7 +176,6 @@ def fit() -> None:
 
 def commands() -> dict:
     """The subcommands (jsonargparse's ``CLI`` dict): functions whose signatures are their options."""
-    from fairtune.data import flag_add, flag_export, flag_list, flag_propose
     from fairtune.eval import review_command
     from fairtune.train import augment_command
 
@@ -200,12 +200,6 @@ def commands() -> dict:
             "train": classifier_train,
             "clip-probe": classifier_clip_probe,
         },
-        "flag": {
-            "_help": "Reviewers' flags on biased outputs (a SQL database; docs/feedback_loop.md).",
-            "add": flag_add,
-            "propose": flag_propose,
-            "list": flag_list,
-            "export": flag_export,
-        },
+        "flag": flag_commands(),
         "review": review_command,
     }

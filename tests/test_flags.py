@@ -268,7 +268,7 @@ def test_fit_continues_from_an_adapter_and_trains_on_flagged_prompts(digits_dir,
 
 
 def test_flag_text_becomes_one_prompt_line_and_prints_without_escapes(tmp_path, capsys):
-    from fairtune.data import flag_export, flag_list
+    from fairtune.cli import flag_export, flag_list
 
     db = tmp_path / "flags.sqlite"
     store = FlagStore(db)

@@ -65,3 +65,64 @@ def test_imports_flow_one_way_and_stay_public(folder):
             private = [p for p in parts[2:] if p.startswith("_")]
             assert parts[1] == folder or not private, f"{path.name} imports a private module: {name}"
         assert len(path.read_text().splitlines()) <= 600, f"{folder}/{path.name} is over 600 lines"
+
+
+# Commands live in the command layer only (issue 28): option parsing, the commands' entry functions
+# and servers are in cli/; data, models, train and eval hold the library logic the commands call.
+COMMAND_MODULES = {"argparse"}
+COMMANDS_MOVED = {
+    "flag_add": "._flag",
+    "flag_propose": "._flag",
+    "flag_list": "._flag",
+    "flag_export": "._flag",
+}
+
+
+@pytest.mark.parametrize("folder", sorted(set(ALLOWED) - {"cli"}))
+def test_no_command_outside_the_command_layer(folder):
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted((root / folder).glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            else:
+                names = []
+            bad = [n for n in names if n in COMMAND_MODULES]
+            assert not bad, f"{folder}/{path.name} imports {bad}: command-line parts belong in cli/"
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef):
+                assert node.name not in COMMANDS_MOVED, (
+                    f"{folder}/{path.name} defines the command {node.name}: commands belong in cli/"
+                )
+
+
+def test_the_commands_are_public_in_the_command_layer_only():
+    import fairtune.cli as cli
+
+    for name, module in COMMANDS_MOVED.items():
+        assert getattr(cli, name).__module__ == f"fairtune.cli{module}", name
+        for package in PACKAGES[:-1]:
+            pkg = importlib.import_module(package)
+            assert name not in getattr(pkg, "__all__", []) and not hasattr(pkg, name), f"{package}.{name}"
+
+
+def test_importing_the_library_loads_no_database_driver_or_server():
+    """``import fairtune.data`` (and the other library packages) loads neither SQLAlchemy nor an
+    HTTP server: the flag store loads SQLAlchemy when it is first used."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "import fairtune.data, fairtune.models, fairtune.train, fairtune.eval\n"
+        "fairtune.data.Target\n"
+        "print('LOADED', sorted(m for m in ('sqlalchemy', 'http.server', 'torch') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "LOADED []" in out.stdout, (out.stdout[-500:], out.stderr[-2000:])
