@@ -48,6 +48,9 @@ _EXPORTS = {
     "flag_export": "._flag",
     "flag_list": "._flag",
     "flag_propose": "._flag",
+    "ReviewServer": "._review",
+    "review_command": "._review",
+    "serve_review": "._review",
 }
 
 __all__ = [*_EXPORTS, "COMMANDS", "fit_argv", "main"]
@@ -183,7 +186,7 @@ def _run(argv: list[str]) -> None:
 
         table = {"flag": flag_commands()}
     elif argv[0] == "review":
-        from fairtune.eval import review_command
+        from ._review import review_command
 
         table = {"review": review_command}
     else:

@@ -13,6 +13,7 @@ from fairtune.models import train_attribute_classifier
 from ._commands import audit_command, compare_command, dial_command
 from ._demo import demo
 from ._flag import flag_commands
+from ._review import review_command
 from ._sweep import sweep
 
 
@@ -176,7 +177,6 @@ def fit() -> None:
 
 def commands() -> dict:
     """The subcommands (jsonargparse's ``CLI`` dict): functions whose signatures are their options."""
-    from fairtune.eval import review_command
     from fairtune.train import augment_command
 
     return {

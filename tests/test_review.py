@@ -67,7 +67,7 @@ def _get(url: str, headers: dict | None = None, data: bytes | None = None) -> tu
 
 
 def test_off_loopback_every_request_needs_the_token(audit_dir, tmp_path, capsys):
-    from fairtune.eval._review import serve_review
+    from fairtune.cli import serve_review
 
     server = serve_review(audit_dir, str(tmp_path / "f.sqlite"), host="0.0.0.0", port=0, background=True)
     try:
@@ -107,7 +107,7 @@ def test_a_reviewer_flags_an_image_and_a_prompt_in_a_real_browser(audit_dir, tmp
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from fairtune.eval._review import serve_review
+    from fairtune.cli import serve_review
 
     db = tmp_path / "flags.sqlite"
     server = serve_review(audit_dir, str(db), port=0, reviewer="default-reviewer", background=True)
@@ -193,7 +193,7 @@ def small_review(tmp_path):
     images each: the files `fairtune audit` writes, without running a model), and its flag file."""
     from PIL import Image
 
-    from fairtune.eval._review import serve_review
+    from fairtune.cli import serve_review
 
     audit = tmp_path / "audit"
     for b in range(2):
