@@ -51,6 +51,7 @@ _EXPORTS = {
     "ReviewServer": "._review",
     "review_command": "._review",
     "serve_review": "._review",
+    "augment_command": "._augment",
 }
 
 __all__ = [*_EXPORTS, "COMMANDS", "fit_argv", "main"]

@@ -10,6 +10,7 @@ from fairtune.data import DEFAULT_RED_SHARE, ColoredDigitsConfig, build_colored_
 from fairtune.eval import JudgeTrainConfig, train_judges
 from fairtune.models import train_attribute_classifier
 
+from ._augment import augment_command
 from ._commands import audit_command, compare_command, dial_command
 from ._demo import demo
 from ._flag import flag_commands
@@ -177,8 +178,6 @@ def fit() -> None:
 
 def commands() -> dict:
     """The subcommands (jsonargparse's ``CLI`` dict): functions whose signatures are their options."""
-    from fairtune.train import augment_command
-
     return {
         "fit": fit,
         "demo": demo,

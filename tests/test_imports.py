@@ -78,6 +78,7 @@ COMMANDS_MOVED = {
     "ReviewServer": "._review",
     "review_command": "._review",
     "serve_review": "._review",
+    "augment_command": "._augment",
 }
 
 
@@ -100,7 +101,7 @@ def test_no_command_outside_the_command_layer(folder):
             assert not bad, f"{folder}/{path.name} imports {bad}: command-line parts belong in cli/"
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                assert node.name not in COMMANDS_MOVED, (
+                assert not node.name.endswith("_command") and node.name not in COMMANDS_MOVED, (
                     f"{folder}/{path.name} defines the command {node.name}: commands belong in cli/"
                 )
 

@@ -11,7 +11,6 @@ from fairtune.data import lazy_facade
 _EXPORTS = {
     "TrainingAudit": ("._audit", "TrainingAudit"),
     "AugmentConfig": ("._augment", "AugmentConfig"),
-    "augment_command": ("._augment", "augment_command"),
     "augment_table": ("._augment", "augment_table"),
     "AtomicCheckpointIO": ("._callbacks", "AtomicCheckpointIO"),
     "EpochCheckpoint": ("._callbacks", "EpochCheckpoint"),
@@ -43,7 +42,6 @@ _EXPORTS = {
 __all__ = [
     "alignment_loss",
     "AtomicCheckpointIO",
-    "augment_command",
     "augment_table",
     "AugmentConfig",
     "BatchMixMonitor",
