@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from fairtune.models import ClassifierConfig, load_classifier
 
-from ._tracking import step_is_due
+from ._monitors import step_is_due
 
 CSV_NAME = "audit.csv"
 PLOT_NAME = "shares.png"
