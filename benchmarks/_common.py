@@ -56,7 +56,7 @@ def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
     """A PNG grid (nearest-neighbour upscaled 3x) to look at samples."""
     from PIL import Image
 
-    from fairtune.train import image_grid
+    from fairtune.data import image_grid
 
     grid = image_grid(images, per_row)
     h, w = grid.shape[:2]

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from _common import FAIRNESS_COLUMNS, ROOT, write_results
+from fairtune.data import format_number
 
 COLUMNS = [
     *FAIRNESS_COLUMNS,
@@ -22,7 +23,7 @@ COLUMNS = [
 
 
 def _f(x, digits: int) -> str:
-    return "" if x is None else f"{x:.{digits}f}"
+    return format_number(x, digits, missing="")  # metrics.json is strict JSON: no NaN
 
 
 def main(demo: Path = ROOT / "runs" / "demo", wall_seconds: float | None = None) -> None:

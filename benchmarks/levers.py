@@ -11,17 +11,16 @@ Each group is a sweep spec in ``benchmarks/specs/`` run by ``benchmarks/arms.py`
 
 from __future__ import annotations
 
-import math
-
 import arms as group_runner
 
 from _common import ROOT, write_results
+from fairtune.data import format_number
 
 GROUPS = ["levers_uniform", "levers_30_70", "chain_short", "chain_full"]
 
 
 def _f(x, digits: int = 3) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    return format_number(x, digits, missing="")
 
 
 def table(arms: dict) -> list[str]:

@@ -19,7 +19,7 @@ from ._colored_digits import Judges, load_judges
 from ._config import PromptEntry, PromptGroup
 from ._generation import GenerationConfig, generate
 from ._panel import JudgePanel, colored_digits_panel, load_reference_images
-from ._report import image_grid
+from ._report import prompt_grid
 from ._scoring import score_judged
 
 
@@ -330,7 +330,7 @@ def judge_colored_digits(
     if sample_grid:  # the first 8 images of every digit, upscaled 3x, to look at
         from PIL import Image
 
-        grid = image_grid(ev["images"], n_prompts=len(digits), n_per_prompt=n_per_prompt, columns=8)
+        grid = prompt_grid(ev["images"], n_prompts=len(digits), n_per_prompt=n_per_prompt, columns=8)
         h, w = grid.shape[:2]
         Image.fromarray(grid).resize((w * 3, h * 3), Image.NEAREST).save(run_dir / "samples.png")
     return out

@@ -19,25 +19,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fairtune.data import atomic_write_text
+from fairtune.data import atomic_write_text, format_number, image_grid
 
 NA = "n/a"
 
 
 # ============================================================================================ tables
-def _f(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return NA
-    return f"{x:.{digits}f}"
-
-
 def _ci(summary: Mapping) -> str:
     ci = summary.get("mean_dev_seen_ci")
     if summary.get("mean_dev_seen") is None:
         return NA
     if not ci:
-        return _f(summary["mean_dev_seen"])
-    return f"{_f(summary['mean_dev_seen'])} [{_f(ci[0])}, {_f(ci[1])}]"
+        return format_number(summary["mean_dev_seen"])
+    return f"{format_number(summary['mean_dev_seen'])} [{format_number(ci[0])}, {format_number(ci[1])}]"
 
 
 SUMMARY_HEADER = [
@@ -75,16 +69,16 @@ def summary_rows(metrics: Mapping) -> list[list[str]]:
                 name,
                 m["kind"],
                 _ci(s),
-                _f(s["worst_dev_seen"]),
-                _f(s.get("mean_dev_named")),
-                _f(s["mean_dev_heldout"]),
-                _f(s["mean_dev_paraphrase"]),
-                _f(s.get("explicit_kept")),
-                _f(s["fidelity"]),
-                _f(s["frechet"], 2),
+                format_number(s["worst_dev_seen"]),
+                format_number(s.get("mean_dev_named")),
+                format_number(s["mean_dev_heldout"]),
+                format_number(s["mean_dev_paraphrase"]),
+                format_number(s.get("explicit_kept")),
+                format_number(s["fidelity"]),
+                format_number(s["frechet"], 2),
                 evals_txt,
-                _f(s["sec_per_image"], 4),
-                _f(s.get("follows_drawn_class")),
+                format_number(s["sec_per_image"], 4),
+                format_number(s.get("follows_drawn_class")),
                 str(s["undetermined"]),
             ]
         )
@@ -112,16 +106,18 @@ def measurement_rows(metrics: Mapping) -> list[list[str]]:
     for name, m in metrics["methods"].items():
         s = m["summary"]
         ci = s.get("change_score_ci")
-        change = _f(s.get("change_score")) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else "")
+        change = format_number(s.get("change_score")) + (
+            f" [{format_number(ci[0])}, {format_number(ci[1])}]" if ci else ""
+        )
         rows.append(
             [
                 name,
-                _f(s.get("mean_dev_corrected_seen")),
-                _f(s.get("mean_dev_corrected_heldout")),
-                _f(s.get("agreement")),
-                _f(s.get("kappa")),
+                format_number(s.get("mean_dev_corrected_seen")),
+                format_number(s.get("mean_dev_corrected_heldout")),
+                format_number(s.get("agreement")),
+                format_number(s.get("kappa")),
                 change,
-                _f(s.get("undetermined_rate")),
+                format_number(s.get("undetermined_rate")),
             ]
         )
     return rows
@@ -144,8 +140,8 @@ def _share_cell(p: Sequence[float | None], classes: Sequence[str]) -> str:
     if not p or any(v is None for v in p):
         return NA
     if len(classes) == 2:
-        return _f(p[0], 2)
-    return " / ".join(f"{c} {_f(v, 2)}" for c, v in zip(classes, p))
+        return format_number(p[0], 2)
+    return " / ".join(f"{c} {format_number(v, 2)}" for c, v in zip(classes, p))
 
 
 def concept_tables(metrics: Mapping) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
@@ -166,7 +162,7 @@ def concept_tables(metrics: Mapping) -> tuple[list[str], list[list[str]], list[s
         for n in names:
             r = metrics["methods"][n]["per_concept"][key]
             ci = r.get("dev_ci") or [None, None]
-            cells.append(f"{_f(r['dev'])} [{_f(ci[0])}, {_f(ci[1])}]")
+            cells.append(f"{format_number(r['dev'])} [{format_number(ci[0])}, {format_number(ci[1])}]")
         dev_rows.append([key, e["role"], *cells])
     return share_header, share_rows, dev_header, dev_rows
 
@@ -283,19 +279,12 @@ def plot_tradeoff(metrics: Mapping, path: Path) -> Path:
     return path
 
 
-def image_grid(images: torch.Tensor, *, n_prompts: int, n_per_prompt: int, columns: int) -> np.ndarray:
+def prompt_grid(images: torch.Tensor, *, n_prompts: int, n_per_prompt: int, columns: int) -> np.ndarray:
     """``(rows * H + pad, columns * W + pad, 3)`` uint8: row r holds the first ``columns`` images of
-    prompt r, separated by one white pixel."""
+    prompt r (``images`` prompt-major, ``n_per_prompt`` each), separated by one white pixel."""
     cols = min(columns, n_per_prompt)
-    x = (images.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    h, w = x.shape[1:3]
-    grid = np.full((n_prompts * (h + 1) + 1, cols * (w + 1) + 1, 3), 255, np.uint8)
-    for r in range(n_prompts):
-        for c in range(cols):
-            grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = x[
-                r * n_per_prompt + c
-            ]
-    return grid
+    first = [r * n_per_prompt + c for r in range(n_prompts) for c in range(cols)]
+    return image_grid(images[first], cols, rows=n_prompts, gap=1)
 
 
 def plot_grid(images: torch.Tensor, metrics: Mapping, name: str, path: Path, *, columns: int) -> Path:
@@ -304,7 +293,7 @@ def plot_grid(images: torch.Tensor, metrics: Mapping, name: str, path: Path, *, 
 
     prompts = metrics["prompts"]
     n = metrics["generation"]["n_per_prompt"]
-    grid = image_grid(images, n_prompts=len(prompts), n_per_prompt=n, columns=columns)
+    grid = prompt_grid(images, n_prompts=len(prompts), n_per_prompt=n, columns=columns)
     cols = min(columns, n)
     cell = 0.42
     fig = Figure(figsize=(cols * cell + 2.2, len(prompts) * cell + 0.6))
@@ -406,14 +395,18 @@ def _measurement_blocks(metrics: Mapping) -> list[tuple]:
     meas = metrics.get("measurement") or {}
     cal = meas.get("calibration")
     if cal:
-        cal_txt = f"{cal['n']} labelled held-out images (judge accuracy there {_f(cal['accuracy_first'])}"
+        cal_txt = (
+            f"{cal['n']} labelled held-out images "
+            f"(judge accuracy there {format_number(cal['accuracy_first'])}"
+        )
         if cal.get("accuracy_second") is not None:
-            cal_txt += f", second judge {_f(cal['accuracy_second'])}"
+            cal_txt += f", second judge {format_number(cal['accuracy_second'])}"
         cal_txt += "); "
         if cal.get("informative_first") is False:
             cal_txt += (
                 f"**the judge is not informative**: its balanced accuracy there is "
-                f"{_f(cal.get('balanced_accuracy_first'))}, near chance, so the corrected shares span what "
+                f"{format_number(cal.get('balanced_accuracy_first'))}, near chance, "
+                "so the corrected shares span what "
                 "the data allow (up to [0, 1]) and its judged shares say little about the true mix; "
             )
     else:

@@ -8,10 +8,11 @@ run on it, the measured figures. The audit section sits between markers so a lat
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from fairtune.data import atomic_write_text
+from fairtune.data import atomic_write_text, format_number
 
 CARD = "README.md"
 AUDIT_BEGIN = "<!-- fairtune:audit:begin -->"
@@ -19,10 +20,10 @@ AUDIT_END = "<!-- fairtune:audit:end -->"
 
 
 def _fmt(v) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.3f}"
+    """A table cell: a number with three decimals (``n/a`` for ``None``; a NaN as ``nan``), settings as
+    JSON, anything else as ``str``."""
+    if v is None or (isinstance(v, float) and not math.isnan(v)):
+        return format_number(v)
     if isinstance(v, (dict, list)):
         return json.dumps(v, sort_keys=False, default=str)
     return str(v)
