@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from pathlib import Path
 
-from fairtune.data import Flag, content_hash
+from fairtune.data import Flag, content_hash, format_number
 from fairtune.models import resolve_shipped
 
-from ._scoring import share_box
+from ._stats import share_box
 
 
 def _model_hash(model: str | None) -> str | None:
@@ -151,9 +150,9 @@ class AuditView:
                 lo, hi = box[0][k], box[1][k]
                 bar = "" if p is None else f"<span class='bar' style='width:{100 * p:.0f}px'></span>"
                 rows.append(
-                    f"<tr><td>{esc(c)}</td><td>{bar} {_fmt(p)} "
-                    f"<span class='ci'>[{_fmt(lo)}, {_fmt(hi)}]</span>"
-                    f"</td><td>{_fmt(q)}</td></tr>"
+                    f"<tr><td>{esc(c)}</td><td>{bar} {format_number(p, 2)} "
+                    f"<span class='ci'>[{format_number(lo, 2)}, {format_number(hi, 2)}]</span>"
+                    f"</td><td>{format_number(q, 2)}</td></tr>"
                 )
             dev_ci = r.get("dev_ci") or [None, None]
             options = "".join(
@@ -173,8 +172,8 @@ class AuditView:
             parts.append(
                 f"<section class='{cls}' data-key='{esc(e['key'], quote=True)}'>"
                 f"<h2>{esc(e['prompt'])}</h2><p class='meta'>concept <b>{esc(e['concept'])}</b> · "
-                f"role {esc(e['role'])} · deviation {_fmt(r.get('dev'))} "
-                f"<span class='ci'>[{_fmt(dev_ci[0])}, {_fmt(dev_ci[1])}]</span> · "
+                f"role {esc(e['role'])} · deviation {format_number(r.get('dev'), 2)} "
+                f"<span class='ci'>[{format_number(dev_ci[0], 2)}, {format_number(dev_ci[1], 2)}]</span> · "
                 f"undetermined {r.get('undetermined', 0)}</p>"
                 "<table class='mix'><tr><th>class</th><th>judged share [95% CI]</th><th>target</th></tr>"
                 + "".join(rows)
@@ -201,10 +200,6 @@ def _worst_class(r: dict, classes: list[str]) -> str | None:
     if not p or not q or any(x is None for x in p):
         return None
     return classes[max(range(len(classes)), key=lambda k: p[k] - q[k])]
-
-
-def _fmt(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
 _CSS = """

@@ -17,9 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 
-from fairtune.data import atomic_path
-
-from ._tracking import image_grid
+from fairtune.data import atomic_path, image_grid
 
 
 class LearningRateLog(LearningRateMonitor):
