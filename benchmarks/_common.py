@@ -44,6 +44,16 @@ def reference_images(n: int = 2000, seed: int = 0) -> torch.Tensor:
     return load_reference_images(DATA, n=n, seed=seed)
 
 
+def interval_cell(s: dict | None, digits: int) -> str:
+    """A table cell of a seed summary (:func:`fairtune.eval.seed_summary`): ``mean [low, high]``, the
+    mean alone without an interval, empty without a value."""
+    if not s or s.get("mean") is None:
+        return ""
+    if s.get("ci") is None:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} [{s['ci'][0]:.{digits}f}, {s['ci'][1]:.{digits}f}]"
+
+
 def write_results(name: str, payload: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))

@@ -24,6 +24,7 @@ import yaml
 
 from _common import JUDGES, RESULTS, ROOT, ensure_assets, write_results
 from fairtune.cli import check_goals, load_spec, read_status, run_sweep
+from fairtune.eval import Goal
 
 OUT = ROOT / "runs" / "bench"
 
@@ -109,7 +110,7 @@ def tabulate(spec, out: Path) -> tuple[dict, list[str]]:
         lines += ["", "Goals:", ""]
         for g in goals:
             ref = f" vs {g['relative_to']}" if g.get("relative_to") else ""
-            bound = f"≤ {g['max']}" if "max" in g else f"≥ {g['min']}"
+            bound = Goal.from_mapping(g).text
             verdict = (
                 "not measured"
                 if g["met"] is None

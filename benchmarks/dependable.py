@@ -15,13 +15,13 @@ Student-t interval over seeds of every column, each seed's value, and the goals.
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from pathlib import Path
 from typing import Literal
 
-from _common import RESULTS, ROOT, write_results
+from _common import RESULTS, ROOT, interval_cell, write_results
+from fairtune.eval import Goal, check_goal, half_width, seed_summary
 
 SPEC = ROOT / "benchmarks" / "specs" / "dependable.yaml"
 NAME = "dependable"
@@ -69,17 +69,6 @@ NOTE = (
 )
 
 
-def with_range(s: dict) -> dict:
-    """Add ``range``: the 95% prediction interval of one more run (a newcomer's seed) under the same
-    Student-t model, ``mean ± t·sd·√(1 + 1/n)``; the interval of the mean (``ci``) is narrower by √(n + 1)."""
-    if s.get("ci") is not None:
-        half = (s["ci"][1] - s["ci"][0]) / 2 * math.sqrt(s["n"] + 1)
-        s["range"] = [s["mean"] - half, s["mean"] + half]
-    else:
-        s["range"] = None
-    return s
-
-
 def sampling_floor(n: int = 128) -> float:
     """E|p̂ − ½| of a perfectly balanced two-class model judged on ``n`` images: the mean dev seen a
     flawless adapter would still score."""
@@ -105,37 +94,33 @@ def floor_note(row: dict) -> str:
     return text
 
 
+def _goal(key: str, bound: float, kind: str, ref: float | None) -> tuple[Goal, str]:
+    """One row of :data:`GOALS` as a :class:`fairtune.eval.Goal` (its bound resolved against the base
+    row's mean ``ref``) and the bound as the report writes it."""
+    if kind in ("max", "halfwidth", "min"):
+        goal = Goal(key, ">=" if kind == "min" else "<=", bound)
+        return goal, ("half-width " if kind == "halfwidth" else "") + goal.text
+    if kind == "fid":
+        return Goal(key, ">=", ref - bound), f"≥ {ref - bound:.3f} (base − {bound})"
+    return Goal(key, "<=", bound * ref), f"≤ {bound * ref:.1f} ({bound} × base)"
+
+
 def goal_checks(row: dict, base: dict) -> list[dict]:
-    """Issue 24's goals for one arm's summary against the base row."""
+    """Issue 24's goals for one arm's summary against the base row (checked by
+    :func:`fairtune.eval.check_goal`; a ``halfwidth`` goal on the half-width of the mean's interval)."""
     out = []
     for key, bound, kind in GOALS:
         s = row.get(key) or {}
         v, ref = s.get("mean"), (base.get(key) or {}).get("mean")
         if kind == "halfwidth":
-            v = None if s.get("ci") is None else (s["ci"][1] - s["ci"][0]) / 2
+            v = half_width(s.get("ci"))
         if v is None or (kind in ("fid", "frechet") and ref is None):
             out.append({"metric": key, "kind": kind, "value": v, "goal": None, "met": None})
             continue
-        if kind == "max":
-            goal, met = f"≤ {bound}", v <= bound
-        elif kind == "halfwidth":
-            goal, met = f"half-width ≤ {bound}", v <= bound
-        elif kind == "min":
-            goal, met = f"≥ {bound}", v >= bound
-        elif kind == "fid":
-            goal, met = f"≥ {ref - bound:.3f} (base − {bound})", v >= ref - bound
-        else:
-            goal, met = f"≤ {bound * ref:.1f} ({bound} × base)", v <= bound * ref
-        out.append({"metric": key, "kind": kind, "value": float(v), "goal": goal, "met": bool(met)})
+        goal, text = _goal(key, bound, kind, ref)
+        met = check_goal(goal, v)["met"]
+        out.append({"metric": key, "kind": kind, "value": float(v), "goal": text, "met": met})
     return out
-
-
-def _cell(s: dict, digits: int) -> str:
-    if not s or s.get("mean") is None:
-        return ""
-    if s.get("ci") is None:
-        return f"{s['mean']:.{digits}f}"
-    return f"{s['mean']:.{digits}f} [{s['ci'][0]:.{digits}f}, {s['ci'][1]:.{digits}f}]"
 
 
 def table_lines(rows: dict[str, dict], columns=COLUMNS) -> list[str]:
@@ -143,7 +128,9 @@ def table_lines(rows: dict[str, dict], columns=COLUMNS) -> list[str]:
     lines.append("|---|---|" + "---|" * len(columns))
     for arm, row in rows.items():
         n = max((s.get("n", 0) for s in row.values()), default=0)
-        lines.append(f"| {arm} | {n} | " + " | ".join(_cell(row.get(k), d) for k, _, d in columns) + " |")
+        lines.append(
+            f"| {arm} | {n} | " + " | ".join(interval_cell(row.get(k), d) for k, _, d in columns) + " |"
+        )
     return lines
 
 
@@ -151,7 +138,7 @@ def report(run: bool = False, workers: int = 1, spec_path: Path = SPEC) -> dict:
     """Run (with ``run``) and tabulate a spec over its seeds; write ``benchmarks/results/<name>.{json,md}``
     (``dependable`` for the default spec; any other multi-seed spec, e.g. a variant tried against it,
     gets the same table, intervals and goals)."""
-    from noise_floor import OUT, seed_metrics, summarize
+    from noise_floor import OUT, seed_metrics
 
     from fairtune.cli import load_spec, run_sweep
 
@@ -165,7 +152,8 @@ def report(run: bool = False, workers: int = 1, spec_path: Path = SPEC) -> dict:
     arms = seed_metrics(spec, OUT)
     rows = {
         arm: {
-            key: with_range(summarize([r.get(key) for _, r in sorted(runs.items())])) for key, _, _ in COLUMNS
+            key: seed_summary([r.get(key) for _, r in sorted(runs.items())], prediction=True)
+            for key, _, _ in COLUMNS
         }
         for arm, runs in arms.items()
     }

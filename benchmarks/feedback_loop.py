@@ -29,6 +29,7 @@ import yaml
 from jsonargparse import CLI
 
 from _common import CLASSIFIER, DATA, JUDGES, ROOT, ensure_assets, write_results
+from fairtune.eval import Goal, check_goal
 
 CONFIGS = ROOT / "configs"
 # Prompts the demo's adapter never trained on: digits 8 and 9 in the training wording, every digit in
@@ -175,11 +176,14 @@ def main(
                     "audit_after": t_audit2},
         "round_overlay": _rel(round_overlay), "fit_args": fit_args, "prompts": table,
     }  # fmt: skip
-    result["goals"] = {
-        "flagged mean dev falls by at least half": result["flagged_reduction"] >= 0.5,
-        "every other prompt moves by at most +0.01": result["others_max_change"] <= 0.01,
-        "fidelity within 0.01": abs(sa["fidelity"] - sb["fidelity"]) <= 0.01,
-    }
+    goals = [
+        ("flagged mean dev falls by at least half", Goal("flagged_reduction", ">=", 0.5),
+         result["flagged_reduction"]),
+        ("every other prompt moves by at most +0.01", Goal("others_max_change", "<=", 0.01),
+         result["others_max_change"]),
+        ("fidelity within 0.01", Goal("fidelity_change", "<=", 0.01), abs(sa["fidelity"] - sb["fidelity"])),
+    ]  # fmt: skip
+    result["goals"] = {name: check_goal(goal, value)["met"] for name, goal, value in goals}
     write_results("feedback_loop", result, _markdown(result))
 
 

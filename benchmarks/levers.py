@@ -15,6 +15,7 @@ import arms as group_runner
 
 from _common import ROOT, write_results
 from fairtune.data import format_number
+from fairtune.eval import Goal
 
 GROUPS = ["levers_uniform", "levers_30_70", "chain_short", "chain_full"]
 
@@ -63,7 +64,7 @@ def main(*, groups: list[str] = GROUPS, report_only: bool = False, workers: int 
         md += ["", f"## {group} (`{res['spec']}`)", "", *table(res["arms"])]
         for g in res["goals"]:
             ref = f" vs {g['relative_to']}" if g.get("relative_to") else ""
-            bound = f"≤ {g['max']}" if "max" in g else f"≥ {g['min']}"
+            bound = Goal.from_mapping(g).text
             verdict = (
                 "not measured"
                 if g["met"] is None

@@ -29,8 +29,9 @@ from typing import Literal
 import numpy as np
 import yaml
 
-from _common import FAIRNESS_COLUMNS, RESULTS, ROOT, ensure_assets, write_results
-from fairtune.cli import load_spec, read_status, run_sweep, t_interval
+from _common import FAIRNESS_COLUMNS, RESULTS, ROOT, ensure_assets, interval_cell, write_results
+from fairtune.cli import load_spec, read_status, run_sweep
+from fairtune.eval import Goal, check_goal, seed_summary
 
 OUT = ROOT / "runs" / "bench"
 SPECS = ROOT / "benchmarks" / "specs"
@@ -74,27 +75,17 @@ def seed_metrics(spec, out: Path = OUT) -> dict[str, dict[int, dict]]:
     return arms
 
 
-def summarize(values: list[float]) -> dict:
-    """Mean, 95% Student-t interval (``None`` with one value) and the values."""
-    v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
-    if not v:
-        return {"mean": None, "ci": None, "n": 0, "values": []}
-    if len(v) == 1:
-        return {"mean": v[0], "ci": None, "n": 1, "values": v}
-    mean, lo, hi = t_interval(v)
-    return {"mean": mean, "ci": [lo, hi], "n": len(v), "values": v}
-
-
 def table(arms: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]:
-    """Per arm, per metric: :func:`summarize` over seeds."""
+    """Per arm, per metric: :func:`fairtune.eval.seed_summary` over seeds."""
     return {
-        arm: {key: summarize([r.get(key) for r in runs.values()]) for key, _, _ in COLUMNS}
+        arm: {key: seed_summary([r.get(key) for r in runs.values()]) for key, _, _ in COLUMNS}
         for arm, runs in arms.items()
     }
 
 
 def check(row: dict[str, dict], base: dict[str, dict]) -> list[dict]:
-    """Issue 15's goals for one arm's means against its base row."""
+    """Issue 15's goals for one arm's means against its base row (checked by
+    :func:`fairtune.eval.check_goal`), each with ``ratio``, how close it is (1 = on the bound)."""
     out = []
     for key, bound, kind in GOALS:
         v = (row.get(key) or {}).get("mean")
@@ -103,16 +94,15 @@ def check(row: dict[str, dict], base: dict[str, dict]) -> list[dict]:
             out.append({"metric": key, "value": v, "goal": None, "met": None, "ratio": None})
             continue
         if kind == "max":
-            goal, met, ratio = f"≤ {bound}", v <= bound, v / bound
+            goal, text, ratio = Goal(key, "<=", bound), f"≤ {bound}", v / bound
         elif kind == "fid":
-            goal, met, ratio = (
-                f"≥ {ref - bound:.3f} (base − {bound})",
-                v >= ref - bound,
-                max(0.0, ref - v) / bound,
-            )
+            goal, text = Goal(key, ">=", ref - bound), f"≥ {ref - bound:.3f} (base − {bound})"
+            ratio = max(0.0, ref - v) / bound
         else:
-            goal, met, ratio = f"≤ {bound * ref:.1f} ({bound} × base)", v <= bound * ref, v / (bound * ref)
-        out.append({"metric": key, "value": v, "goal": goal, "met": bool(met), "ratio": float(ratio)})
+            goal, text = Goal(key, "<=", bound * ref), f"≤ {bound * ref:.1f} ({bound} × base)"
+            ratio = v / (bound * ref)
+        met = check_goal(goal, v)["met"]
+        out.append({"metric": key, "value": v, "goal": text, "met": met, "ratio": float(ratio)})
     return out
 
 
@@ -122,20 +112,12 @@ def closeness(goals: list[dict]) -> float:
     return float(np.mean([max(x, 0.0) for x in r])) if r else math.inf
 
 
-def _cell(s: dict, digits: int) -> str:
-    if s["mean"] is None:
-        return ""
-    if s["ci"] is None:
-        return f"{s['mean']:.{digits}f}"
-    return f"{s['mean']:.{digits}f} [{s['ci'][0]:.{digits}f}, {s['ci'][1]:.{digits}f}]"
-
-
 def markdown(title: str, rows: dict[str, dict], notes: list[str]) -> list[str]:
     lines = [f"# {title}", "", "| arm | n | " + " | ".join(c for _, c, _ in COLUMNS) + " |"]
     lines.append("|---|---|" + "---|" * len(COLUMNS))
     for arm, row in rows.items():
         n = max(s["n"] for s in row.values())
-        lines.append(f"| {arm} | {n} | " + " | ".join(_cell(row[k], d) for k, _, d in COLUMNS) + " |")
+        lines.append(f"| {arm} | {n} | " + " | ".join(interval_cell(row[k], d) for k, _, d in COLUMNS) + " |")
     return lines + [""] + notes
 
 
@@ -309,11 +291,11 @@ def _goals_report(spec_path: Path, name: str, title: str, note: str | None = Non
 
 
 def _paired(arms: dict[str, dict[int, dict]], reference: str, arm: str, key: str) -> dict:
-    """``arm`` minus ``reference`` on one metric, paired by seed: :func:`summarize` of the differences."""
+    """``arm`` minus ``reference`` on one metric, paired by seed: the differences' seed summary."""
     ref, runs = arms.get(reference, {}), arms.get(arm, {})
     diffs = [runs[s][key] - ref[s][key] for s in sorted(runs) if s in ref
              and runs[s].get(key) is not None and ref[s].get(key) is not None]  # fmt: skip
-    return summarize(diffs)
+    return seed_summary(diffs)
 
 
 def adversary() -> dict:
@@ -324,8 +306,10 @@ def adversary() -> dict:
     notes = [_columns_note(), "", "Mean dev seen minus the naive arm's, paired by seed (goal ≤ −0.05, "
              "interval excluding 0):", ""]  # fmt: skip
     for arm, s in paired.items():
-        met = s["mean"] is not None and s["mean"] <= -0.05 and s["ci"] is not None and s["ci"][1] < 0
-        notes.append(f"- {arm}: {_cell(s, 3)} over {s['n']} seeds: {'met' if met else '**missed**'}")
+        # met: the mean at most -0.05 and its interval below 0
+        met = bool(check_goal(Goal("mean_dev_seen", "<=", -0.05), s["mean"])["met"])
+        met = met and s["ci"] is not None and s["ci"][1] < 0
+        notes.append(f"- {arm}: {interval_cell(s, 3)} over {s['n']} seeds: {'met' if met else '**missed**'}")
     lines = markdown(
         f"adversary_forms: lever 2 alone, its forms (spec `{ADVERSARY.relative_to(ROOT)}`)", rows, notes
     )
@@ -351,7 +335,7 @@ def _against(spec_path: Path, name: str, reference: str, title: str, intro: str)
             if s["mean"] is None:
                 continue
             measurable = s["ci"] is not None and (s["ci"][0] > 0 or s["ci"][1] < 0)
-            notes.append(f"- {label}: {_cell(s, digits + 1)} over {s['n']} seeds"
+            notes.append(f"- {label}: {interval_cell(s, digits + 1)} over {s['n']} seeds"
                          + (" (measurable)" if measurable else " (interval includes 0)"))  # fmt: skip
         notes.append("")
     for arm, gs in goals.items():

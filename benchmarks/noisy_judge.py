@@ -19,7 +19,7 @@ import torch
 
 from _common import write_results
 from fairtune.data import BACKGROUND, INK, render
-from fairtune.eval import HueJudge, corrected_shares, judged_shares
+from fairtune.eval import HueJudge, corrected_shares, judged_shares, wald_interval
 
 FLIP = np.array([[0.90, 0.10, 0.00], [0.35, 0.60, 0.05]])  # noisy call | hue call (red, blue, undet.)
 
@@ -81,8 +81,8 @@ def main() -> None:
         hit_corr += out["low"][0] <= p_red <= out["high"][0]
         widths.append(out["high"][0] - out["low"][0])
         raw = judged_shares(gen, 2)[0]
-        half = 1.96 * np.sqrt(raw * (1 - raw) / n_gen)
-        hit_raw += raw - half <= p_red <= raw + half
+        low, high = wald_interval(raw, n_gen)
+        hit_raw += low <= p_red <= high
     coverage = {
         "true_red": p_red,
         "trials": trials,

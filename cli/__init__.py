@@ -34,7 +34,6 @@ _EXPORTS = {
     "load_spec": "._sweep_spec",
     "read_status": "._sweep_spec",
     "check_goals": "._sweep_report",
-    "t_interval": "._sweep_report",
     "write_report": "._sweep_report",
     "write_slurm": "._sweep_report",
     "run_sweep": "._sweep",

@@ -74,7 +74,7 @@ from ._sweep_spec import (
     _import_function,
     load_spec,
     read_status,
-    summarize,
+    run_states,
     write_status,
 )
 
@@ -359,7 +359,7 @@ def run_sweep(
                 raise
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
-    summary: dict[str, Any] = summarize(spec, out)
+    summary: dict[str, Any] = run_states(spec, out)
     summary["ran"] = [r["hash"] for r in results if r]
     summary["busy"] = sorted(set(runner.busy))
     if index is not None:

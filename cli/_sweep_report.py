@@ -12,22 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._sweep_spec import RunSpec, Spec, SweepError, read_status, summarize
+from fairtune.eval import Goal, check_goal, t_interval
 
-
-def t_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean and the two ends of the Student-t interval of the mean (``nan`` ends for fewer than 2)."""
-    import numpy as np
-    from scipy import stats
-
-    x = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    if len(x) == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + confidence / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
-    return mean, mean - half, mean + half
+from ._sweep_spec import RunSpec, Spec, SweepError, read_status, run_states
 
 
 def aggregate_rows(spec: Spec, out: Path) -> tuple[list[dict], list[str]]:
@@ -75,7 +62,7 @@ def aggregate_rows(spec: Spec, out: Path) -> tuple[list[dict], list[str]]:
 def write_report(spec: Spec, out: Path) -> dict[str, Path]:
     """Write ``ablation.csv`` (every metric), ``ablation.md`` (the report metrics) and ``ablation.png``."""
     rows, metrics = aggregate_rows(spec, out)
-    summary = summarize(spec, out)
+    summary = run_states(spec, out)
     paths = {"csv": out / "ablation.csv", "md": out / "ablation.md", "png": out / "ablation.png"}
     fields = ["arm", "arm_name", "values", "n", "n_failed", "n_pending", "seeds"]
     fields += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "ci_low", "ci_high")]
@@ -288,7 +275,7 @@ def write_slurm(spec: Spec, spec_path: Path, out: Path) -> dict[str, Path]:
 def check_goals(spec: Spec, rows: list[dict]) -> list[dict]:
     """The spec's goals against the arms' means: per goal its value, whether it is met, and by how much
     it is missed (``value`` is ``arm − relative_to`` or ``arm / relative_to`` when a reference arm is
-    named)."""
+    named; the check is :func:`fairtune.eval.check_goal`)."""
     means = {r["arm_name"]: r for r in rows}
     out = []
     for g in spec.goals:
@@ -299,13 +286,8 @@ def check_goals(spec: Spec, rows: list[dict]) -> list[dict]:
             ref = (means.get(ref_arm) or {}).get(f"{m}_mean")
             ratio = g.get("as", "difference") == "ratio"
             v = None if ref is None or (ratio and ref == 0) else (v / ref if ratio else v - ref)
-        bound, upper = (g["max"], True) if "max" in g else (g["min"], False)
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            met, miss = None, None
-        else:
-            met = v <= bound if upper else v >= bound
-            miss = 0.0 if met else abs(v - bound)
-        out.append({**g, "value": v, "met": met, "missed_by": miss})
+        c = check_goal(Goal.from_mapping(g), v)
+        out.append({**g, "value": v, "met": c["met"], "missed_by": c["missed_by"]})
     return out
 
 
@@ -322,7 +304,7 @@ def goal_lines(spec: Spec, rows: list[dict]) -> list[str]:
             what = f"{what} ({c['arm']} {op} {c['relative_to']})"
         else:
             what = f"{what} ({c['arm']})"
-        bound = f"≤ {c['max']}" if "max" in c else f"≥ {c['min']}"
+        bound = Goal.from_mapping(c).text
         if c["met"] is None:
             lines.append(f"- {what} {bound}: not measured yet")
         else:

@@ -315,7 +315,7 @@ def write_status(run_dir: Path, status: dict) -> None:
     atomic_write_json(run_dir / STATUS, status, indent=2, default=str)
 
 
-def summarize(spec: Spec, out: Path) -> dict:
+def run_states(spec: Spec, out: Path) -> dict:
     """Counts of the plan's unique runs by state, and every run's status."""
     states: dict[str, dict] = {}
     for r in spec.runs:

@@ -7,8 +7,9 @@ Pure functions over numpy arrays of class indices (``-1`` = the judge could not 
   "undetermined") turns true shares ``p`` into expected judged shares ``C^T p``. The corrected share
   solves ``C^T p = p_judged`` by least squares over the probability simplex. Its interval is a
   bootstrap over both the generated images' judged labels and the calibration set, so it carries
-  the calibration's own uncertainty. Where the judge cannot tell some classes apart (``C`` loses
-  rank: a constant judge, two classes judged alike), the judged shares fit a whole set of true
+  the calibration's own uncertainty (resampled, and read off as a percentile interval, by the
+  bootstrap of :mod:`fairtune.eval._stats`). Where the judge cannot tell some classes apart (``C``
+  loses rank: a constant judge, two classes judged alike), the judged shares fit a whole set of true
   shares, and each replicate contributes that set's bounds instead of one arbitrary point: a judge
   that carries no information gives ``[0, 1]``. :func:`judge_quality` says when a judge is near
   chance.
@@ -24,6 +25,7 @@ from typing import Literal
 import numpy as np
 
 from ._metrics import entry_target
+from ._stats import bootstrap_means, bootstrap_shares, percentile_interval, resample_shares
 
 UNDETERMINED = -1
 
@@ -216,7 +218,7 @@ def corrected_shares(
         raise ValueError(
             f"confusion_boot has shape {c_boot.shape}, expected {(n_boot, n_classes, n_classes + 1)}"
         )
-    b_boot = rng.multinomial(len(j), b, size=n_boot) / len(j)
+    b_boot = resample_shares(b, len(j), n_boot, rng)
     # Each replicate gives the bounds of the shares it cannot tell apart (one point where the
     # confusion has full rank); replicates that repeat a degenerate (C, b) are solved once.
     lows, highs = np.empty((n_boot, n_classes)), np.empty((n_boot, n_classes))
@@ -230,7 +232,6 @@ def corrected_shares(
         else:
             lows[r] = highs[r] = solve_shares(c_boot[r], b_boot[r])
     point_low, point_high = share_bounds(conf, b)
-    alpha = (1 - level) / 2
     extra = {}
     if target is not None:
         q = np.asarray(target, dtype=np.float64)
@@ -238,18 +239,20 @@ def corrected_shares(
         # greatest the farthest end (exact for two classes, conservative beyond)
         dev_lo = np.maximum(np.maximum(lows - q, q - highs), 0.0).max(1)
         dev_hi = np.maximum(np.abs(lows - q), np.abs(highs - q)).max(1)
+        dev_low, dev_high = percentile_interval(dev_lo, dev_hi, level=level)
         extra = {
             "dev": float(np.abs(point - q).max()),
-            "dev_low": float(np.quantile(dev_lo, alpha)),
-            "dev_high": float(np.quantile(dev_hi, 1 - alpha)),
+            "dev_low": float(dev_low),
+            "dev_high": float(dev_high),
         }
+    low, high = percentile_interval(lows, highs, level=level, axis=0)
     return {
         **extra,
         "judged": b[:n_classes],
         "undetermined": float(b[n_classes]),
         "corrected": point,
-        "low": np.minimum(np.quantile(lows, alpha, axis=0), point_low),
-        "high": np.maximum(np.quantile(highs, 1 - alpha, axis=0), point_high),
+        "low": np.minimum(low, point_low),
+        "high": np.maximum(high, point_high),
         "identified": not _degenerate(conf),
         "confusion": conf,
         "n": int(len(j)),
@@ -263,11 +266,7 @@ def bootstrap_confusions(true, judged, n_classes: int, n_boot: int, rng) -> np.n
     cj = _labels(judged, "calibration_judged", n_classes)
     confusion_matrix(ct, cj, n_classes)  # validates: every class present, no unknown true label
     cj_col = np.where(cj < 0, n_classes, cj)
-    rows = []
-    for k in range(n_classes):
-        idx = np.flatnonzero(ct == k)
-        draw = cj_col[idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))]]
-        rows.append(np.stack([np.bincount(d, minlength=n_classes + 1) for d in draw]) / len(idx))
+    rows = [bootstrap_shares(cj_col[ct == k], n_classes + 1, n_boot, rng) for k in range(n_classes)]
     return np.stack(rows, axis=1)
 
 
@@ -351,14 +350,12 @@ def change_score(
         d = np.linalg.norm(x - y, axis=1)
     else:
         raise ValueError(f"metric must be 'cosine' or 'l2', not {metric!r}")
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
-    alpha = (1 - level) / 2
+    low, high = percentile_interval(bootstrap_means(d, n_boot, np.random.default_rng(seed)), level=level)
     return {
         "metric": metric,
         "mean": float(d.mean()),
-        "low": float(np.quantile(means, alpha)),
-        "high": float(np.quantile(means, 1 - alpha)),
+        "low": float(low),
+        "high": float(high),
         "median": float(np.median(d)),
         "n": int(len(d)),
         "per_image": d,

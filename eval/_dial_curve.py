@@ -2,7 +2,8 @@
 scale at which a concept reaches a requested share (see :mod:`fairtune.eval._dial`).
 
 The shares and their intervals come from the per-prompt records of the scoring engine
-(:mod:`fairtune.eval._scoring`): its counts, and its exact interval on a share (:func:`share_box`).
+(:mod:`fairtune.eval._scoring`): its counts, and the exact interval on a share
+(:func:`share_box` of :mod:`fairtune.eval._stats`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._scoring import share_box
+from ._stats import share_box
 
 DEFAULT_SCALES = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
 ALL_CONCEPTS = "*"

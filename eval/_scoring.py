@@ -7,8 +7,9 @@ docs/metrics.md.
 
 Intervals. A deviation ``|p̂ − q|`` folds at 0, so a percentile bootstrap of it puts the estimate on
 the lower edge for a balanced concept (e.g. 0.004 [0.004, 0.100]). Here every interval is derived
-from intervals on the shares themselves: an exact (Clopper–Pearson) interval per class (Bonferroni over the
-classes when there are more than two; with two, one interval fixes both shares), and each metric's
+from intervals on the shares themselves: an exact (Clopper–Pearson) interval per class (Bonferroni over
+the classes when there are more than two; with two, one interval fixes both shares: ``share_box`` of
+:mod:`fairtune.eval._stats`, which holds every interval and goal check), and each metric's
 interval is its range over that box of shares. Where the target lies inside the box the deviation's
 lower bound is 0. The interval of a mean over ``C`` concepts is the mean of the per-concept bounds
 at level ``alpha / C`` (simultaneous, so it covers at least ``1 − alpha``). tests/test_scoring.py
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from statistics import NormalDist
 
 import numpy as np
 
@@ -35,41 +35,10 @@ from ._metrics import (
     proportions,
     shen_bias,
 )
+from ._stats import ALPHA, half_width, share_box
 
 ROLES = ("seen", "named", "heldout", "paraphrase", "explicit")
-ALPHA = 0.05
 METRICS = ("dev", "fd", "kl", "bias")
-
-
-def wilson_interval(count: np.ndarray, n: int, *, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of binomial proportions ``count / n`` (elementwise), level ``1 − alpha``.
-
-    Shorter than the exact interval, but its coverage dips below the nominal level for some shares
-    (e.g. 0.93 at p = 0.9, N = 128); the engine uses :func:`exact_interval`."""
-    z = NormalDist().inv_cdf(1 - alpha / 2)
-    x = np.asarray(count, dtype=np.float64)
-    denom = n + z * z
-    centre = (x + z * z / 2) / denom
-    half = z / denom * np.sqrt(x * (n - x) / n + z * z / 4)
-    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
-
-
-def exact_interval(count: np.ndarray, n: int, *, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
-    """Clopper–Pearson (exact) interval of binomial proportions ``count / n``: coverage at least
-    ``1 − alpha`` for every true share."""
-    from scipy.stats import beta
-
-    x = np.asarray(count, dtype=np.float64)
-    lo = np.where(x > 0, beta.ppf(alpha / 2, np.maximum(x, 1e-12), n - x + 1), 0.0)
-    hi = np.where(x < n, beta.ppf(1 - alpha / 2, x + 1, np.maximum(n - x, 1e-12)), 1.0)
-    return np.nan_to_num(lo, nan=0.0), np.nan_to_num(hi, nan=1.0)
-
-
-def share_box(counts: Sequence[int], *, alpha: float = ALPHA) -> tuple[np.ndarray, np.ndarray]:
-    """Simultaneous intervals on every class share: exact per class, Bonferroni over classes (K > 2)."""
-    c = np.asarray(counts, dtype=np.float64)
-    k = c.size
-    return exact_interval(c, int(c.sum()), alpha=alpha if k == 2 else alpha / k)
 
 
 def _dist(q: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -186,7 +155,7 @@ def summarize(per_concept: Mapping[str, Mapping], *, alpha: float = ALPHA) -> di
         out[f"worst_dev_{role}"] = float(max(devs)) if devs else None
         ci = mean_interval(recs, alpha=alpha) if recs else None
         out[f"mean_dev_{role}_ci"] = list(ci) if ci is not None else None
-        out[f"mean_dev_{role}_ci_halfwidth"] = (ci[1] - ci[0]) / 2 if ci is not None else None
+        out[f"mean_dev_{role}_ci_halfwidth"] = half_width(ci)
     # Explicit prompts kept: the share of their images judged in the class they name (1 − their dev).
     explicit = [
         r["dev"] for r in per_concept.values() if r.get("role") == "explicit" and r["dev"] is not None

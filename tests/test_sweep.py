@@ -21,8 +21,9 @@ import yaml
 from scipy import stats
 from test_distributed import tiny_base, tiny_config  # noqa: F401 - tiny_base is a fixture
 
-from fairtune.cli import SweepError, load_spec, main, run_sweep, t_interval
+from fairtune.cli import SweepError, load_spec, main, run_sweep
 from fairtune.cli._sweep import _error_summary
+from fairtune.eval import t_interval
 from fairtune.models import LORA_WEIGHT_NAME
 
 ABLATIONS = Path(__file__).resolve().parent.parent / "configs" / "ablations"

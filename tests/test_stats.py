@@ -1,0 +1,84 @@
+"""The one statistics module (fairtune.eval._stats): intervals over seeds, the bootstrap's pieces, goal
+checks, and that no other module re-derives an interval."""
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from fairtune.eval import (
+    Goal,
+    bootstrap_means,
+    bootstrap_shares,
+    check_goal,
+    half_width,
+    percentile_interval,
+    prediction_interval,
+    seed_summary,
+    wald_interval,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_seed_summary_and_the_prediction_interval_of_one_more_seed():
+    v = [0.1, 0.2, 0.4]
+    s = seed_summary([*v, None, math.nan], prediction=True)
+    assert s["n"] == 3 and s["values"] == v and s["mean"] == pytest.approx(np.mean(v))
+    t, sd = stats.t.ppf(0.975, 2), np.std(v, ddof=1)
+    assert half_width(s["ci"]) == pytest.approx(t * sd / math.sqrt(3))
+    # mean ± t·sd·√(1 + 1/n): one more run, not the mean
+    assert half_width(s["range"]) == pytest.approx(t * sd * math.sqrt(1 + 1 / 3))
+    one = seed_summary([0.3], prediction=True)
+    assert one == {"mean": 0.3, "ci": None, "n": 1, "values": [0.3], "range": None}
+    assert seed_summary([]) == {"mean": None, "ci": None, "n": 0, "values": []}
+    assert prediction_interval({"mean": 1.0, "ci": None, "n": 1}) is None
+
+
+def test_goal_checks_both_ways_with_an_optional_half_width_bound():
+    at_most = Goal("mean_dev_seen", "<=", 0.04)
+    assert at_most.text == "≤ 0.04"
+    assert check_goal(at_most, 0.03)["met"] is True and check_goal(at_most, 0.03)["missed_by"] == 0.0
+    c = check_goal(at_most, 0.05)
+    assert c["met"] is False and c["missed_by"] == pytest.approx(0.01)
+    assert check_goal(at_most, None)["met"] is None and check_goal(at_most, math.nan)["missed_by"] is None
+    at_least = Goal.from_mapping({"metric": "fidelity", "min": 0.98})
+    assert at_least == Goal("fidelity", ">=", 0.98) and at_least.text == "≥ 0.98"
+    assert check_goal(at_least, 0.99)["met"] is True and check_goal(at_least, 0.97)["met"] is False
+    narrow = Goal("mean_dev_seen", "<=", 0.04, max_halfwidth=0.01)
+    c = check_goal(narrow, 0.03, halfwidth=0.02)
+    assert c["met"] is True and c["halfwidth_met"] is False and c["all_met"] is False
+    assert check_goal(narrow, 0.03, halfwidth=0.005)["all_met"] is True
+    assert check_goal(narrow, 0.03)["all_met"] is None  # no interval: not measured
+    assert check_goal(at_most, 0.03)["all_met"] is True
+    with pytest.raises(ValueError, match="op must be"):
+        Goal("x", "<", 1.0)
+
+
+def test_bootstrap_pieces():
+    rng = np.random.default_rng(0)
+    shares = bootstrap_shares(np.array([0, 0, 1, 2]), 3, 50, rng)
+    assert shares.shape == (50, 3) and np.allclose(shares.sum(1), 1.0)
+    means = bootstrap_means(np.arange(10.0), 2000, np.random.default_rng(1))
+    lo, hi = percentile_interval(means, level=0.9)
+    assert lo < 4.5 < hi
+    assert np.quantile(means, 0.05) == lo and np.quantile(means, 0.95) == hi
+    lo2, hi2 = percentile_interval(means - 1, means + 1, level=0.9)
+    assert lo2 == pytest.approx(lo - 1) and hi2 == pytest.approx(hi + 1)
+    low, high = wald_interval(0.5, 100)
+    assert (low, high) == pytest.approx((0.5 - 0.098, 0.5 + 0.098))
+
+
+def test_no_other_module_derives_an_interval():
+    """Quantiles of a distribution or of bootstrap replicates are taken in eval/_stats.py only."""
+    pattern = re.compile(r"\.ppf\(|np\.quantile\(|inv_cdf\(|rng\.multinomial\(")
+    offenders = [
+        str(p.relative_to(ROOT))
+        for folder in ("data", "models", "train", "eval", "cli", "benchmarks")
+        for p in sorted((ROOT / folder).glob("*.py"))
+        if p.name != "_stats.py" and pattern.search(p.read_text())
+    ]
+    assert offenders == []
