@@ -129,3 +129,63 @@ def test_the_data_loss_trains_only_its_timesteps():
     assert int(aux["t"].max()) >= 600
     with pytest.raises(ValueError, match="model.data_timesteps"):
         DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), data_timesteps=(600, 600))
+
+
+class RedVsBlue(torch.nn.Module):
+    """A user's own attribute classifier (any ``nn.Module`` class loads): the chroma-weighted mean of
+    red minus blue, as two logits (red, blue)."""
+
+    def __init__(self, sharpness: float = 1.0) -> None:
+        super().__init__()
+        self.sharpness = torch.nn.Parameter(torch.tensor(float(sharpness)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = x.max(1).values - x.min(1).values
+        score = ((x[:, 0] - x[:, 2]) * w).sum((1, 2)) / w.sum((1, 2)).clamp_min(1e-6)
+        return torch.stack([score, -score], 1) * self.sharpness
+
+
+def test_feedback_measures_the_adapters_own_mix_and_moves_the_drawn_mix_against_the_gap(
+    lora_backbone, tmp_path
+):
+    """Closing the loop: at LoRA's zero start the adapter is the base model (digit 0 mostly red, digit 7
+    mostly blue); one measurement moves each concept's drawn mix toward its minority ink, by the gap,
+    within max_offset; the state survives a checkpoint round trip and the next measurement uses fresh
+    seeds."""
+    from safetensors.torch import save_file
+
+    from fairtune.models import ClassifierConfig
+    from fairtune.train import DistillFeedback
+
+    weights = tmp_path / "clf.safetensors"
+    save_file(RedVsBlue(50.0).state_dict(), str(weights))
+    clf = ClassifierConfig(module="test_distill.RedVsBlue", init_args={}, weights=str(weights))
+    fb = DistillFeedback(classifier=clf, n_per_concept=16, steps=4, gain=1.0, max_offset=0.3)
+    loss = DistillLoss(_cfg(feedback=fb), seed=0)
+    target = _target()
+    assert torch.allclose(loss.mix(target), torch.full((2, 2), 0.5))
+    shares = loss.feedback(lora_backbone, target, step=100)
+    red0, red7 = shares["digit 0"][0], shares["digit 7"][0]
+    assert red0 > 0.6 > 0.4 > red7  # the base model's skew, as the classifier sees it
+    mix = loss.mix(target)
+    assert torch.allclose(mix.sum(1), torch.ones(2))
+    # digit 0 now drawn bluer, digit 7 redder, each by its gap (bounded by max_offset)
+    assert mix[0, 0] == pytest.approx(max(0.5 - (red0 - 0.5), 0.2), abs=1e-5)
+    assert mix[1, 0] == pytest.approx(min(0.5 + (0.5 - red7), 0.8), abs=1e-5)
+    state = loss.state_dict()
+    resumed = DistillLoss(_cfg(feedback=fb), seed=0)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.mix(target), mix) and resumed.measurements == 1
+    # the adapter has not moved, so the gap persists and the offsets keep growing, up to max_offset
+    loss.feedback(lora_backbone, target, step=200)
+    assert loss.measurements == 2
+    assert 0.2 - 1e-5 <= loss.mix(target)[0, 0] <= mix[0, 0]
+
+
+def test_feedback_is_due_from_its_start_step_every_n_steps():
+    from fairtune.train import DistillFeedback
+
+    fb = DistillFeedback(start_step=100, every_n_steps=50)
+    assert [s for s in range(0, 260) if fb.due(s)] == [100, 150, 200, 250]
+    with pytest.raises(ValueError, match="max_offset"):
+        DistillLoss(_cfg(feedback=DistillFeedback(max_offset=1.5)))

@@ -24,9 +24,57 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fairtune.models import ClassifierConfig, load_classifier
+
 from ._fairness import _adapters_disabled
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillFeedback:
+    """Closing the loop: every ``every_n_steps`` steps the adapter draws ``n_per_concept`` neutral-prompt
+    images per distilled concept, a frozen classifier places them, and each concept's distillation mix
+    moves by ``gain`` times its gap (target minus measured share): a concept the adapter under-corrects
+    is distilled with more of its minority class until its own samples reach the target.
+
+    Attributes:
+        classifier: The frozen attribute classifier that measures the mix (outputs in the target's group
+            order; lever 3's classifier, never the audit's or the benchmark's judge).
+        every_n_steps: Measure and correct every n optimizer steps (from ``start_step``).
+        start_step: First correction (before it the adapter has not moved from the base).
+        n_per_concept: Images per concept per measurement (its cost: concepts x n x ``steps`` x 2 UNet
+            evaluations).
+        steps: DDIM steps of the measured images.
+        guidance_scale: Their classifier-free guidance (the one the adapter will be sampled with).
+        gain: Share of each gap added to the concept's mix offset per measurement.
+        max_offset: Bound on each class's offset from the target (the mix stays within target ± this).
+        seed: Image i of measurement k draws seed ``seed + 1000 * k + i`` (fresh seeds each time, never
+            the judge's).
+    """
+
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    every_n_steps: int = 100
+    start_step: int = 100
+    n_per_concept: int = 64
+    steps: int = 15
+    guidance_scale: float = 2.0
+    gain: float = 1.0
+    max_offset: float = 0.4
+    seed: int = 500_000
+
+    def validate(self) -> None:
+        for key in ("every_n_steps", "n_per_concept", "steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.distill.feedback.{key} must be >= 1, got {getattr(self, key)}")
+        if self.start_step < 0 or self.gain < 0 or not 0 < self.max_offset < 1:
+            raise ValueError(
+                "model.distill.feedback needs start_step >= 0, gain >= 0 and 0 < max_offset < 1, got "
+                f"{self.start_step}, {self.gain}, {self.max_offset}"
+            )
+
+    def due(self, step: int) -> bool:
+        return step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
 
 
 @dataclass
@@ -53,6 +101,8 @@ class DistillConfig:
         hold_explicit: Also hold the adapter's explicit-prompt prediction at the base model's.
         hold_uncond: Also hold the adapter's empty-prompt prediction (classifier-free guidance's
             other half) at the base model's.
+        feedback: Close the loop on the adapter's own measured mix (:class:`DistillFeedback`);
+            ``None``: the mix drawn is the target's throughout.
     """
 
     weight: float = 1.0
@@ -68,8 +118,11 @@ class DistillConfig:
     timesteps: tuple[int, int] = (0, 1000)
     hold_explicit: bool = True
     hold_uncond: bool = True
+    feedback: DistillFeedback | None = None
 
     def validate(self) -> None:
+        if self.feedback is not None:
+            self.feedback.validate()
         for i, t in enumerate([self.prompt, *self.extra_templates]):
             if "{concept}" not in t:
                 key = "prompt" if i == 0 else f"extra_templates[{i - 1}]"
@@ -99,6 +152,11 @@ class DistillLoss:
         self.cfg = cfg
         self.seed = seed
         self.bank: torch.Tensor | None = None  # (concepts, groups, n, C, h, w) in UNet space
+        # Closing the loop: per (concept, group), the offset of the drawn mix from the target, and the
+        # number of measurements made (both checkpointed: a resumed run goes on from them).
+        self.offset: torch.Tensor | None = None
+        self.measurements = 0
+        self._classifier = None
 
     @torch.no_grad()
     def build_bank(self, backbone, groups: list[str]) -> None:
@@ -133,10 +191,63 @@ class DistillLoss:
         n_c = len(self.cfg.concepts)
         n_i = self.cfg.images_per_class
         ci = torch.randint(0, n_c, (n,), generator=g)
-        probs = torch.tensor([target.proportions(self.cfg.concepts[i]) for i in ci.tolist()])
-        gi = torch.multinomial(probs, 1, generator=g)[:, 0]
+        gi = torch.multinomial(self.mix(target)[ci], 1, generator=g)[:, 0]
         ii = torch.randint(0, n_i, (n,), generator=g)
         return ci, gi, ii
+
+    def mix(self, target) -> torch.Tensor:
+        """``(concepts, groups)``: the mix each concept's bank is drawn in (the target, moved by the
+        feedback's offsets; never below 0.01 per group)."""
+        probs = torch.tensor([target.proportions(c) for c in self.cfg.concepts], dtype=torch.float64)
+        if self.offset is not None:
+            probs = (probs + self.offset).clamp_min(0.01)
+        return (probs / probs.sum(1, keepdim=True)).float()
+
+    @torch.no_grad()
+    def feedback(self, backbone, target, step: int) -> dict[str, list[float]]:
+        """Measure the adapter's own mix per concept and move the drawn mix by ``gain`` x the gap.
+
+        Returns:
+            Concept -> the measured share of each target group.
+        """
+        fb = self.cfg.feedback
+        if self._classifier is None:
+            self._classifier = load_classifier(fb.classifier, what="model.distill.feedback.classifier")
+        concepts, n = self.cfg.concepts, fb.n_per_concept
+        prompts = [self.cfg.prompt.format(concept=c) for c in concepts for _ in range(n)]
+        seeds = [fb.seed + 1000 * self.measurements + i for _ in concepts for i in range(n)]
+        images = backbone.sample(prompts, seeds=seeds, steps=fb.steps, guidance_scale=fb.guidance_scale)
+        device = next(backbone.unet.parameters()).device
+        model = self._classifier.to(device)
+        x = images.to(device)
+        if fb.classifier.input == "latents":
+            x = backbone.to_latents(x * 2 - 1)
+        probs = torch.cat([torch.softmax(model(x[i : i + 256]).float(), 1) for i in range(0, len(x), 256)])
+        k = len(target.groups)
+        if probs.shape[1] != k:
+            raise ValueError(
+                f"model.distill.feedback.classifier gives {probs.shape[1]} classes, the target has {k} groups"
+            )
+        hard = torch.nn.functional.one_hot(probs.argmax(1), k).double().view(len(concepts), n, k)
+        share = hard.mean(1).cpu()
+        want = torch.tensor([target.proportions(c) for c in concepts], dtype=torch.float64)
+        if self.offset is None:
+            self.offset = torch.zeros_like(want)
+        self.offset = (self.offset + fb.gain * (want - share)).clamp(-fb.max_offset, fb.max_offset)
+        self.measurements += 1
+        log.info(
+            "distill feedback at step %d: mean gap %.3f",
+            step,
+            float((want - share).abs().max(1).values.mean()),
+        )
+        return {c: share[i].tolist() for i, c in enumerate(concepts)}
+
+    def state_dict(self) -> dict:
+        return {"offset": self.offset, "measurements": self.measurements}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.offset = state.get("offset")
+        self.measurements = int(state.get("measurements", 0))
 
     def __call__(self, backbone, target, g: torch.Generator) -> dict:
         """The step's loss: the neutral prompt toward the base model's explicit prediction, with

@@ -11,7 +11,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
 
 from fairtune.models import (
     AdversaryConfig,
@@ -52,15 +52,29 @@ class OptimConfig:
 
 @dataclass
 class EmaConfig:
-    """Exponential moving average of the trained weights (used for export).
+    """Exponential moving average of the trained weights (used for export and sampling), kept by
+    diffusers' ``EMAModel``.
+
+    At the ``n``-th optimizer update the average moves ``ema ← d·ema + (1 − d)·weights``. As in
+    ``EMAModel``, the first update (``n = 1``) has ``d = 0``: the average starts from the weights after
+    one update. From the second on, ``d = min(decay, n / (n + 9))`` with ``warmup`` (``EMAModel``'s
+    default warm-up, ``(1 + s) / (10 + s)`` of the ``s = n − 1`` updates before this one), ``d = decay``
+    without. (The hand-written EMA before it used ``(1 + n) / (10 + n)`` and started from the
+    initial weights: the same average one update earlier.)
 
     Attributes:
-        decay: EMA decay per step.
-        warmup: Use ``min(decay, (1 + step) / (10 + step))`` so early averages are not stale.
+        decay: The EMA decay per optimizer update (the most it reaches with ``warmup``).
+        warmup: Ramp the decay up as ``n / (n + 9)`` so early averages are not stale.
     """
 
     decay: float = 0.999
     warmup: bool = True
+
+    def build(self, parameters) -> EMAModel:
+        """diffusers' ``EMAModel`` over ``parameters`` with this decay and warm-up (without warm-up,
+        ``min_decay = decay`` holds the decay constant)."""
+        decay = float(self.decay)
+        return EMAModel(parameters, decay=decay, min_decay=0.0 if self.warmup else decay)
 
 
 class DebiasModule(L.LightningModule):
@@ -123,9 +137,7 @@ class DebiasModule(L.LightningModule):
         else:
             self.backbone.unet.requires_grad_(True)
             self.trainable_parameters = sum(p.numel() for p in self.backbone.unet.parameters())
-        self._ema: list[torch.Tensor] | None = None
-        if ema is not None:
-            self._ema = [p.detach().clone() for p in self.trained_params()]
+        self._ema: EMAModel | None = ema.build(self.trained_params()) if ema is not None else None
         self.target = None  # the data's Target, attached in setup()
         self.head: AttributeHead | None = None
         self._features: MidBlockFeatures | None = None
@@ -198,21 +210,18 @@ class DebiasModule(L.LightningModule):
 
     @contextmanager
     def ema_weights(self):
-        """Swap the EMA weights in (for export or sampling), then back."""
+        """Swap the EMA weights in (for export or sampling), then back (``EMAModel``'s ``store``,
+        ``copy_to``, ``restore``)."""
         if self._ema is None:
             yield
             return
         params = self.trained_params()
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, e in zip(params, self._ema):
-                p.copy_(e)
+        self._ema.store(params)
+        self._ema.copy_to(params)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
+            self._ema.restore(params)
 
     # ----------------------------------------------------------------- the step
     def step_generator(self, batch_idx: int = 0) -> torch.Generator:
@@ -290,6 +299,13 @@ class DebiasModule(L.LightningModule):
             loss = loss + self.fairness_step(g)
         # 4. lever 1's data-free form: the neutral prompt learns the base model's explicit predictions
         if self.distill_loss is not None:
+            fb = self.distill.feedback
+            if fb is not None and fb.due(self.global_step) and self._optimizer_steps_now(batch_idx):
+                # Closing the loop: the adapter's own mix, measured, moves the mix it is distilled in.
+                shares = self.distill_loss.feedback(self.backbone, self.target, self.global_step)
+                for concept, share in shares.items():
+                    for group, v in zip(self.target.groups, share):
+                        self.log(f"distill/feedback/{concept}/{group}", v, sync_dist=True)
             out = self.distill_loss(self.backbone, self.target, g)
             self.log_dict({"distill/loss": out["distill"], "distill/hold": out["hold"]}, sync_dist=True)
             loss = loss + out["loss"]
@@ -367,16 +383,10 @@ class DebiasModule(L.LightningModule):
         # ahead of their EMA and a resumed run would export a different adapter.
         if self._ema is None:
             return
-        step = self.global_step + 1  # (global_step counts this update only after the hook)
-        decay = self.ema_config.decay
-        if self.ema_config.warmup:
-            decay = min(decay, (1 + step) / (10 + step))
         params = self.trained_params()
-        if self._ema[0].device != params[0].device:
-            self._ema = [e.to(params[0].device) for e in self._ema]
-        with torch.no_grad():
-            for e, p in zip(self._ema, params):
-                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        if self._ema.shadow_params[0].device != params[0].device:
+            self._ema.to(device=params[0].device)
+        self._ema.step(params)  # counts the updates itself (optimization_step), saved with it
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
@@ -420,12 +430,21 @@ class DebiasModule(L.LightningModule):
             if p.requires_grad
         }
         checkpoint["state_dict"] = {k: v for k, v in sd.items() if k in trained}
+        if self.distill_loss is not None:
+            checkpoint["distill"] = self.distill_loss.state_dict()
         if self._ema is not None:
-            checkpoint["ema"] = [e.clone() for e in self._ema]
+            state = self._ema.state_dict()  # references: copied, as the tensors move on after saving
+            checkpoint["ema"] = {**state, "shadow_params": [e.clone() for e in state["shadow_params"]]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         full = self.state_dict()
         full.update(checkpoint["state_dict"])
         checkpoint["state_dict"] = full
+        if "distill" in checkpoint and self.distill_loss is not None:
+            self.distill_loss.load_state_dict(checkpoint["distill"])
         if "ema" in checkpoint and self._ema is not None:
-            self._ema = [e.clone() for e in checkpoint["ema"]]
+            state = checkpoint["ema"]
+            if isinstance(state, list):  # a checkpoint of the hand-written EMA: its tensors alone
+                state = {"shadow_params": state, "optimization_step": int(checkpoint.get("global_step", 0))}
+            # the averaged weights and the update count; decay and warm-up stay the config's
+            self._ema.load_state_dict({k: state[k] for k in ("shadow_params", "optimization_step")})
