@@ -64,6 +64,63 @@ def test_lora_step_trains_only_the_adapter(digits_dir):
     assert all(abs(m[0] - 0.5) < 1e-9 for m in mix.values())
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_the_ema_is_diffusers_with_the_documented_decay(warmup):
+    """EmaConfig's docstring: the first update starts the average from the weights, then
+    d = min(decay, n / (n + 9)) with warm-up, d = decay without."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    ema = EmaConfig(decay=0.5, warmup=warmup).build([w])
+    avg = None
+    for n in range(1, 7):
+        with torch.no_grad():
+            w.fill_(float(n * n))
+        ema.step([w])
+        d = 0.0 if n == 1 else (min(0.5, n / (n + 9)) if warmup else 0.5)
+        avg = n * n if avg is None else d * avg + (1 - d) * n * n
+        torch.testing.assert_close(ema.shadow_params[0], torch.full((3,), float(avg)))
+
+
+def test_the_ema_is_saved_and_restored_with_the_checkpoint():
+    def module():
+        torch.manual_seed(0)
+        return DebiasModule(
+            backbone=BackboneConfig(kind="tiny", unet=TINY), lora=LoraConfig(rank=4), ema=EmaConfig(decay=0.9)
+        )
+
+    a = module()
+    for _ in range(3):
+        with torch.no_grad():
+            for p in a.trained_params():
+                p.add_(torch.randn_like(p))
+        a._ema.step(a.trained_params())
+    ckpt = {"state_dict": a.state_dict(), "global_step": 3}
+    a.on_save_checkpoint(ckpt)
+    ckpt = torch.load(_roundtrip(ckpt), weights_only=True)  # what Lightning writes and reads back
+    b = module()
+    b.on_load_checkpoint(ckpt)
+    assert b._ema.optimization_step == 3 and b._ema.decay == 0.9
+    for x, y in zip(a._ema.shadow_params, b._ema.shadow_params):
+        assert torch.equal(x, y)
+    live = [p.clone() for p in a.trained_params()]
+    with a.ema_weights():  # the average swapped in, then the live weights back
+        assert all(torch.equal(p, e) for p, e in zip(a.trained_params(), a._ema.shadow_params))
+    assert all(torch.equal(p, q) for p, q in zip(live, a.trained_params()))
+    # a checkpoint of the hand-written EMA (the averaged tensors alone) still resumes
+    c = module()
+    c.on_load_checkpoint({**ckpt, "ema": [e.clone() for e in a._ema.shadow_params]})
+    assert c._ema.optimization_step == 3
+    assert all(torch.equal(x, y) for x, y in zip(a._ema.shadow_params, c._ema.shadow_params))
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
 def test_fit_cli_writes_run_folder_and_adapter(digits_dir, tmp_path):
     cfg = _config(digits_dir, tmp_path / "run")
     main(["fit", "--config", str(cfg), "--data.rebalance", "{}"])
