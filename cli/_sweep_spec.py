@@ -27,8 +27,6 @@ SLURM_KEYS = {
     "partition", "account", "time", "gpus_per_task", "cpus_per_task", "mem", "max_parallel", "extra", "setup",
 }  # fmt: skip
 DEFAULT_SEED_KEYS = ["seed_everything", "model.seed", "data.seed"]
-# Judge functions of earlier releases, still accepted in specs.
-JUDGE_ALIASES = {"fairtune.train._sweep:judge_colored_digits": "fairtune.eval:judge_colored_digits"}
 STATUS = "status.json"
 PROGRESS = "[sweep]"
 
@@ -293,7 +291,6 @@ def _seed(value: Any, what: str) -> int:
 
 
 def _import_function(ref: str) -> Callable:
-    ref = JUDGE_ALIASES.get(ref, ref)
     module, _, name = ref.partition(":") if ":" in ref else ref.rpartition(".")
     try:
         fn = getattr(importlib.import_module(module), name)
