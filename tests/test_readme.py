@@ -50,3 +50,20 @@ def test_goal_checks_and_the_rendered_block():
     assert "| debiased | 5 | 0.030 [0.025, 0.035] | 0.120 [0.100, 0.140] |" in block
     assert "worst_dev_seen 0.12 (≤ 0.1)" in block and "frechet 60" in block
     json.dumps(block)
+
+
+def test_the_readme_is_a_front_door_and_its_links_resolve():
+    """At most 150 lines, and every relative link points at a file (and heading) that exists."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#([^)]+))?\)", text):
+        path, anchor = target
+        if "://" in path:
+            continue
+        assert (ROOT / path).exists(), path
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), flags=re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+            assert anchor in slugs, f"{path}#{anchor}"
