@@ -54,12 +54,12 @@ def interval_cell(s: dict | None, digits: int) -> str:
     return f"{s['mean']:.{digits}f} [{s['ci'][0]:.{digits}f}, {s['ci'][1]:.{digits}f}]"
 
 
-def write_results(name: str, payload: dict, markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    (RESULTS / f"{name}.md").write_text(markdown)
+def write_results(name: str, payload: dict, markdown: str, results: Path = RESULTS) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(payload, indent=2))
+    (results / f"{name}.md").write_text(markdown)
     print(markdown)
-    print(f"wrote {RESULTS / name}.json and .md", file=sys.stderr)
+    print(f"wrote {results / name}.json and .md", file=sys.stderr)
 
 
 def save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:

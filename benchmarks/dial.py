@@ -18,7 +18,6 @@ Writes ``<results>/<name>.{json,md}`` (default benchmarks/results/dial.*); the c
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _common import DATA, JUDGES, RESULTS, ROOT
+from _common import DATA, JUDGES, RESULTS, ROOT, write_results
 from fairtune.eval import (
     DEFAULT_SCALES,
     GenerationConfig,
@@ -63,7 +62,7 @@ class Options:
         threads: Torch threads.
     """
 
-    adapter: Path = ROOT / "runs" / "demo" / "all" / "adapter"
+    adapter: Path = ROOT / "runs" / "demo" / "debiased" / "adapter"
     model: str = "colored-digits-16"
     judges: Path = JUDGES
     reference: Path | None = DATA
@@ -187,12 +186,7 @@ def main() -> None:
 
     args = CLI(Options, as_positional=False)
     payload = run(args)
-    text = markdown(payload)
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / f"{args.name}.json").write_text(json.dumps(payload, indent=2))
-    (args.results / f"{args.name}.md").write_text(text)
-    print(text)
-    print(f"wrote {args.results / args.name}.json and .md", file=sys.stderr)
+    write_results(args.name, payload, markdown(payload), args.results)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def _per_prompt(metrics: dict) -> dict[str, dict]:
 
 
 def main(
-    adapter: Path = ROOT / "runs" / "demo" / "all" / "adapter",
+    adapter: Path = ROOT / "runs" / "demo" / "debiased" / "adapter",
     out: Path = ROOT / "runs" / "bench" / "feedback_loop",
     n_flag: int = 4,
     n_per_prompt: int = 128,
@@ -88,7 +88,7 @@ def main(
     """Audit, flag the worst prompts, train one round on the flags, audit again; write the table.
 
     Args:
-        adapter: The debiased adapter to start from (the demo's ``all`` arm by default).
+        adapter: The debiased adapter to start from (the demo's ``debiased`` arm by default).
         out: Working folder (audits, flag database, the round's run).
         n_flag: How many of the worst audited prompts are flagged.
         n_per_prompt: Images per prompt in each audit.

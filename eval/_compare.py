@@ -258,6 +258,14 @@ def method_key(config: CompareConfig, method: MethodConfig, backbone: BackboneCo
         f = Path(method.adapter) / LORA_WEIGHT_NAME
         adapter = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "missing"
     described = asdict(method)
+    for k in ("class_adapters", "mix"):  # absent before class adapters existed: earlier caches stay valid
+        if described[k] is None:
+            del described[k]
+    if method.class_adapters is not None:
+        described["class_adapters_sha256"] = {
+            c: hashlib.sha256((Path(d) / LORA_WEIGHT_NAME).read_bytes()).hexdigest()
+            for c, d in method.class_adapters.items()
+        }
     if described["adapter_scale"] == 1.0:  # as before the scale existed: earlier caches stay valid
         del described["adapter_scale"]
     parts = {

@@ -28,7 +28,7 @@ from ._clip_judge import ClipJudgeConfig
 from ._generation import GenerationConfig
 from ._scoring import ROLES
 
-METHOD_KINDS = ("base", "adapter", "fair_diffusion", "prompt_augmentation")
+METHOD_KINDS = ("base", "adapter", "fair_diffusion", "prompt_augmentation", "class_adapters")
 
 
 @dataclass
@@ -145,15 +145,22 @@ class MethodConfig:
             0 is the base model, 1 the adapter as trained, above 1 extrapolates (docs/dial.md).
         fair_diffusion: ``fair_diffusion`` only: edit prompts per class and SEGA parameters.
         prompt_augmentation: ``prompt_augmentation`` only: the word per class.
+        class_adapters: ``class_adapters`` only: class to an adapter folder trained toward that class
+            alone; each image is generated with the adapter of a class drawn for it (stratified per
+            prompt) from ``mix`` (docs/dial.md, "Any mix").
+        mix: ``class_adapters`` only: concept (``"*"``: every other concept) to the share of images
+            each class's adapter draws; ``None``: the comparison's target.
     """
 
     name: str
-    kind: Literal["base", "adapter", "fair_diffusion", "prompt_augmentation"] = "base"
+    kind: Literal["base", "adapter", "fair_diffusion", "prompt_augmentation", "class_adapters"] = "base"
     adapter: str | None = None
     fuse: bool = True
     adapter_scale: float = 1.0
     fair_diffusion: FairDiffusionConfig | None = None
     prompt_augmentation: PromptAugmentationConfig | None = None
+    class_adapters: dict[str, str] | None = None
+    mix: dict[str, dict[str, float]] | None = None
 
 
 @dataclass
@@ -317,10 +324,26 @@ def validate_methods(methods: Sequence[MethodConfig]) -> None:
             raise ValueError(f"method {m.name!r}: fair_diffusion settings on a {m.kind!r} method")
         if m.prompt_augmentation is not None and m.kind != "prompt_augmentation":
             raise ValueError(f"method {m.name!r}: prompt_augmentation settings on a {m.kind!r} method")
+        if (m.kind == "class_adapters") != (m.class_adapters is not None) or (
+            m.mix is not None and m.kind != "class_adapters"
+        ):
+            raise ValueError(
+                f"method {m.name!r}: a class_adapters method names its adapters (class_adapters: "
+                "{red: DIR, blue: DIR}), and only it does (and only it takes a mix)"
+            )
+        if m.kind == "class_adapters" and m.adapter is not None:
+            raise ValueError(f"method {m.name!r}: a class_adapters method takes class_adapters, not adapter")
+        for cls, folder in (m.class_adapters or {}).items():
+            if not (Path(folder) / LORA_WEIGHT_NAME).is_file():
+                raise FileNotFoundError(
+                    f"method {m.name!r}: class_adapters[{cls!r}] = {folder!r} has no {LORA_WEIGHT_NAME}"
+                )
 
 
 def _check_baseline_classes(methods: Sequence[MethodConfig], classes: list[str]) -> None:
     for m in methods:
+        if m.class_adapters is not None:
+            _check_mix(m, classes)
         named = (
             m.fair_diffusion.edit_prompts
             if m.fair_diffusion is not None
@@ -334,6 +357,21 @@ def _check_baseline_classes(methods: Sequence[MethodConfig], classes: list[str])
                 f"method {m.name!r}: {what} names classes {sorted(named)} but the judged classes are "
                 f"{classes}"
             )
+
+
+def _check_mix(m: MethodConfig, classes: list[str]) -> None:
+    if set(m.class_adapters) != set(classes):
+        raise ValueError(
+            f"method {m.name!r}: class_adapters names classes {sorted(m.class_adapters)} but the judged "
+            f"classes are {classes}"
+        )
+    for concept, w in (m.mix or {}).items():
+        if set(w) != set(classes) or any(not 0 <= float(x) <= 1 for x in w.values()):
+            raise ValueError(
+                f"method {m.name!r}: mix[{concept!r}] must give a share in [0, 1] to each of {classes}"
+            )
+        if abs(sum(w.values()) - 1.0) > 1e-6:
+            raise ValueError(f"method {m.name!r}: mix[{concept!r}] must sum to 1, got {sum(w.values()):.4f}")
 
 
 def load_prompt_file(path: str | Path) -> list[PromptGroup]:

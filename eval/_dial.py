@@ -283,9 +283,10 @@ def _groups_for(groups: Sequence[PromptGroup], concepts: set[str]) -> list[Promp
 def dial(
     *,
     model: str,
-    adapter: Path,
+    adapter: Path | None = None,
     prompts: Path,
     out: Path,
+    class_adapters: dict[str, Path] | None = None,
     scales: list[float] = DEFAULT_SCALES,
     request: dict[str, dict[str, float]] | None = None,
     fuse: bool = True,
@@ -299,20 +300,29 @@ def dial(
     backbone: Backbone | None = None,
 ) -> dict:
     """The judged mix per concept against the adapter's scale; with --request, the scale per concept.
+    With --class_adapters (one adapter per class, each trained toward that class alone), any mix.
 
     Writes OUT/dial.json, OUT/dial.png and OUT/report.md (a comparison with the adapter at every
     scale); with REQUEST, prints the scale per concept read off the curve and checks it by generating
     and judging each concept at its scale on fresh seeds (OUT/request.json, a table).
 
+    With CLASS_ADAPTERS instead of ADAPTER: each adapter alone is measured (OUT/mix.json), and with
+    REQUEST the share of images each adapter draws per concept is solved from those measurements,
+    printed, and checked on fresh seeds (OUT/request.json, a table): any share between what the
+    adapters give alone, at the base model's cost per image (docs/dial.md, "Any mix").
+
     Args:
         model: A Stable Diffusion folder, a tiny backbone folder or a shipped checkpoint name.
-        adapter: A folder with pytorch_lora_weights.safetensors.
+        adapter: A folder with pytorch_lora_weights.safetensors (the scale dial).
         prompts: A text file (one prompt per line) or YAML/JSON (prompts, prompt groups, or
             concept -> prompt).
         out: Output folder.
+        class_adapters: Class to adapter folder, one per judged class, each trained toward its class
+            alone (instead of ``adapter``), e.g. '{"red": "runs/red/adapter", "blue": "runs/blue/adapter"}'.
         scales: Adapter scales to measure (0: the base model, 1: as trained, above 1 extrapolates).
         request: Shares to reach, {concept: {class: share}} (one class per concept; "*" for every
-            concept), e.g. '{"digit 0": {"red": 0.7}}'.
+            concept), e.g. '{"digit 0": {"red": 0.7}}'; with class adapters and more than two classes,
+            every class's share.
         fuse: Fuse the adapter at its scale (the base model's cost per image).
         kind: Backbone kind; ``auto`` reads it from the folder.
         judges: The judges.
@@ -330,6 +340,14 @@ def dial(
 
     groups = load_prompt_file(prompts)
     concepts = list(dict.fromkeys(e.concept for e in prompt_entries(groups)))
+    if (adapter is None) == (class_adapters is None):
+        raise ValueError("dial: give --adapter (the scale dial) or --class_adapters (any mix), one of them")
+    if class_adapters is not None:
+        return _class_adapter_dial(
+            model=model, class_adapters=class_adapters, groups=groups, concepts=concepts, out=out,
+            request=request, kind=kind, judges=judges, target=target, generation=generation,
+            verify_seed=verify_seed, progress=progress, backbone=backbone,
+        )  # fmt: skip
     _check_scales(scales)
     if not (Path(adapter) / LORA_WEIGHT_NAME).is_file():
         raise FileNotFoundError(f"adapter={str(adapter)!r} has no {LORA_WEIGHT_NAME}")
@@ -351,6 +369,45 @@ def dial(
     for concept, r in scales_for(curve, request).items():
         print(f"{concept}: {r['class']} {r['requested']:.2f} at adapter scale {r['scale']:.3f}")
     return {"curve": curve, "request": verify_request(curve, request, **common, seed=verify_seed)}
+
+
+def _class_adapter_dial(
+    *, model, class_adapters, groups, concepts, out, request, kind, judges, target, generation, verify_seed,
+    progress, backbone,
+) -> dict:
+    from fairtune.models import LORA_WEIGHT_NAME
+
+    from ._mix import expand_mix_request, mix_endpoints, mix_markdown, mixes_for, print_mix, verify_mix
+
+    for c, d in class_adapters.items():
+        if not (Path(d) / LORA_WEIGHT_NAME).is_file():
+            raise FileNotFoundError(f"class_adapters[{c!r}] = {str(d)!r} has no {LORA_WEIGHT_NAME}")
+    classes = build_judges(_no_reference(judges)).classes
+    if set(class_adapters) != set(classes):
+        raise ValueError(
+            f"class_adapters names {sorted(class_adapters)} but the judged classes are {classes}"
+        )
+    if request is not None:  # checked before any generation
+        expand_mix_request(request, concepts, classes)
+    if backbone is None:
+        backbone = Backbone.from_config(copy.deepcopy(backbone_for_model(model, kind=kind)))
+    adapters = {c: str(class_adapters[c]) for c in classes}
+    common = dict(prompts=groups, out=out, backbone=backbone, judges=judges, target=target, progress=progress)
+    endpoints = mix_endpoints(class_adapters=adapters, generation=generation, **common)
+    if request is None:
+        return {"endpoints": endpoints, "request": None}
+    print_mix(mixes_for(endpoints, request))
+    result = verify_mix(endpoints, request, generation=generation, seed=verify_seed, name="request", **common)
+    table = mix_markdown(result)
+    _append_report(
+        Path(out),
+        "Requested mixes (class adapters)",
+        f"Each concept generated with its class adapters drawn in the solved shares, "
+        f"{generation.n_per_prompt} images per prompt from seed {result['generation']['seed']} on (fresh "
+        f"seeds unless set). Figures: `request.json`.\n\n{table}\n",
+    )
+    print(table)
+    return {"endpoints": endpoints, "request": result}
 
 
 def _no_reference(judges: JudgeConfig) -> JudgeConfig:

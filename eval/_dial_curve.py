@@ -123,6 +123,25 @@ def scale_for(curve: Mapping, concept: str, cls: str, share: float) -> float:
     )
 
 
+def requested_concepts(request: Mapping[str, object], concepts: Sequence[str]):
+    """``(concept, key, asked)`` for each of ``concepts`` the request covers, in their order: ``key`` is
+    the concept or ``"*"`` (the entry that asked), ``asked`` what it asked.
+
+    Raises:
+        ValueError: An empty request or one naming an unknown concept.
+    """
+    concepts = list(concepts)
+    if not request:
+        raise ValueError('request is empty: give {concept: {class: share}}, e.g. {"digit 0": {"red": 0.7}}')
+    unknown = [c for c in request if c != ALL_CONCEPTS and c not in concepts]
+    if unknown:
+        raise ValueError(f"request names unknown concept(s) {unknown}; the prompts' concepts: {concepts}")
+    for concept in concepts:
+        asked = request.get(concept, request.get(ALL_CONCEPTS))
+        if asked is not None:
+            yield concept, (concept if concept in request else ALL_CONCEPTS), asked
+
+
 def expand_request(
     request: Mapping[str, Mapping[str, float]], concepts: Sequence[str], classes: Sequence[str] | None = None
 ) -> dict[str, tuple[str, float]]:
@@ -136,20 +155,8 @@ def expand_request(
         ValueError: An unknown concept or class, no class or several for a concept, a share outside
             [0, 1], or an empty request.
     """
-    concepts = list(concepts)
-    if not request:
-        raise ValueError('request is empty: give {concept: {class: share}}, e.g. {"digit 0": {"red": 0.7}}')
-    unknown = [c for c in request if c != ALL_CONCEPTS and c not in concepts]
-    if unknown:
-        raise ValueError(
-            f"request names unknown concept(s) {unknown}; the prompts' concepts: {list(concepts)}"
-        )
     out: dict[str, tuple[str, float]] = {}
-    for concept in concepts:
-        asked = request.get(concept, request.get(ALL_CONCEPTS))
-        if asked is None:
-            continue
-        name = concept if concept in request else ALL_CONCEPTS
+    for concept, name, asked in requested_concepts(request, concepts):
         if not isinstance(asked, Mapping) or len(asked) != 1:
             raise ValueError(
                 f"request[{name!r}] must name one class and its share (one scale sets one share), "

@@ -3,7 +3,6 @@ starts from the noise of seed ``seed + i``), its UNet evaluations counted and it
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import time
 from collections.abc import Callable, Sequence
@@ -16,9 +15,11 @@ from tqdm.auto import tqdm
 from fairtune.data import Target
 from fairtune.models import (
     Backbone,
+    ClassAdapterMix,
+    adapter_copy,
     augment_prompts,
+    draw_classes,
     fair_diffusion_sample,
-    load_adapter,
     unet_evals_per_image,
 )
 
@@ -73,13 +74,15 @@ def generate(
 
 
 class UNetCounter:
-    """Counts a UNet's forward calls and the batch rows they run (a forward hook), and advances a
-    progress bar by the rows as they finish; ``rows / images`` is the UNet evaluations spent per image."""
+    """Counts the forward calls of one or several UNets and the batch rows they run (forward hooks),
+    and advances a progress bar by the rows as they finish; ``rows / images`` is the UNet evaluations
+    spent per image."""
 
-    def __init__(self, unet: torch.nn.Module, bar=None) -> None:
-        self.unet, self.bar = unet, bar
+    def __init__(self, unet: torch.nn.Module | Sequence[torch.nn.Module], bar=None) -> None:
+        self.unets = [unet] if isinstance(unet, torch.nn.Module) else list(unet)
+        self.bar = bar
         self.calls = self.rows = 0
-        self._handle = None
+        self._handles: list = []
 
     def _hook(self, module, args, kwargs, output) -> None:
         x = args[0] if args else kwargs["sample"]
@@ -90,11 +93,12 @@ class UNetCounter:
             self.bar.update(n)
 
     def __enter__(self) -> UNetCounter:
-        self._handle = self.unet.register_forward_hook(self._hook, with_kwargs=True)
+        self._handles = [u.register_forward_hook(self._hook, with_kwargs=True) for u in self.unets]
         return self
 
     def __exit__(self, *exc) -> None:
-        self._handle.remove()
+        for h in self._handles:
+            h.remove()
 
 
 @dataclass
@@ -126,16 +130,7 @@ def method_backbone(base: Backbone, method: MethodConfig) -> Backbone:
     ``base`` is never changed."""
     if method.adapter is None:
         return base
-    bb = Backbone(
-        base.config,
-        copy.deepcopy(base.unet),
-        base.text_encoder,
-        base.tokenizer,
-        base.noise_scheduler,
-        base.vae,
-    )
-    bb._prompt_cache = base._prompt_cache
-    return load_adapter(bb, method.adapter, fuse=method.fuse, scale=method.adapter_scale)
+    return adapter_copy(base, method.adapter, fuse=method.fuse, scale=method.adapter_scale)
 
 
 def generate_method(
@@ -178,15 +173,23 @@ def generate_method(
     used_prompts = list(prompts)
     drawn: list[str] | None = None if method.kind in ("base", "adapter") else [""] * len(prompts)
     images = None
+    mixer = ClassAdapterMix(backbone, method.class_adapters) if method.kind == "class_adapters" else None
     bar = tqdm(
         total=len(prompts) * formula, desc=f"generate {method.name}", unit="eval", disable=not progress,
         unit_scale=True,
     )  # fmt: skip
-    with UNetCounter(backbone.unet, bar) as counter:
+    unets = [bb.unet for bb in mixer.backbones.values()] if mixer is not None else backbone.unet
+    with UNetCounter(unets, bar) as counter:
         t0 = time.perf_counter()
         if method.kind in ("base", "adapter"):
             images = backbone.sample(
                 prompts, seeds=seeds, steps=gen.steps, guidance_scale=gen.guidance_scale,
+                batch_size=gen.batch_size,
+            )  # fmt: skip
+        elif mixer is not None:
+            drawn = mix_classes(method, entries, target, n)
+            images = mixer.sample(
+                prompts, seeds=seeds, classes=drawn, steps=gen.steps, guidance_scale=gen.guidance_scale,
                 batch_size=gen.batch_size,
             )  # fmt: skip
         else:
@@ -224,6 +227,22 @@ def generate_method(
         unet_rows=counter.rows,
         unet_evals_formula=formula,
     )
+
+
+def mix_classes(method: MethodConfig, entries: Sequence[PromptEntry], target: Target, n: int) -> list[str]:
+    """The class (adapter) of each image of a ``class_adapters`` method: per prompt, ``n`` images drawn
+    stratified from its concept's mix (``method.mix[concept]``, else ``method.mix["*"]``, else the
+    target's proportions), in a random order seeded by the prompt, so the same request and seeds always
+    give the same images."""
+    mix = method.mix or {}
+    out: list[str] = []
+    for e in entries:
+        w = mix.get(e.concept, mix.get("*"))
+        if w is None:
+            w = dict(zip(target.groups, target.proportions(e.concept)))
+        w = {c: float(w[c]) for c in target.groups}
+        out += draw_classes([e.prompt] * n, target=w, assignment="stratified", seed=0)
+    return out
 
 
 def images_fingerprint(images: torch.Tensor) -> str:

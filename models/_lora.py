@@ -202,3 +202,22 @@ def load_adapter(backbone, adapter_dir: str | os.PathLike, *, fuse: bool = False
     elif scale != 1.0:
         pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=[float(scale)])
     return backbone
+
+
+def adapter_copy(backbone, adapter_dir: str | os.PathLike, *, fuse: bool = True, scale: float = 1.0):
+    """A backbone sharing ``backbone``'s text encoder, VAE, scheduler and prompt cache around a copy of
+    its UNet carrying the adapter (:func:`load_adapter`), so ``backbone`` itself is never changed."""
+    import copy
+
+    from ._backbones import Backbone
+
+    bb = Backbone(
+        backbone.config,
+        copy.deepcopy(backbone.unet),
+        backbone.text_encoder,
+        backbone.tokenizer,
+        backbone.noise_scheduler,
+        backbone.vae,
+    )
+    bb._prompt_cache = backbone._prompt_cache
+    return load_adapter(bb, adapter_dir, fuse=fuse, scale=scale)

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 
 ASSIGNMENTS = ("random", "stratified")
-METHODS = ("base", "adapter", "prompt_augmentation", "fair_diffusion")
+METHODS = ("base", "adapter", "prompt_augmentation", "fair_diffusion", "class_adapters")
 
 
 # --------------------------------------------------------------------------------------------- target
@@ -119,8 +119,9 @@ def draw_classes(
 def unet_evals_per_image(method: str, *, steps: int, n_edits: int = 0) -> int:
     """UNet evaluations (one image through the UNet once) each method spends per image.
 
-    ``base``, ``adapter`` (fused or not) and ``prompt_augmentation``: unconditional + conditional per
-    step, ``2 * steps``. ``fair_diffusion``: one more per edit prompt, ``(2 + n_edits) * steps``.
+    ``base``, ``adapter`` (fused or not), ``class_adapters`` (one fused adapter per image) and
+    ``prompt_augmentation``: unconditional + conditional per step, ``2 * steps``. ``fair_diffusion``:
+    one more per edit prompt, ``(2 + n_edits) * steps``.
 
     Raises:
         ValueError: On an unknown method or a negative count.

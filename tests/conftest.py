@@ -99,22 +99,35 @@ def backbone():
 
 
 @pytest.fixture(scope="session")
-def adapter_dir(backbone, tmp_path_factory):
-    """A LoRA adapter on the shipped model with random (non-zero) up-projections."""
+def random_adapter(backbone, tmp_path_factory):
+    """A factory: ``random_adapter(seed)`` is a LoRA adapter folder on the shipped model with random
+    (non-zero) up-projections drawn from ``seed`` (made once per seed)."""
     import copy
 
     from fairtune.models import LoraConfig, attach_lora, save_lora
 
-    unet = copy.deepcopy(backbone.unet)
-    attach_lora(unet, LoraConfig(rank=4))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    out = tmp_path_factory.mktemp("adapter")
-    save_lora(unet, out)
-    return out
+    made = {}
+
+    def make(seed: int = 0):
+        if seed not in made:
+            unet = copy.deepcopy(backbone.unet)
+            attach_lora(unet, LoraConfig(rank=4))
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for name, p in unet.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            made[seed] = tmp_path_factory.mktemp(f"adapter{seed}")
+            save_lora(unet, made[seed])
+        return made[seed]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(random_adapter):
+    """A LoRA adapter on the shipped model with random (non-zero) up-projections."""
+    return random_adapter(0)
 
 
 # ColoredDigits-Bias' attribute classes (data.attributes of its configs), for tests that build a DataModule.

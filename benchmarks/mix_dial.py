@@ -1,0 +1,251 @@
+"""Any mix after deployment (issue 27): two class adapters (benchmarks/specs/class_adapters.yaml, each
+the demo's arm trained toward one ink alone), drawn per image in solved shares, asked for red shares
+0.1, 0.3, 0.5, 0.7 and 0.9 on every digit (blue 0.9 ... 0.1: every share of each class).
+
+    python benchmarks/arms.py benchmarks/specs/class_adapters.yaml --workers 2   # first: the adapters
+    python benchmarks/mix_dial.py
+    python benchmarks/mix_dial.py --n_per_prompt 8 --requests '[0.5]' --results /tmp/r   # a quick look
+
+1. Endpoints: the base model and each adapter alone (``fairtune dial --class_adapters``' first step,
+   :func:`~fairtune.eval._mix.mix_endpoints`) on "a handwritten digit {d}" for digits 0-9 (0-7 trained
+   with data, 8 named in training without data, 9 never named) and on explicit prompts ("a red
+   handwritten digit {d}", "a blue ...") for the explicit column, seeds 0 to N-1.
+2. Each request: the share of images each adapter draws, solved per digit from the endpoints
+   (:func:`~fairtune.eval._mix.mix_for`), then every digit generated with its mix through the
+   comparison's ``class_adapters`` method and judged, on seeds N to 2N-1 (never the endpoints').
+
+Writes ``<results>/<name>.{json,md}`` (default benchmarks/results/mix_dial.*); comparisons are cached
+in ``--out`` (a restarted run reads finished ones back).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _common import DATA, JUDGES, RESULTS, ROOT, write_results
+from fairtune.cli import load_spec, read_status
+from fairtune.eval import (
+    GenerationConfig,
+    JudgeConfig,
+    PromptGroup,
+    mix_endpoints,
+    mix_markdown,
+    neutral_shares,
+    verify_mix,
+)
+from fairtune.models import LORA_WEIGHT_NAME, Backbone, BackboneConfig
+
+
+@dataclass
+class Options:
+    """Options of the any-mix benchmark.
+
+    Attributes:
+        spec: The sweep spec that trained the class adapters (one arm per class, named after it).
+        seed: Which training seed's adapters.
+        model: The base model.
+        judges: The judges folder; the colour is judged by hue.
+        reference: Real renders for the Fréchet distance (``None``: none).
+        requests: Requested red shares (every digit at once, one check each).
+        explicit_digits: Digits of the explicit prompts (endpoints only: each adapter alone).
+        include_base: Also generate the base model with the endpoints (its red share, quality).
+        n_per_prompt: Images per prompt.
+        steps: DDIM steps.
+        guidance_scale: Classifier-free guidance.
+        out: Folder of the comparisons.
+        results: Folder of the result files.
+        name: Result file name.
+        threads: Torch threads.
+    """
+
+    spec: Path = ROOT / "benchmarks" / "specs" / "class_adapters.yaml"
+    seed: int = 0
+    model: str = "colored-digits-16"
+    judges: Path = JUDGES
+    reference: Path | None = DATA
+    requests: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    explicit_digits: list[int] = field(default_factory=lambda: [5, 9])
+    include_base: bool = False
+    n_per_prompt: int = 128
+    steps: int = 15
+    guidance_scale: float = 2.0
+    out: Path = ROOT / "runs" / "bench" / "mix_dial"
+    results: Path = RESULTS
+    name: str = "mix_dial"
+    threads: int = 2
+
+
+ROLES = [("seen", list(range(8))), ("named", [8]), ("heldout", [9])]
+
+
+def adapters_of(args: Options) -> tuple[dict[str, str], dict[str, float | None]]:
+    """Class -> adapter folder of the spec's runs at ``args.seed``, and each run's training seconds."""
+    spec = load_spec(args.spec)
+    adapters, seconds = {}, {}
+    for run in spec.runs:
+        if run.seed != args.seed:
+            continue
+        folder = ROOT / "runs" / "bench" / "runs" / run.hash
+        if not (folder / "adapter" / LORA_WEIGHT_NAME).is_file():
+            sys.exit(f"mix_dial: arm {run.arm!r} is not trained: python benchmarks/arms.py {args.spec}")
+        adapters[run.arm] = str(folder / "adapter")
+        seconds[run.arm] = (read_status(folder).get("metrics") or {}).get("train_seconds")
+    return adapters, seconds
+
+
+def run(args: Options) -> dict:
+    torch.set_num_threads(args.threads)
+    adapters, train_s = adapters_of(args)
+    neutral = [
+        PromptGroup(role, role, "a handwritten digit {value}", digits, "digit {value}")
+        for role, digits in ROLES
+    ]
+    explicit = [
+        PromptGroup(
+            f"explicit_{c}", "explicit", f"a {c} handwritten digit {{value}}", list(args.explicit_digits),
+            "digit {value}", names=c,
+        )
+        for c in adapters
+    ]  # fmt: skip
+    judges = JudgeConfig(
+        kind="colored_digits", path=str(args.judges), color_judge="hue",
+        reference=None if args.reference is None else str(args.reference),
+    )  # fmt: skip
+    gen = GenerationConfig(
+        n_per_prompt=args.n_per_prompt, steps=args.steps, guidance_scale=args.guidance_scale
+    )
+    backbone = Backbone.from_config(BackboneConfig(kind="tiny", pretrained=args.model))
+    t0 = time.perf_counter()
+    ends = mix_endpoints(
+        class_adapters=adapters, prompts=neutral + explicit, out=args.out, backbone=backbone, judges=judges,
+        generation=gen, include_base=args.include_base,
+    )  # fmt: skip
+    seconds = {"endpoints": time.perf_counter() - t0}
+    checks = {}
+    for share in args.requests:
+        t1 = time.perf_counter()
+        checks[f"{share:.2f}"] = verify_mix(
+            ends, {"*": {"red": share}}, prompts=neutral, out=args.out, backbone=backbone, judges=judges,
+            generation=gen, name=f"request_red_{share:.2f}",
+        )  # fmt: skip
+        seconds[f"request {share:.2f}"] = time.perf_counter() - t1
+    return {
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
+        "adapters": adapters,
+        "train_seconds": train_s,
+        "endpoints": ends,
+        "checks": checks,
+        "summary": summarize(checks),
+        "seconds": seconds,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def summarize(checks: dict) -> dict:
+    """Mean and worst |landed − requested| over the requests: on the digits trained with data and named
+    (seen + named) and on the never-named digit (heldout), apart."""
+    out = {}
+    for part, roles in (("seen_named", {"seen", "named"}), ("heldout", {"heldout"})):
+        errs = [r["abs_error"] for c in checks.values() for r in c["rows"] if r["role"] in roles]
+        errs = [e for e in errs if e is not None]
+        out[part] = {"mean_abs_error": float(np.mean(errs)) if errs else None,
+                     "worst_abs_error": float(np.max(errs)) if errs else None, "n": len(errs)}  # fmt: skip
+    return out
+
+
+def _f(x, d=3) -> str:
+    return "n/a" if x is None else f"{x:.{d}f}"
+
+
+def markdown(p: dict) -> str:
+    o, ends, s = p["options"], p["endpoints"], p["summary"]
+    classes = ends["classes"]
+    lines = [
+        "# Any mix after deployment: class adapters drawn per image",
+        "",
+        f"Adapters: `{o['spec']}` (seed {o['seed']}), one per ink, each the demo's arm trained toward "
+        f'that ink alone. "a handwritten digit {{d}}", N = {o["n_per_prompt"]} per digit, '
+        f"{o['steps']} DDIM steps, "
+        f"guidance {o['guidance_scale']}, hue judge. Endpoints on seeds 0-{o['n_per_prompt'] - 1}; each "
+        f"request checked on seeds {o['n_per_prompt']}-{2 * o['n_per_prompt'] - 1}. Command: "
+        "`python benchmarks/mix_dial.py` (options in the JSON).",
+        "",
+        "## Requested against landed (mean and worst |landed − requested| over all requests)",
+        "",
+        "| digits | mean abs error | worst abs error | rows |",
+        "|---|---|---|---|",
+        f"| 0-8 (trained with data, and named without data) | {_f(s['seen_named']['mean_abs_error'])} | "
+        f"{_f(s['seen_named']['worst_abs_error'])} | {s['seen_named']['n']} |",
+        f"| 9 (never named) | {_f(s['heldout']['mean_abs_error'])} | {_f(s['heldout']['worst_abs_error'])} | "
+        f"{s['heldout']['n']} |",
+        "",
+        "## Each adapter alone (endpoints): red share per digit",
+        "",
+    ]
+    base = _base_shares(p) if p["options"]["include_base"] else None
+    lines += [
+        "| digit | " + " | ".join(f"{c} adapter" for c in classes) + (" | base |" if base else " |"),
+        "|---|" + "---|" * (len(classes) + (1 if base else 0)),
+    ]
+    for concept, rec in ends["concepts"].items():
+        cells = [_f(rec["share"][c][classes[0]], 2) for c in ends["adapters"]]
+        if base:
+            cells.append(_f(base.get(concept), 2))
+        lines.append(f"| {concept} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| method | explicit kept | fidelity | Fréchet | UNet evals / image |",
+        "|---|---|---|---|---|",
+    ]
+    for name, m in ends["metrics"].items():
+        lines.append(
+            f"| {name} (alone) | {_f(m['explicit_kept'])} | {_f(m['fidelity'])} | {_f(m['frechet'], 1)} | "
+            f"{_f(m['unet_evals_per_image'], 0)} |"
+        )
+    for share, c in p["checks"].items():
+        m = c["metrics"]
+        lines.append(
+            f"| mix, red {share} | n/a | {_f(m['fidelity'])} | {_f(m['frechet'], 1)} | "
+            f"{_f(m['unet_evals_per_image'], 0)} |"
+        )
+    lines += [
+        "",
+        "Explicit prompts go through whichever adapter an image draws, so a mix keeps them at least as "
+        "well as its worse adapter alone.",
+        "",
+    ]
+    for share, c in p["checks"].items():
+        lines += [f"## Request: red {share} on every digit", "", mix_markdown(c), ""]
+    t = p["train_seconds"]
+    lines += [
+        "Training: " + ", ".join(f"{c} adapter {_f(x, 0)} s" for c, x in t.items())
+        + " (each the demo's arm at its step budget, trained in parallel with other runs). Wall time here: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in p["seconds"].items())
+        + f" ({p['threads']} torch threads).",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _base_shares(p: dict) -> dict[str, float | None]:
+    metrics = json.loads((Path(p["options"]["out"]) / "metrics.json").read_text())
+    first = p["endpoints"]["classes"][0]
+    return {c: r["share"][first] for c, r in neutral_shares(metrics, "base").items()}
+
+
+def main() -> None:
+    from jsonargparse import CLI
+
+    args = CLI(Options, as_positional=False)
+    payload = run(args)
+    write_results(args.name, payload, markdown(payload), args.results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Any mix after deployment: one adapter per class, drawn per image in solved shares."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fairtune.cli import main
+from fairtune.eval import (
+    CompareConfig,
+    GenerationConfig,
+    JudgeConfig,
+    MethodConfig,
+    compare_methods,
+    expand_mix_request,
+    load_prompt_file,
+    mix_for,
+)
+from fairtune.models import ClassAdapterMix
+
+GEN = GenerationConfig(n_per_prompt=8, steps=4, batch_size=64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ================================================================================= solving the mix
+def test_two_classes_solve_in_closed_form_and_flag_what_is_out_of_reach():
+    ends = np.array([[0.9, 0.1], [0.2, 0.8]])  # red adapter alone: 90% red; blue adapter: 20% red
+    w, ok = mix_for(ends, np.array([0.5, 0.5]))
+    assert ok and w == pytest.approx([(0.5 - 0.2) / 0.7, 1 - (0.5 - 0.2) / 0.7], abs=1e-6)
+    assert w @ ends == pytest.approx([0.5, 0.5], abs=1e-6)
+    w, ok = mix_for(ends, np.array([0.95, 0.05]))  # beyond the red adapter: the nearest mix, flagged
+    assert not ok and w == pytest.approx([1.0, 0.0], abs=1e-6)
+
+
+def test_three_classes_reach_any_mix_inside_the_adapters_hull():
+    ends = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.05, 0.15, 0.8]])
+    for want in ([0.2, 0.3, 0.5], [0.6, 0.2, 0.2], [1 / 3, 1 / 3, 1 / 3]):
+        w, ok = mix_for(ends, np.array(want))
+        assert ok and w.min() >= 0 and w.sum() == pytest.approx(1)
+        assert w @ ends == pytest.approx(want, abs=1e-4)
+    assert not mix_for(ends, np.array([0.95, 0.05, 0.0]))[1]
+
+
+@pytest.mark.parametrize(
+    "request_, named",
+    [
+        ({"digit 11": {"red": 0.7}}, "digit 11"),
+        ({"digit 1": {"green": 0.7}}, "green"),
+        ({"digit 1": {"red": 1.5}}, "[0, 1]"),
+        ({"digit 1": {"red": 0.5, "blue": 0.3}}, "sum"),
+        ({}, "empty"),
+    ],
+)
+def test_a_bad_mix_request_names_what_is_wrong(request_, named):
+    with pytest.raises(ValueError, match=r"request") as e:
+        expand_mix_request(request_, ["digit 1", "digit 9"], ["red", "blue"])
+    assert named in str(e.value)
+
+
+def test_two_classes_need_one_share_three_need_all():
+    got = expand_mix_request(
+        {"*": {"red": 0.3}, "digit 9": {"blue": 0.9}}, ["digit 1", "digit 9"], ["red", "blue"]
+    )
+    assert got == {"digit 1": {"red": 0.3, "blue": 0.7}, "digit 9": {"red": pytest.approx(0.1), "blue": 0.9}}
+    with pytest.raises(ValueError, match="every class"):
+        expand_mix_request({"*": {"red": 0.3}}, ["d"], ["red", "blue", "green"])
+
+
+# ============================================================================ on the shipped model
+@pytest.fixture(scope="module")
+def blue_adapter(random_adapter):
+    """A second adapter (other random up-projections than ``adapter_dir``)."""
+    return random_adapter(1)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "digits.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "seen",
+                    "template": "a handwritten digit {value}",
+                    "values": [1, 9],
+                    "concept": "digit {value}",
+                },
+                {
+                    "name": "red",
+                    "role": "explicit",
+                    "names": "red",
+                    "template": "a red handwritten digit {value}",
+                    "values": [1, 9],
+                    "concept": "digit {value}",
+                },
+            ]
+        )  # fmt: skip
+    )
+    return path
+
+
+def test_each_image_is_the_image_its_class_adapter_gives_alone(
+    backbone, adapter_dir, blue_adapter, judges_dir, prompts_file
+):
+    adapters = {"red": str(adapter_dir), "blue": str(blue_adapter)}
+    methods = [
+        MethodConfig("red_alone", kind="adapter", adapter=adapters["red"]),
+        MethodConfig("blue_alone", kind="adapter", adapter=adapters["blue"]),
+        MethodConfig(
+            "mix", kind="class_adapters", class_adapters=adapters, mix={"*": {"red": 0.25, "blue": 0.75}}
+        ),
+    ]
+    judges = JudgeConfig(kind="colored_digits", path=str(judges_dir))
+    cfg = CompareConfig(
+        methods=methods, prompts=load_prompt_file(prompts_file), backbone=backbone.config, judges=judges,
+        generation=GEN,
+    )  # fmt: skip
+    metrics, images = compare_methods(cfg, backbone=backbone, progress=False)
+    mix = metrics["methods"]["mix"]["summary"]
+    assert mix["unet_evals_per_image"] == 2 * GEN.steps  # the base model's cost
+    from fairtune.eval._config import prompt_entries
+    from fairtune.eval._generation import mix_classes
+    from fairtune.eval._panel import build_judges, build_target
+
+    target = build_target(cfg.target, build_judges(cfg.judges))
+    drawn = mix_classes(methods[2], prompt_entries(cfg.prompts), target, GEN.n_per_prompt)
+    per_prompt = np.array(drawn).reshape(-1, GEN.n_per_prompt)
+    assert ((per_prompt == "red").sum(axis=1) == 2).all()  # stratified: exactly 25% of each prompt's 8
+    for i, c in enumerate(drawn):
+        assert torch.allclose(images["mix"][i], images[f"{c}_alone"][i], atol=2e-3), i
+    # mixed by the concept's own entry first, then "*"
+    mix = {"digit 9": {"red": 1.0, "blue": 0.0}, "*": {"red": 0.0, "blue": 1.0}}
+    one = MethodConfig("m", kind="class_adapters", class_adapters=adapters, mix=mix)
+    drawn = mix_classes(one, prompt_entries(cfg.prompts), target, GEN.n_per_prompt)
+    concepts = [e.concept for e in prompt_entries(cfg.prompts) for _ in range(GEN.n_per_prompt)]
+    assert all((c == "red") == (k == "digit 9") for c, k in zip(drawn, concepts))
+
+
+def test_class_adapters_are_checked_before_any_work(adapter_dir, tmp_path):
+    from fairtune.eval import validate_methods
+
+    with pytest.raises(FileNotFoundError, match=r"class_adapters\['blue'\]"):
+        adapters = {"red": str(adapter_dir), "blue": str(tmp_path)}
+        validate_methods([MethodConfig("m", kind="class_adapters", class_adapters=adapters)])
+    with pytest.raises(ValueError, match="only it"):
+        validate_methods(
+            [MethodConfig("m", kind="adapter", adapter=str(adapter_dir), mix={"*": {"red": 1.0}})]
+        )
+
+
+def test_the_mixer_refuses_a_class_without_adapter(backbone, adapter_dir):
+    mixer = ClassAdapterMix(backbone, {"red": adapter_dir})
+    with pytest.raises(ValueError, match=r"\['blue'\] have no adapter"):
+        mixer.sample(["a handwritten digit 1"], seeds=[0], classes=["blue"], steps=2)
+    with pytest.raises(ValueError, match="differ"):
+        mixer.sample(["a handwritten digit 1"], seeds=[0, 1], classes=["red"], steps=2)
+
+
+def test_dial_with_class_adapters_solves_and_checks_a_request(backbone, adapter_dir, blue_adapter, judges_dir,
+                                                              prompts_file, tmp_path, capsys):  # fmt: skip
+    out = tmp_path / "mixdial"
+    adapters = {"red": str(adapter_dir), "blue": str(blue_adapter)}
+    common = ["dial", "--model", "colored-digits-16", "--prompts", str(prompts_file), "--out", str(out),
+              "--class_adapters", json.dumps(adapters), "--judges.kind", "colored_digits",
+              "--judges.path", str(judges_dir), "--generation.n_per_prompt", "8", "--generation.steps", "4",
+              "--generation.batch_size", "64"]  # fmt: skip
+    main(common)
+    ends = json.loads((out / "mix.json").read_text())
+    assert ends["classes"] == ["red", "blue"] and list(ends["adapters"]) == ["red", "blue"]
+    a = {c: ends["concepts"]["digit 9"]["share"][c]["red"] for c in ("red", "blue")}
+    assert None not in a.values(), "no image of digit 9 was placed"
+    want = (a["red"] + a["blue"]) / 2  # between the two adapters: always reachable
+    main([*common, "--request", json.dumps({"digit 9": {"red": want}})])
+    printed = capsys.readouterr().out
+    result = json.loads((out / "request.json").read_text())
+    (row,) = result["rows"]
+    assert row["concept"] == "digit 9" and row["class"] == "red" and row["reachable"]
+    assert row["expected"] == pytest.approx(want, abs=1e-3)
+    assert (
+        "digit 9: red adapter" in printed
+        and "## Requested mixes (class adapters)" in (out / "report.md").read_text()
+    )
+    assert result["generation"]["seed"] == GEN.seed + GEN.n_per_prompt  # fresh seeds
+    assert row["low"] <= row["landed"] <= row["high"] and row["abs_error"] == pytest.approx(
+        abs(row["landed"] - want)
+    )
+    assert result["metrics"]["explicit_kept"] is not None
