@@ -166,11 +166,12 @@ def _f(x, d=3) -> str:
 
 def markdown(p: dict) -> str:
     o, ends, s = p["options"], p["endpoints"], p["summary"]
+    spec = Path(o["spec"]).resolve().relative_to(ROOT)
     classes = ends["classes"]
     lines = [
         "# Any mix after deployment: class adapters drawn per image",
         "",
-        f"Adapters: `{o['spec']}` (seed {o['seed']}), one per ink, each the demo's arm trained toward "
+        f"Adapters: `{spec}` (seed {o['seed']}), one per ink, each the demo's arm trained toward "
         f'that ink alone. "a handwritten digit {{d}}", N = {o["n_per_prompt"]} per digit, '
         f"{o['steps']} DDIM steps, "
         f"guidance {o['guidance_scale']}, hue judge. Endpoints on seeds 0-{o['n_per_prompt'] - 1}; each "

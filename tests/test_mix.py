@@ -146,7 +146,7 @@ def test_each_image_is_the_image_its_class_adapter_gives_alone(
 
 
 def test_class_adapters_are_checked_before_any_work(adapter_dir, tmp_path):
-    from fairtune.eval import validate_methods
+    from fairtune.eval._config import validate_methods
 
     with pytest.raises(FileNotFoundError, match=r"class_adapters\['blue'\]"):
         adapters = {"red": str(adapter_dir), "blue": str(tmp_path)}
