@@ -253,19 +253,13 @@ def compare_methods(
 def method_key(config: CompareConfig, method: MethodConfig, backbone: BackboneConfig) -> str:
     """A hash of everything a method's results depend on: the method (its adapter's bytes and scale),
     the base model, the prompts, the judges, the target and the generation settings."""
-    adapter = None
-    if method.adapter is not None:
-        f = Path(method.adapter) / LORA_WEIGHT_NAME
-        adapter = hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "missing"
+    adapter = None if method.adapter is None else _adapter_sha256(method.adapter)
     described = asdict(method)
     for k in ("class_adapters", "mix"):  # absent before class adapters existed: earlier caches stay valid
         if described[k] is None:
             del described[k]
     if method.class_adapters is not None:
-        described["class_adapters_sha256"] = {
-            c: hashlib.sha256((Path(d) / LORA_WEIGHT_NAME).read_bytes()).hexdigest()
-            for c, d in method.class_adapters.items()
-        }
+        described["class_adapters_sha256"] = {c: _adapter_sha256(d) for c, d in method.class_adapters.items()}
     if described["adapter_scale"] == 1.0:  # as before the scale existed: earlier caches stay valid
         del described["adapter_scale"]
     parts = {
@@ -279,6 +273,11 @@ def method_key(config: CompareConfig, method: MethodConfig, backbone: BackboneCo
         "frechet_roles": list(config.frechet_roles),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _adapter_sha256(folder: str | Path) -> str:
+    f = Path(folder) / LORA_WEIGHT_NAME
+    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "missing"
 
 
 def _method_paths(cache_dir: str | Path, name: str) -> tuple[Path, Path]:

@@ -374,6 +374,16 @@ def _check_mix(m: MethodConfig, classes: list[str]) -> None:
             raise ValueError(f"method {m.name!r}: mix[{concept!r}] must sum to 1, got {sum(w.values()):.4f}")
 
 
+def groups_for(groups: Sequence[PromptGroup], concepts: set[str]) -> list[PromptGroup]:
+    """The prompt groups cut to the prompts of ``concepts`` (group names kept, so keys match)."""
+    out = []
+    for g in groups:
+        kept = {e.concept: e.prompt for e in g.entries() if e.concept in concepts}
+        if kept:
+            out.append(PromptGroup(name=g.name, role=g.role, names=g.names, prompts=kept))
+    return out
+
+
 def load_prompt_file(path: str | Path) -> list[PromptGroup]:
     """Prompt groups from a file.
 

@@ -34,6 +34,7 @@ from ._config import (
     JudgeConfig,
     MethodConfig,
     PromptGroup,
+    groups_for,
     load_prompt_file,
     prompt_entries,
 )
@@ -214,7 +215,7 @@ def verify_request(
     out = Path(out)
     landed: dict[str, dict] = {}
     for scale, concepts in by_scale.items():
-        groups = _groups_for(prompts, set(concepts))
+        groups = groups_for(prompts, set(concepts))
         name = scale_name(scale, prefix="request")
         cfg = CompareConfig(
             methods=[MethodConfig(name, "adapter", str(adapter), fuse=fuse, adapter_scale=scale)],
@@ -268,16 +269,6 @@ def verify_request(
     print(table)
     print(f"wrote {out / 'request.json'}", file=sys.stderr)
     return result
-
-
-def _groups_for(groups: Sequence[PromptGroup], concepts: set[str]) -> list[PromptGroup]:
-    """The prompt groups cut to the prompts of ``concepts`` (group names kept, so keys match)."""
-    out = []
-    for g in groups:
-        kept = {e.concept: e.prompt for e in g.entries() if e.concept in concepts}
-        if kept:
-            out.append(PromptGroup(name=g.name, role=g.role, prompts=kept))
-    return out
 
 
 def dial(
@@ -372,8 +363,20 @@ def dial(
 
 
 def _class_adapter_dial(
-    *, model, class_adapters, groups, concepts, out, request, kind, judges, target, generation, verify_seed,
-    progress, backbone,
+    *,
+    model,
+    class_adapters,
+    groups,
+    concepts,
+    out,
+    request,
+    kind,
+    judges,
+    target,
+    generation,
+    verify_seed,
+    progress,
+    backbone,
 ) -> dict:
     from fairtune.models import LORA_WEIGHT_NAME
 

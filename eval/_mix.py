@@ -24,7 +24,7 @@ import numpy as np
 from fairtune.data import TargetConfig, atomic_write_text
 
 from ._compare import _jsonable, compare_methods, write_metrics
-from ._config import ROLES, CompareConfig, JudgeConfig, MethodConfig, PromptGroup
+from ._config import ROLES, CompareConfig, JudgeConfig, MethodConfig, PromptGroup, groups_for
 from ._dial_curve import INTERVAL, concept_shares, requested_concepts
 from ._generation import GenerationConfig
 
@@ -95,15 +95,6 @@ def mix_for(endpoints: np.ndarray, requested: np.ndarray) -> tuple[np.ndarray, b
     w, _ = nnls(np.vstack([a.T, big * np.ones((1, k))]), np.concatenate([p, [big]]))
     w = w / w.sum()
     return w, bool(np.max(np.abs(w @ a - p)) <= REACH_TOLERANCE)
-
-
-def _groups_for(groups: Sequence[PromptGroup], concepts: set[str]) -> list[PromptGroup]:
-    out = []
-    for g in groups:
-        kept = {e.concept: e.prompt for e in g.entries() if e.concept in concepts}
-        if kept:
-            out.append(PromptGroup(name=g.name, role=g.role, names=g.names, prompts=kept))
-    return out
 
 
 def mix_endpoints(
@@ -237,7 +228,7 @@ def verify_mix(
         mix={c: r["mix"] for c, r in found.items()},
     )  # fmt: skip
     cfg = CompareConfig(
-        methods=[method], prompts=_groups_for(prompts, set(found)), backbone=backbone.config, judges=judges,
+        methods=[method], prompts=groups_for(prompts, set(found)), backbone=backbone.config, judges=judges,
         target=target, generation=gen, frechet_roles=list(ROLES),
     )  # fmt: skip
     out = Path(out)
