@@ -13,7 +13,14 @@ import numpy as np
 import torch
 
 from fairtune.data import AttributeSpec, Target, TargetConfig, concept_name
-from fairtune.models import LORA_WEIGHT_NAME, Backbone, BackboneConfig, TinyUNetConfig, load_adapter
+from fairtune.models import (
+    LORA_WEIGHT_NAME,
+    Backbone,
+    BackboneConfig,
+    ClassAdapterMix,
+    TinyUNetConfig,
+    load_adapter,
+)
 
 from ._colored_digits import Judges, load_judges
 from ._config import PromptEntry, PromptGroup
@@ -173,6 +180,7 @@ def judge_colored_digits(
     explicit: str | None = None,
     explicit_n: int = 32,
     device: Literal["auto", "cpu", "cuda"] = "cpu",
+    class_adapters: Mapping[str, str | Path] | None = None,
 ) -> dict[str, float]:
     """Judge a run on ColoredDigits-Bias: the base model (``model.backbone`` of the run's resolved
     config) with the run's adapter fused in (or as it is, for a run that trains nothing),
@@ -205,6 +213,9 @@ def judge_colored_digits(
             prompt's.
         explicit_n: Images per explicit prompt.
         device: Where to generate and judge (``auto``: a GPU where there is one).
+        class_adapters: Judge, instead of the run's own adapter, the base model with one adapter
+            folder per class (:class:`~fairtune.models.ClassAdapterMix`), each image drawn from the
+            run's target proportions (stratified per prompt); ``run_dir`` then only receives the grid.
 
     Returns:
         Flat metrics: the scoring engine's summary (``mean_dev_seen``, ``worst_dev_seen``,
@@ -219,7 +230,17 @@ def judge_colored_digits(
     bcfg = dict(config["model"]["backbone"])
     if isinstance(bcfg.get("unet"), dict):
         bcfg["unet"] = TinyUNetConfig(**bcfg["unet"])
-    if (run_dir / "adapter" / LORA_WEIGHT_NAME).is_file():
+    data = config.get("data") or {}
+    target = Target(
+        TargetConfig(**(data.get("target") or {})),
+        AttributeSpec(data.get("attributes") or {"color": ["red", "blue"]}),
+    )
+    if class_adapters is not None:
+        if len(target.attributes) != 1 or target.config.per_concept:
+            raise ValueError("class_adapters: one attribute and one mix for every concept only")
+        mix = dict(zip(target.groups, target.proportions(None)))
+        bb = ClassAdapterMix(Backbone.from_config(BackboneConfig(**bcfg)), class_adapters, mix=mix)
+    elif (run_dir / "adapter" / LORA_WEIGHT_NAME).is_file():
         if bcfg.get("pretrained") is None:
             raise ValueError(
                 f"{run_dir}: the run trained an adapter on a randomly initialised UNet "
@@ -233,11 +254,6 @@ def judge_colored_digits(
         bb = Backbone.from_config(BackboneConfig(**bcfg))
     else:
         raise ValueError(f"{run_dir}: no adapter/ or model/ to judge, and no pretrained base in its config")
-    data = config.get("data") or {}
-    target = Target(
-        TargetConfig(**(data.get("target") or {})),
-        AttributeSpec(data.get("attributes") or {"color": ["red", "blue"]}),
-    )
     jd = _cached_judges(str(Path(judges).resolve()))
     if jd.groups(target.attributes) != list(target.groups):
         raise ValueError(

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ._lora import adapter_copy
+from ._prompt_augmentation import draw_classes
 
 
 class ClassAdapterMix:
@@ -38,34 +39,62 @@ class ClassAdapterMix:
         adapters: Class name to an adapter folder (``pytorch_lora_weights.safetensors``), in the
             order of the attribute's classes.
         fuse: Fuse each adapter into its UNet copy (the base model's cost per image).
+        mix: The share of images each class's adapter draws when :meth:`sample` is given no
+            ``classes`` (drawn stratified per distinct prompt, as the comparison's ``class_adapters``
+            method draws them); ``None``: ``classes`` must be given.
 
     Raises:
-        ValueError: No adapter given.
+        ValueError: No adapter given, or a mix naming a class without an adapter.
         FileNotFoundError: A folder without the weights file.
     """
 
-    def __init__(self, backbone, adapters: Mapping[str, str | os.PathLike], *, fuse: bool = True) -> None:
+    def __init__(
+        self,
+        backbone,
+        adapters: Mapping[str, str | os.PathLike],
+        *,
+        fuse: bool = True,
+        mix: Mapping[str, float] | None = None,
+    ) -> None:
         if not adapters:
             raise ValueError("class adapters: give one adapter folder per class, e.g. {red: DIR, blue: DIR}")
         self.classes = list(adapters)
+        if mix is not None:
+            unknown = sorted(set(mix) - set(self.classes))
+            if unknown:
+                raise ValueError(f"mix names classes {unknown} without an adapter; adapters: {self.classes}")
+            mix = {c: float(mix.get(c, 0.0)) for c in self.classes}
+        self.mix = mix
         self.backbones = {c: adapter_copy(backbone, Path(a), fuse=fuse) for c, a in adapters.items()}
+
+    def to(self, device) -> ClassAdapterMix:
+        for bb in self.backbones.values():
+            bb.to(device)
+        return self
 
     def sample(
         self,
         prompts: Sequence[str],
         *,
         seeds: Sequence[int],
-        classes: Sequence[str],
+        classes: Sequence[str] | None = None,
         steps: int = 25,
         guidance_scale: float = 2.0,
         batch_size: int | None = None,
     ) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` in [0, 1]: image ``i`` from ``prompts[i]`` and ``seeds[i]`` with the
         adapter of ``classes[i]`` (the images of one class are sampled together, then put back in order).
+        Without ``classes``, each distinct prompt's images draw their classes from the ``mix`` given at
+        construction, stratified (the same prompts and mix always give the same draw), so the object
+        samples like a :class:`~fairtune.models.Backbone`.
 
         Raises:
-            ValueError: Lengths differ or a class has no adapter.
+            ValueError: Lengths differ, a class has no adapter, or no classes and no mix.
         """
+        if classes is None:
+            if self.mix is None:
+                raise ValueError("give each image's class, or construct ClassAdapterMix with a mix")
+            classes = draw_classes(list(prompts), target=self.mix, assignment="stratified", seed=0)
         if not len(prompts) == len(seeds) == len(classes):
             raise ValueError(f"{len(prompts)} prompts, {len(seeds)} seeds and {len(classes)} classes differ")
         unknown = sorted(set(classes) - set(self.classes))

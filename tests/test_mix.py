@@ -165,6 +165,57 @@ def test_the_mixer_refuses_a_class_without_adapter(backbone, adapter_dir):
         mixer.sample(["a handwritten digit 1"], seeds=[0, 1], classes=["red"], steps=2)
 
 
+def test_a_mixer_with_a_mix_samples_like_a_backbone(backbone, adapter_dir, blue_adapter):
+    """Without per-image classes, each prompt's images draw them from the mix, stratified and always the
+    same; every image is the one its class's adapter gives alone."""
+    mixer = ClassAdapterMix(backbone, {"red": adapter_dir, "blue": blue_adapter}, mix={"red": 0.5, "blue": 0.5})
+    prompts = ["a handwritten digit 1"] * 4 + ["a handwritten digit 7"] * 4
+    seeds = list(range(4)) * 2
+    kw = dict(seeds=seeds, steps=3, guidance_scale=2.0)
+    x = mixer.sample(prompts, **kw)
+    from fairtune.models import draw_classes
+
+    drawn = draw_classes(prompts, target=mixer.mix, assignment="stratified", seed=0)
+    assert drawn[:4].count("red") == 2 and drawn[4:].count("red") == 2
+    assert torch.equal(x, mixer.sample(prompts, **kw, classes=drawn))
+    assert torch.equal(x, mixer.sample(prompts, **kw))  # the same draw every call
+    for c in ("red", "blue"):
+        alone = mixer.backbones[c].sample(prompts, **kw)
+        idx = [i for i, k in enumerate(drawn) if k == c]
+        assert torch.allclose(x[idx], alone[idx], atol=2e-3)
+    with pytest.raises(ValueError, match=r"\['green'\] without an adapter"):
+        ClassAdapterMix(backbone, {"red": adapter_dir}, mix={"green": 1.0})
+    with pytest.raises(ValueError, match="construct ClassAdapterMix with a mix"):
+        ClassAdapterMix(backbone, {"red": adapter_dir}).sample(prompts[:1], seeds=[0], steps=2)
+
+
+def test_the_sweep_judge_scores_class_adapters_drawn_in_the_target_mix(adapter_dir, judges_dir, tmp_path):
+    """The benchmark judge on a pair: with both classes' adapters the same folder, the pair is that
+    adapter, so every figure equals the adapter's own; the target's mix is what the pair is scored on."""
+    from fairtune.eval import judge_colored_digits
+    from fairtune.models import LORA_WEIGHT_NAME
+
+    config = {
+        "model": {"backbone": {"kind": "tiny", "pretrained": "colored-digits-16"}},
+        "data": {"concepts": ["digit 0"], "attributes": {"color": ["red", "blue"]},
+                 "target": {"proportions": "uniform"}},
+    }  # fmt: skip
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / LORA_WEIGHT_NAME).write_bytes((adapter_dir / LORA_WEIGHT_NAME).read_bytes())
+    kw = dict(judges=str(judges_dir), n_per_prompt=8, steps=4, digits=[0, 5], batch_size=64)
+    alone = judge_colored_digits(run, config, **kw)
+    pair = judge_colored_digits(
+        tmp_path / "pair", config, **kw, class_adapters={"red": adapter_dir, "blue": adapter_dir}
+    )
+    for k in ("mean_dev_seen", "red_share_d0", "red_share_d5", "mean_dev_heldout"):
+        assert pair[k] == pytest.approx(alone[k], abs=1e-6), k
+    joint = {**config, "data": {**config["data"], "target": {"proportions": "uniform", "per_concept": {
+        "digit 0": {"red": 1.0, "blue": 0.0}}}}}  # fmt: skip
+    with pytest.raises(ValueError, match="one mix for every concept"):
+        judge_colored_digits(tmp_path / "pair", joint, **kw, class_adapters={"red": adapter_dir})
+
+
 def test_dial_with_class_adapters_solves_and_checks_a_request(backbone, adapter_dir, blue_adapter, judges_dir,
                                                               prompts_file, tmp_path, capsys):  # fmt: skip
     out = tmp_path / "mixdial"
