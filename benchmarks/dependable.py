@@ -268,7 +268,7 @@ def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target:
         ensure_assets()
         run_sweep(spec, OUT, workers=workers, aggregate=False)
     per_seed = pair_metrics(spec, OUT, target=target)
-    arm = f"class pair ({', '.join(sorted({r.arm for r in spec.runs if r.train}))})"
+    arm = "class_pair"
     base_runs = seed_metrics(load_spec(SPEC), OUT).get("base", {})
     single = json.loads((RESULTS / f"{NAME}.json").read_text())["arms"].get("debiased")
     rows = {
@@ -279,8 +279,8 @@ def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target:
     goals = goal_checks(rows[arm], rows["base"])
     spec_rel = Path(spec.path).resolve().relative_to(ROOT)
     lines = [
-        f"# {spec.name}: the class adapters drawn per image in {target} proportions, over seeds "
-        f"{sorted(per_seed)} (spec `{spec_rel}`)",
+        f"# {spec.name}: the class adapters ({', '.join(sorted({r.arm for r in spec.runs if r.train}))}) "
+        f"drawn per image in {target} proportions, over seeds {sorted(per_seed)} (spec `{spec_rel}`)",
         "",
         *table_lines(rows),
         "",
@@ -300,7 +300,8 @@ def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target:
         val = "" if g["value"] is None else f"{g['value']:.4g}"
         label = g["metric"] + (" interval half-width" if g["kind"] == "halfwidth" else "")
         lines.append(f"- {label} = {val} (goal {g['goal']}): {verdict}")
-    payload = {"spec": str(spec_rel), "target": target, "arms": rows, "goals": {arm: goals},
+    steps = next((r.overrides.get("trainer.max_steps") for r in spec.runs if r.train), None)
+    payload = {"spec": str(spec_rel), "target": target, "steps": steps, "arms": rows, "goals": {arm: goals},
                "per_seed": {arm: {str(k): v for k, v in per_seed.items()}}}  # fmt: skip
     write_results(f"{spec.name}_pair", payload, "\n".join(lines) + "\n")
     return payload

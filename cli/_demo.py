@@ -66,6 +66,7 @@ def demo(
     seed: int = 0,
     threads: int | None = None,
     control: bool = False,
+    pair: bool = False,
 ) -> dict:
     """The main job: train the debiased adapter, compare it with the base model and the baselines.
 
@@ -89,6 +90,9 @@ def demo(
         threads: torch CPU threads (default: torch's choice).
         control: Also train and compare the naive control, the same LoRA training without any
             lever (it shows that fine-tuning alone leaves the bias; about 5 more minutes on 2 cores).
+        pair: Also train the class adapters (``red`` and ``blue``: the debiased arm trained toward one
+            ink alone, the explicit prompts held) and compare them drawn per image in the target's mix
+            (``class_pair``, the base model's cost per image; twice the debiased adapter's training).
 
     Returns:
         The comparison's metrics (also in ``out/compare/metrics.json``).
@@ -113,8 +117,9 @@ def demo(
         overrides={"trainer.max_steps": steps, "data.source.path": str(Path(data).resolve() / "table")},
         seeds=[seed],
     )
-    if not control:
-        spec.runs = [r for r in spec.runs if r.arm != "naive"]
+    skip = {"naive"} if not control else set()
+    skip |= {"red", "blue"} if not pair else set()
+    spec.runs = [r for r in spec.runs if r.arm not in skip]
     print(
         f"[demo] training {', '.join(r.arm for r in spec.runs)} ({steps} steps each) into {out}/runs",
         file=sys.stderr,
@@ -126,7 +131,7 @@ def demo(
             f"training arm {s.get('arm')!r} failed: {s.get('error')} (see {out}/runs/{s['hash']}/fit.log)"
         )
     runs = {r.arm: out / "runs" / r.hash for r in spec.runs}
-    for arm, d in runs.items():  # out/naive, out/debiased: what configs/compare/colored_digits.yaml names
+    for arm, d in runs.items():  # out/<arm>: the folders configs/compare/colored_digits.yaml names
         link = out / arm
         if link.is_symlink() or not link.exists():
             link.unlink(missing_ok=True)
@@ -142,14 +147,16 @@ def demo(
         "--generation.n_per_prompt", str(n_per_prompt), "--generation.steps", str(sampling_steps),
         *(["--generation.batch_size", str(batch_size)] if batch_size is not None else []),
     )  # fmt: skip
-    adapters = {"debiased": runs["debiased"] / "adapter"}
-    if control:
-        adapters["naive"] = runs["naive"] / "adapter"
-    else:
-        cfg.methods = [m for m in cfg.methods if m.name != "naive"]
-    for m in cfg.methods:
-        if m.name in adapters:
-            m.adapter = str(adapters[m.name])
+    cfg.methods = [
+        m for m in cfg.methods
+        if not (m.kind == "adapter" and m.name not in runs)
+        and not (m.kind == "class_adapters" and not set(m.class_adapters or {}) <= set(runs))
+    ]  # fmt: skip
+    for m in cfg.methods:  # this run's adapters, wherever --out is
+        if m.kind == "adapter":
+            m.adapter = str(runs[m.name] / "adapter")
+        elif m.kind == "class_adapters":
+            m.class_adapters = {c: str(runs[c] / "adapter") for c in m.class_adapters}
     if paraphrase_digits is not None:
         for g in cfg.prompts:
             if g.role == "paraphrase":
@@ -171,40 +178,47 @@ def demo(
         file=sys.stderr,
     )
     beside_committed(metrics["methods"].get("debiased", {}).get("summary"), steps=steps, seed=seed)
+    if pair:
+        beside_committed(
+            metrics["methods"].get("class_pair", {}).get("summary"), steps=steps, seed=seed,
+            path=Path(COMMITTED_PAIR), arm="class_pair",
+        )  # fmt: skip
     return metrics
 
 
 # The demo's columns and the keys of benchmarks/results/dependable.json they are checked against.
 COMMITTED = "benchmarks/results/dependable.json"
+COMMITTED_PAIR = "benchmarks/results/class_adapters_hold_pair.json"
 CHECKED = [
     ("mean_dev_seen", "mean_dev_seen", "mean dev seen"),
     ("worst_dev_seen", "worst_dev_seen", "worst seen"),
     ("mean_dev_named", "mean_dev_named", "named, no data"),
     ("mean_dev_heldout", "mean_dev_unnamed", "never named"),
     ("mean_dev_paraphrase", "mean_dev_paraphrase", "paraphrase"),
+    ("explicit_kept", "explicit_follow", "explicit kept"),
     ("fidelity", "fidelity", "fidelity"),
     ("frechet", "frechet", "Fréchet"),
 ]
 
 
-def beside_committed(summary: dict | None, *, steps: int, seed: int, path: Path | None = None) -> list[dict]:
-    """Print this run's debiased figures beside the committed results over seeds (the mean and the
+def beside_committed(
+    summary: dict | None, *, steps: int, seed: int, path: Path | None = None, arm: str = "debiased"
+) -> list[dict]:
+    """Print this run's figures of ``arm`` beside the committed results over seeds (the mean and the
     95% range of one run), saying whether each falls inside; ``[]`` where there is nothing to compare
     (no committed results next to the working directory, or a budget other than theirs)."""
     path = Path(COMMITTED) if path is None else path
     if summary is None or not path.is_file():
         return []
     committed = json.loads(path.read_text())
-    row = committed.get("arms", {}).get("debiased", {})
+    row = committed.get("arms", {}).get(arm, {})
     budget = committed.get("steps")
     if budget is not None and budget != steps:
         print(f"[demo] {path} was measured at {budget} steps, this run trained {steps}: not compared",
               file=sys.stderr)  # fmt: skip
         return []
     checks = []
-    lines = [
-        f"[demo] debiased, this run (seed {seed}) beside {path} (mean over seeds; 95% range of one run):"
-    ]
+    lines = [f"[demo] {arm}, this run (seed {seed}) beside {path} (mean over seeds; 95% range of one run):"]
     for key, ckey, label in CHECKED:
         v, s = summary.get(key), row.get(ckey) or {}
         rng = s.get("range")

@@ -204,8 +204,10 @@ def compare_methods(
             print(f"compare: method {m.name!r} failed: {error}", file=sys.stderr)
             methods_out[m.name] = {"kind": m.kind, "adapter": m.adapter, "failed": True, "error": error}
             continue
+        adapters = {"class_adapters": dict(m.class_adapters)} if m.class_adapters else {}
+        fingerprint = images_fingerprint(res.images)
         methods_out[m.name] = _jsonable(
-            {"kind": m.kind, "adapter": m.adapter, "images_sha256": images_fingerprint(res.images), **judged}
+            {"kind": m.kind, "adapter": m.adapter, **adapters, "images_sha256": fingerprint, **judged}
         )
         images_by_method[m.name] = res.images
         if cache_dir is not None:

@@ -23,20 +23,34 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
         "--data", str(digits_dir),
         "--judges", str(judges_dir),
         "--control", "true",
+        "--pair", "true",
     ]  # fmt: skip
     main(args)
     metrics = json.loads((out / "compare" / "metrics.json").read_text())
-    methods = metrics["methods"] if "methods" in metrics else metrics
-    names = set(methods) if isinstance(methods, dict) else {m["name"] for m in methods}
-    assert {"base", "naive", "debiased", "fair_diffusion", "prompt_augmentation"} <= names
+    methods = metrics["methods"]
+    assert set(methods) == {
+        "base",
+        "naive",
+        "debiased",
+        "class_pair",
+        "fair_diffusion",
+        "prompt_augmentation",
+    }
     record = json.loads((out / "demo.json").read_text())
-    assert set(record["runs"]) == {"naive", "debiased"} and record["train_debiased_s"] > 0
+    assert set(record["runs"]) == {"naive", "debiased", "red", "blue"} and record["train_debiased_s"] > 0
+    assert methods["class_pair"]["class_adapters"] == {
+        c: str(Path(record["runs"][c]) / "adapter") for c in ("red", "blue")
+    }
+    assert (
+        methods["class_pair"]["summary"]["unet_evals_per_image"]
+        == methods["base"]["summary"]["unet_evals_per_image"]
+    )
     for arm, run in record["runs"].items():
         assert (Path(run) / "adapter" / "pytorch_lora_weights.safetensors").exists()
         assert (out / arm).resolve() == Path(run).resolve()  # the paths the compare YAML names
         config = yaml.safe_load((Path(run) / "config.yaml").read_text())
         assert config["trainer"]["max_steps"] == 2
-        assert (config["model"]["distill"] is not None) == (arm == "debiased")
+        assert (config["model"]["distill"] is not None) == (arm != "naive")
     # the comparison judged this run's adapters
     assert methods["debiased"]["adapter"] == str(Path(record["runs"]["debiased"]) / "adapter")
     assert (out / "compare" / "report.html").stat().st_size > 0
@@ -50,7 +64,7 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
     assert adapter.stat().st_mtime_ns == before
 
     # By default the demo trains the debiased adapter alone and compares it with the baselines.
-    main([*args[:2], str(tmp_path / "default"), *args[3:-2]])
+    main([*args[:2], str(tmp_path / "default"), *args[3:-4]])
     record = json.loads((tmp_path / "default" / "demo.json").read_text())
     assert set(record["runs"]) == {"debiased"}
     methods = json.loads((tmp_path / "default" / "compare" / "metrics.json").read_text())["methods"]

@@ -29,6 +29,12 @@ def test_the_benchmark_trains_the_demos_arm_at_the_demos_budget():
     assert (arm.get("values") or {}) == (demo_arm.get("values") or {})
     assert bench["overrides"]["trainer.max_steps"] == demo["overrides"]["trainer.max_steps"]
     assert len(bench["seeds"]) >= 3
+    # the class adapters of `fairtune demo --pair true` and of the benchmark over seeds
+    pair = yaml.safe_load((ROOT / "benchmarks/specs/class_adapters_hold.yaml").read_text())
+    for cls in ("red", "blue"):
+        assert pair["arms"][cls] == demo["arms"][cls]
+    assert pair["base"] == demo["base"] and pair["overrides"] == demo["overrides"]
+    assert len(pair["seeds"]) >= 3
 
 
 def test_goal_checks_and_the_rendered_block():
