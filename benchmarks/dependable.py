@@ -27,6 +27,7 @@ SPEC = ROOT / "benchmarks" / "specs" / "dependable.yaml"
 NAME = "dependable"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- dependable:begin -->", "<!-- dependable:end -->"
+PAIR_RESULTS = "class_adapters_hold_pair.json"  # the class-adapter pair's results, in the README's block too
 
 # (metric key, header, decimals)
 COLUMNS = [
@@ -224,29 +225,37 @@ def pair_metrics(spec, out: Path, *, target: str = "uniform", judge_spec: Path =
     return result
 
 
-def readme_block(results: dict) -> str:
-    """The README's result block, rendered from ``benchmarks/results/dependable.json``."""
-    rows = results["arms"]
+def readme_block(results: dict, pair: dict | None = None) -> str:
+    """The README's result block, rendered from ``benchmarks/results/dependable.json`` and (given) the
+    class-adapter pair's results (``class_adapters_hold_pair.json``): one row per arm, then each arm's
+    missed goals."""
+    rows = dict(results["arms"])
+    goals = dict(results["goals"])
+    if pair is not None:
+        rows.update({k: v for k, v in pair["arms"].items() if k in pair["goals"]})
+        goals.update(pair["goals"])
     cols = [c for c in COLUMNS if c[0] != "train_seconds"]
-    lines = [BEGIN, *table_lines(rows, cols), "", "Goals missed (issue 24): "]
-    missed = [
-        f"{g['metric']}{' half-width' if g['kind'] == 'halfwidth' else ''} {g['value']:.3g} ({g['goal']})"
-        for gs in results["goals"].values()
-        for g in gs
-        if g["met"] is False
-    ]
-    lines[-1] += "; ".join(missed) + "." if missed else "none."
+    lines = [BEGIN, *table_lines(rows, cols), ""]
+    for arm, gs in goals.items():
+        missed = [
+            f"{g['metric']}{' half-width' if g['kind'] == 'halfwidth' else ''} {g['value']:.3g} ({g['goal']})"
+            for g in gs
+            if g["met"] is False
+        ]
+        lines.append(f"Goals missed by {arm} (issue 24): " + ("; ".join(missed) + "." if missed else "none."))
     return "\n".join(lines + [END])
 
 
 def readme(check: bool = False) -> bool:
     """Rewrite (or, with ``check``, only compare) the README's block between the markers."""
     results = json.loads((RESULTS / f"{NAME}.json").read_text())
+    pair_file = RESULTS / PAIR_RESULTS
+    pair = json.loads(pair_file.read_text()) if pair_file.is_file() else None
     text = README.read_text()
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
     if not pattern.search(text):
         raise SystemExit(f"{README} has no {BEGIN} ... {END} block")
-    new = pattern.sub(lambda _: readme_block(results), text)
+    new = pattern.sub(lambda _: readme_block(results, pair), text)
     if check:
         return new == text
     README.write_text(new)

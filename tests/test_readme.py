@@ -1,7 +1,6 @@
 """The README's result table is rendered from the committed results, and the benchmark behind it
 trains exactly the demo's arm."""
 
-import json
 import sys
 from pathlib import Path
 
@@ -55,7 +54,15 @@ def test_goal_checks_and_the_rendered_block():
     block = dependable.readme_block({"arms": {"debiased": row}, "goals": {"debiased": list(goals.values())}})
     assert "| debiased | 5 | 0.030 [0.025, 0.035] | 0.120 [0.100, 0.140] |" in block
     assert "worst_dev_seen 0.12 (≤ 0.1)" in block and "frechet 60" in block
-    json.dumps(block)
+    pair_row = {**row, "worst_dev_seen": {"mean": 0.05, "ci": [0.04, 0.06], "n": 5}}
+    pair_goals = dependable.goal_checks(pair_row, base)
+    both = dependable.readme_block(
+        {"arms": {"debiased": row}, "goals": {"debiased": list(goals.values())}},
+        {"arms": {"base": {}, "class_pair": pair_row}, "goals": {"class_pair": pair_goals}},
+    )
+    assert "| class_pair | 5 | 0.030 [0.025, 0.035] | 0.050 [0.040, 0.060] |" in both
+    assert "| base |" not in both  # the pair file's own copy of the base row is not repeated
+    assert "Goals missed by class_pair (issue 24): frechet 60" in both
 
 
 def test_the_readme_is_a_front_door_and_its_links_resolve():
