@@ -1,0 +1,92 @@
+"""ColoredDigits-SD's frozen parts (benchmarks/colored_digits_sd.py) at toy scale: the folder it
+assembles is a Stable Diffusion checkpoint diffusers loads and runs with no fairtune code, its text
+encoder is the trained CLIP's text tower, and the product's trainer pretrains its UNet on latents."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import colored_digits_sd as sd  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    opt = sd.Options(data=root / "data", out=root / "out", vae_steps=2, clip_steps=2, batch_size=4, threads=1,
+                     device="cpu")  # fmt: skip
+    sd.main("all", opt)
+    return opt
+
+
+def test_the_assembled_folder_is_a_stable_diffusion_checkpoint(built):
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(built.out / "init")
+    images = pipe(
+        "a handwritten digit 3", num_inference_steps=2, height=32, width=32, output_type="np"
+    ).images
+    assert images.shape == (1, 32, 32, 3)
+    assert pipe.unet.config.sample_size == 8 and pipe.vae.config.latent_channels == 4
+    # the text encoder is the trained CLIP's text tower, weight for weight
+    clip = CLIPModel.from_pretrained(built.out / "clip")
+    text = pipe.text_encoder.state_dict()
+    tower = clip.text_model.state_dict()
+    text = {k.removeprefix("text_model."): v for k, v in text.items()}
+    assert text.keys() == tower.keys()
+    assert all(torch.equal(text[k], tower[k]) for k in tower)
+    assert pipe.unet.config.cross_attention_dim == clip.config.text_config.hidden_size
+    record = json.loads((built.out / "build.json").read_text())
+    assert record["vae"]["scaling_factor"] == pytest.approx(pipe.vae.config.scaling_factor)
+    assert 0.0 <= record["clip"]["zero_shot_ink_accuracy_heldout"] <= 1.0
+    size = sum(f.stat().st_size for f in (built.out / "init").rglob("*") if f.is_file())
+    assert size < 20e6, size  # it ships in the repository
+
+
+def test_a_finished_step_is_skipped_and_a_half_written_one_is_not_kept(built, monkeypatch):
+    before = (built.out / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+
+    def boom(*a, **k):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(sd, "train_vae", boom)
+    sd.main("vae", built)  # done: skipped, nothing trained
+    assert (built.out / "vae" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == before
+    monkeypatch.setattr(sd, "train_clip", boom)
+    other = sd.Options(**{**built.__dict__, "out": built.out.parent / "other"})
+    (other.out / "vae").mkdir(parents=True)
+    (other.out / "vae" / "config.json").write_text((built.out / "vae" / "config.json").read_text())
+    with pytest.raises(RuntimeError, match="killed"):
+        sd.main("clip", other)
+    assert not (other.out / "clip").exists()  # no half-written CLIP for the next step to load
+
+
+# A subprocess `fairtune fit` (about 20 s on 2 idle cores): `pytest -m slow` runs it.
+@pytest.mark.slow
+def test_the_unet_pretrains_on_cached_latents_with_the_product_trainer(built, tmp_path):
+    cmd = [
+        sys.executable, "-m", "fairtune.cli", "fit",
+        "--config", str(ROOT / "configs" / "base" / "pretrain_colored_digits_sd.yaml"),
+        "--model.backbone.pretrained", str(built.out / "init"),
+        "--data.source.path", str(built.data / "table"),
+        "--data.latents.dir", str(tmp_path / "latents"),
+        "--data.batch_size", "4", "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "model")
+    init = StableDiffusionPipeline.from_pretrained(built.out / "init")
+    trained, start = pipe.unet.state_dict(), init.unet.state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # the UNet trained
+    vae, vae0 = pipe.vae.state_dict(), init.vae.state_dict()
+    assert all(torch.equal(vae[k], vae0[k]) for k in vae0)  # the VAE stayed frozen
+    assert list((tmp_path / "latents").iterdir())  # from the latent cache
