@@ -68,6 +68,22 @@ def test_a_finished_step_is_skipped_and_a_half_written_one_is_not_kept(built, mo
     assert not (other.out / "clip").exists()  # no half-written CLIP for the next step to load
 
 
+def test_the_pretraining_config_instantiates_on_the_built_folder(built, tmp_path):
+    from fairtune.cli import FairtuneCLI
+    from fairtune.data import AttributeDataModule
+    from fairtune.train import DebiasModule
+
+    args = [
+        "--config", str(ROOT / "configs" / "base" / "pretrain_colored_digits_sd.yaml"),
+        "--model.backbone.pretrained", str(built.out / "init"),
+        "--data.source.path", str(built.data / "table"),
+        "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    cli = FairtuneCLI(DebiasModule, AttributeDataModule, args=args, run=False)
+    assert cli.model.lora is None and cli.model.backbone_config.kind == "sd"  # the whole UNet trains
+    assert cli.datamodule.latents is not None  # from cached latents
+
+
 # A subprocess `fairtune fit` (about 20 s on 2 idle cores): `pytest -m slow` runs it.
 @pytest.mark.slow
 def test_the_unet_pretrains_on_cached_latents_with_the_product_trainer(built, tmp_path):

@@ -168,7 +168,8 @@ def test_the_mixer_refuses_a_class_without_adapter(backbone, adapter_dir):
 def test_a_mixer_with_a_mix_samples_like_a_backbone(backbone, adapter_dir, blue_adapter):
     """Without per-image classes, each prompt's images draw them from the mix, stratified and always the
     same; every image is the one its class's adapter gives alone."""
-    mixer = ClassAdapterMix(backbone, {"red": adapter_dir, "blue": blue_adapter}, mix={"red": 0.5, "blue": 0.5})
+    adapters = {"red": adapter_dir, "blue": blue_adapter}
+    mixer = ClassAdapterMix(backbone, adapters, mix={"red": 0.5, "blue": 0.5})
     prompts = ["a handwritten digit 1"] * 4 + ["a handwritten digit 7"] * 4
     seeds = list(range(4)) * 2
     kw = dict(seeds=seeds, steps=3, guidance_scale=2.0)
