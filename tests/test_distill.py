@@ -91,6 +91,44 @@ def test_training_on_the_loss_moves_the_neutral_prompt_toward_the_explicit_one(l
     assert out["distill"].item() < 0.7 * first
 
 
+def _blue_drift(bb, loss) -> float:
+    """How far the adapter moved the prediction for "a blue handwritten digit ..." on blue bank images."""
+    from fairtune.train._distill import _adapters_disabled
+
+    x0 = loss.bank[:, 1, :4].reshape(-1, *loss.bank.shape[3:])
+    t = torch.full((len(x0),), 800)
+    x_t = bb.noise_scheduler.add_noise(
+        x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)), t
+    )
+    ctx = bb.encode_prompts([f"a blue handwritten {c}" for c in CONCEPTS for _ in range(4)])
+    with torch.no_grad():
+        on = bb.unet(x_t, t, encoder_hidden_states=ctx).sample
+        with _adapters_disabled(bb.unet):
+            off = bb.unet(x_t, t, encoder_hidden_states=ctx).sample
+    return (on - off).pow(2).mean().item()
+
+
+def test_an_adapter_trained_toward_one_class_holds_the_others_prompts_with_hold_classes_all(lora_backbone):
+    """Toward 100% red, the drawn explicit prompts are all red ones: with ``hold_classes: drawn`` nothing
+    holds "a blue ...", with ``all`` it is held on blue images and moves far less."""
+    target = _target(proportions={"red": 1.0, "blue": 0.0})
+    drift = {}
+    for mode in ("drawn", "all"):
+        bb = copy.deepcopy(lora_backbone)
+        loss = DistillLoss(
+            _cfg(hold_explicit=True, hold_uncond=False, hold_classes=mode, timesteps=(600, 1000))
+        )
+        params = [p for p in bb.unet.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=1e-3)
+        for step in range(15):
+            out = loss(bb, target, torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+        drift[mode] = _blue_drift(bb, loss)
+    assert drift["all"] < 0.5 * drift["drawn"], drift
+
+
 @pytest.mark.parametrize(
     ("over", "key"),
     [

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,14 @@ class DistillFeedback:
         return step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
 
 
+def _unet_rows(backbone, rows: list[tuple[torch.Tensor, torch.Tensor, list[str]]]) -> torch.Tensor:
+    """The UNet's prediction for several (noised images, timesteps, prompts) batches in one call."""
+    ctx = backbone.encode_prompts([p for _, _, ps in rows for p in ps])
+    x = torch.cat([x for x, _, _ in rows])
+    t = torch.cat([t for _, t, _ in rows])
+    return backbone.unet(x, t, encoder_hidden_states=ctx).sample
+
+
 @dataclass
 class DistillConfig:
     """Distilling the base model's class-explicit generations into the neutral prompt.
@@ -99,6 +108,11 @@ class DistillConfig:
         batch_size: Distillation examples per step.
         timesteps: Training timesteps drawn uniformly from ``[lo, hi)``.
         hold_explicit: Also hold the adapter's explicit-prompt prediction at the base model's.
+        hold_classes: Which explicit prompts are held. ``drawn``: those of the classes drawn for the
+            distillation examples, on the same noised images (a class the target never draws, as for
+            an adapter trained toward one class alone, is never held). ``all``: per example a class
+            drawn uniformly, on one of its own bank images, so every class's explicit prompt is held
+            whatever the target (one more batch through the frozen teacher per step).
         hold_uncond: Also hold the adapter's empty-prompt prediction (classifier-free guidance's
             other half) at the base model's.
         feedback: Close the loop on the adapter's own measured mix (:class:`DistillFeedback`);
@@ -117,6 +131,7 @@ class DistillConfig:
     batch_size: int = 32
     timesteps: tuple[int, int] = (0, 1000)
     hold_explicit: bool = True
+    hold_classes: Literal["drawn", "all"] = "drawn"
     hold_uncond: bool = True
     feedback: DistillFeedback | None = None
 
@@ -272,26 +287,40 @@ class DistillLoss:
             cfg.explicit.format(cls=cfg.group_words(target.groups[k]), concept=c)
             for k, c in zip(gi.tolist(), concepts)
         ]
+        # What the explicit prompts are held on: the drawn examples themselves, or (hold_classes "all")
+        # a uniformly drawn class per example on its own bank image, so that an adapter trained toward
+        # one class alone keeps the other classes' prompts as well.
+        separate = cfg.hold_explicit and cfg.hold_classes == "all"
+        if separate:
+            ch = torch.randint(0, len(cfg.concepts), (b,), generator=g)
+            gh = torch.randint(0, len(target.groups), (b,), generator=g)
+            ih = torch.randint(0, cfg.images_per_class, (b,), generator=g)
+            x0_h = self.bank[ch.to(device), gh.to(device), ih.to(device)]
+            noise_h = torch.randn(x0_h.shape, generator=g).to(x0_h)
+            t_h = torch.randint(lo, hi, (b,), generator=g).to(device)
+            x_h = backbone.noise_scheduler.add_noise(x0_h, noise_h, t_h)
+            held = [
+                cfg.explicit.format(cls=cfg.group_words(target.groups[k]), concept=cfg.concepts[c])
+                for k, c in zip(gh.tolist(), ch.tolist())
+            ]
+        else:
+            x_h, t_h, held = x_t, t, explicit
         # The teacher: the same UNet with the adapter off, on the explicit (and empty) prompts.
-        teacher_prompts = explicit + ([""] * b if cfg.hold_uncond else [])
-        reps = len(teacher_prompts) // b
+        teacher_rows = [(x_t, t, explicit)] + ([(x_h, t_h, held)] if separate else [])
+        teacher_rows += [(x_t, t, [""] * b)] if cfg.hold_uncond else []
         with torch.no_grad(), _adapters_disabled(backbone.unet):
-            ctx_t = backbone.encode_prompts(teacher_prompts)
-            teacher = backbone.unet(
-                x_t.repeat(reps, 1, 1, 1), t.repeat(reps), encoder_hidden_states=ctx_t
-            ).sample
+            teacher = _unet_rows(backbone, teacher_rows)
         t_explicit = teacher[:b]
-        student_prompts = (
-            neutral + (explicit if cfg.hold_explicit else []) + ([""] * b if cfg.hold_uncond else [])
-        )
-        reps = len(student_prompts) // b
-        ctx_s = backbone.encode_prompts(student_prompts)
-        student = backbone.unet(x_t.repeat(reps, 1, 1, 1), t.repeat(reps), encoder_hidden_states=ctx_s).sample
+        t_held = teacher[b : 2 * b] if separate else t_explicit
+        student_rows = [(x_t, t, neutral)] + ([(x_h, t_h, held)] if cfg.hold_explicit else [])
+        student_rows += [(x_t, t, [""] * b)] if cfg.hold_uncond else []
+        student = _unet_rows(backbone, student_rows)
+        reps = len(student_rows)
         targets = [t_explicit]
         if cfg.hold_explicit:
-            targets.append(t_explicit)
+            targets.append(t_held)
         if cfg.hold_uncond:
-            targets.append(teacher[b:])
+            targets.append(teacher[-b:])
         target_all = torch.cat(targets)
         per_row = F.mse_loss(student.float(), target_all.float(), reduction="none").mean(dim=(1, 2, 3))
         distill = per_row[:b].mean()
