@@ -299,7 +299,7 @@ def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target:
         "stratified per prompt (half the images of every prompt each, for a uniform target), fused into "
         "its own copy of the UNet: the base model's cost per image, twice the training. Explicit prompts "
         "also go through the drawn adapter. Command: `python benchmarks/dependable.py pair --spec "
-        f"{spec_rel}` (`run` first trains the adapters).",
+        f"{spec_rel}` (`pair_run` first trains the adapters).",
         "",
         f"Issue 24's goals, `{arm}` (mean over seeds):",
         "",
