@@ -22,8 +22,6 @@ a killed step leaves nothing half-written and runs again from the start.
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +31,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.optimization import get_cosine_schedule_with_warmup
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTIONS = ("a {color} handwritten digit {digit}", "a handwritten digit {digit} in {color} ink")
@@ -106,18 +105,12 @@ def build_vae():
     )
 
 
-def _cosine(step: int, total: int, lr: float) -> float:
-    return lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
-
-
 def _save_atomic(folder: Path, save) -> None:
-    """``save(tmp)`` into a sibling temporary folder, then put it in place (a kill leaves no half)."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    """``save(tmp)`` into a temporary folder put in place at the end (a kill leaves no half)."""
+    from fairtune.data import atomic_dir
+
+    with atomic_dir(folder) as tmp:
+        save(tmp)
 
 
 def train_vae(images: torch.Tensor, opt: Options, *, log=print) -> tuple[object, dict]:
@@ -128,11 +121,10 @@ def train_vae(images: torch.Tensor, opt: Options, *, log=print) -> tuple[object,
     torch.manual_seed(opt.seed)
     vae = build_vae().to(dev)
     optim = torch.optim.AdamW(vae.parameters(), lr=opt.lr, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(optim, num_warmup_steps=0, num_training_steps=opt.vae_steps)
     g = torch.Generator().manual_seed(opt.seed)
     recent: list[float] = []
     for step in range(opt.vae_steps):
-        for group in optim.param_groups:
-            group["lr"] = _cosine(step, opt.vae_steps, opt.lr)
         x = images[torch.randint(len(images), (opt.batch_size,), generator=g)].to(dev)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -141,6 +133,7 @@ def train_vae(images: torch.Tensor, opt: Options, *, log=print) -> tuple[object,
         optim.zero_grad(set_to_none=True)
         loss.backward()
         optim.step()
+        sched.step()
         recent = (recent + [mse.item()])[-20:]
         if step % 250 == 0 or step == opt.vae_steps - 1:
             log(f"[vae] step {step}/{opt.vae_steps}: reconstruction MSE {np.mean(recent):.4f}")
@@ -185,10 +178,9 @@ def train_clip(images: torch.Tensor, digits, colors, opt: Options, folder: Path,
     rng = np.random.default_rng(opt.seed)
     g = torch.Generator().manual_seed(opt.seed)
     optim = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=0.1)
+    sched = get_cosine_schedule_with_warmup(optim, num_warmup_steps=0, num_training_steps=opt.clip_steps)
     recent: list[float] = []
     for step in range(opt.clip_steps):
-        for group in optim.param_groups:
-            group["lr"] = _cosine(step, opt.clip_steps, opt.lr)
         idx = torch.randint(len(images), (opt.batch_size,), generator=g)
         caps = captions_for([digits[i] for i in idx], [colors[i] for i in idx],
                             neutral_share=opt.neutral_share, rng=rng)  # fmt: skip
@@ -197,6 +189,7 @@ def train_clip(images: torch.Tensor, digits, colors, opt: Options, folder: Path,
         optim.zero_grad(set_to_none=True)
         out.loss.backward()
         optim.step()
+        sched.step()
         recent = (recent + [out.loss.item()])[-20:]
         if step % 250 == 0 or step == opt.clip_steps - 1:
             log(f"[clip] step {step}/{opt.clip_steps}: contrastive loss {np.mean(recent):.3f}")

@@ -11,6 +11,7 @@ from ._lazy import lazy_facade
 _EXPORTS = {
     "lazy_facade": ("._lazy", "lazy_facade"),
     "atomic_path": ("._io", "atomic_path"),
+    "atomic_dir": ("._io", "atomic_dir"),
     "atomic_write_json": ("._io", "atomic_write_json"),
     "atomic_write_text": ("._io", "atomic_write_text"),
     "format_number": ("._io", "format_number"),
@@ -83,6 +84,7 @@ _EXPORTS = {
 __all__ = [
     "lazy_facade",
     "atomic_path",
+    "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",
     "format_number",

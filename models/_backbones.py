@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +27,8 @@ import torch
 import torch.nn as nn
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+from fairtune.data import atomic_dir
 
 from ._shipped import SHIPPED as SHIPPED
 from ._shipped import resolve_shipped
@@ -272,10 +272,7 @@ class Backbone(nn.Module):
         not copied, when it is the packaged default). ``sd``/``sdxl``: a ``StableDiffusionPipeline`` /
         ``StableDiffusionXLPipeline`` folder.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
+        with atomic_dir(path) as tmp:
             if self.config.kind == "tiny":
                 self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
                 self.noise_scheduler.save_pretrained(tmp / "scheduler")
@@ -283,12 +280,6 @@ class Backbone(nn.Module):
                 (tmp / BACKBONE_FILE).write_text(json.dumps(meta, indent=2))
             else:
                 self.pipeline().save_pretrained(tmp, safe_serialization=True)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     # ----------------------------------------------------------------- shapes
     @property
