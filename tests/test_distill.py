@@ -227,3 +227,28 @@ def test_feedback_is_due_from_its_start_step_every_n_steps():
     assert [s for s in range(0, 260) if fb.due(s)] == [100, 150, 200, 250]
     with pytest.raises(ValueError, match="max_offset"):
         DistillLoss(_cfg(feedback=DistillFeedback(max_offset=1.5)))
+
+
+def test_distill_proportions_draw_one_class_while_the_data_keeps_its_target():
+    """`model.distill.proportions` gives the distillation its own mix: the data's target (what the
+    rebalanced sampler draws) stays uniform while every distilled example is red; a group the data
+    does not declare is refused naming the key."""
+    from fairtune.models import BackboneConfig, TinyUNetConfig
+    from fairtune.train import DebiasModule
+
+    unet = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
+    tiny = BackboneConfig(kind="tiny", unet=unet)
+    module = DebiasModule(
+        backbone=tiny, lora=LoraConfig(rank=2), distill=_cfg(proportions={"red": 1.0, "blue": 0.0})
+    )
+    module.attach_target(_target())
+    assert module.target.proportions("digit 0") == [0.5, 0.5]
+    red = module.distill_target.groups.index("red")
+    _, gi, _ = module.distill_loss.draw(module.distill_target, 64, torch.Generator().manual_seed(0))
+    assert set(gi.tolist()) == {red}
+    same = DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), distill=_cfg())
+    same.attach_target(_target())
+    assert same.distill_target is same.target
+    bad = DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), distill=_cfg(proportions={"green": 1.0}))
+    with pytest.raises(ValueError, match="model.distill.proportions.*green"):
+        bad.attach_target(_target())

@@ -117,6 +117,11 @@ class DistillConfig:
             other half) at the base model's.
         feedback: Close the loop on the adapter's own measured mix (:class:`DistillFeedback`);
             ``None``: the mix drawn is the target's throughout.
+        proportions: The mix the distillation draws classes in (``"uniform"`` or group name to
+            proportion, over the data target's groups); ``None``: the data's target, per-concept
+            entries included. Set, it separates the two losses' targets: e.g. an adapter distilled
+            toward one class alone while its data loss keeps the data's uniform target, so the data
+            sampler draws every training image rather than one class's (whose rare cells repeat).
     """
 
     weight: float = 1.0
@@ -134,6 +139,7 @@ class DistillConfig:
     hold_classes: Literal["drawn", "all"] = "drawn"
     hold_uncond: bool = True
     feedback: DistillFeedback | None = None
+    proportions: Literal["uniform"] | dict[str, float] | None = None
 
     def validate(self) -> None:
         if self.feedback is not None:

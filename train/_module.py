@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import lightning as L
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel, compute_snr
 
+from fairtune.data import Target
 from fairtune.models import (
     AdversaryConfig,
     AttributeHead,
@@ -139,6 +140,7 @@ class DebiasModule(L.LightningModule):
             self.trainable_parameters = sum(p.numel() for p in self.backbone.unet.parameters())
         self._ema: EMAModel | None = ema.build(self.trained_params()) if ema is not None else None
         self.target = None  # the data's Target, attached in setup()
+        self.distill_target = None  # the distillation's (model.distill.proportions), attached with it
         self.head: AttributeHead | None = None
         self._features: MidBlockFeatures | None = None
         self.fairness_loss: FairnessLoss | None = None
@@ -166,6 +168,15 @@ class DebiasModule(L.LightningModule):
     def attach_target(self, target) -> None:
         """Give the levers the data's target (called from ``setup`` with the data module's)."""
         self.target = target
+        # The distillation's own mix where model.distill.proportions sets one (the data loss keeps
+        # the data's target), else the data's target.
+        self.distill_target = target
+        if self.distill is not None and self.distill.proportions is not None:
+            config = replace(target.config, proportions=self.distill.proportions, per_concept=None)
+            try:
+                self.distill_target = Target(config, target.spec)
+            except ValueError as err:
+                raise ValueError(f"model.distill.proportions: {err}") from None
         if self.adversary is not None and self.head is None:
             width = self.backbone.unet.config.block_out_channels[-1]
             self.head = AttributeHead(width, len(target.groups), self.adversary.hidden)
@@ -302,11 +313,11 @@ class DebiasModule(L.LightningModule):
             fb = self.distill.feedback
             if fb is not None and fb.due(self.global_step) and self._optimizer_steps_now(batch_idx):
                 # Closing the loop: the adapter's own mix, measured, moves the mix it is distilled in.
-                shares = self.distill_loss.feedback(self.backbone, self.target, self.global_step)
+                shares = self.distill_loss.feedback(self.backbone, self.distill_target, self.global_step)
                 for concept, share in shares.items():
                     for group, v in zip(self.target.groups, share):
                         self.log(f"distill/feedback/{concept}/{group}", v, sync_dist=True)
-            out = self.distill_loss(self.backbone, self.target, g)
+            out = self.distill_loss(self.backbone, self.distill_target, g)
             self.log_dict({"distill/loss": out["distill"], "distill/hold": out["hold"]}, sync_dist=True)
             loss = loss + out["loss"]
         if not torch.isfinite(loss):
