@@ -28,8 +28,7 @@ FAIRNESS_COLUMNS = [
 
 def ensure_assets():
     """Render the benchmark data and train the judges if they are not there yet; return the judges."""
-    from fairtune.cli import prepare_assets
-    from fairtune.eval import load_judges
+    from fairtune.colored_digits import load_judges, prepare_assets
 
     # OMP_NUM_THREADS lets two benchmark queues share the 2 cores, one each.
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from _common import DATA_SKEW, RESULTS, ensure_assets, reference_images, save_grid, write_results
-from fairtune.eval import GenerationConfig, evaluate_backbone_on_digits
+from fairtune.colored_digits import evaluate_backbone_on_digits
+from fairtune.eval import GenerationConfig
 from fairtune.models import Backbone, BackboneConfig
 
 

@@ -263,7 +263,7 @@ def main(step: Literal["data", "vae", "clip", "assemble", "all"], opt: Options |
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     steps = ["data", "vae", "clip", "assemble"] if step == "all" else [step]
     if "data" in steps and not (opt.data / "stats.json").is_file():
-        from fairtune.data import ColoredDigitsConfig, build_colored_digits
+        from fairtune.colored_digits import ColoredDigitsConfig, build_colored_digits
 
         log(f"[data] rendering ColoredDigits-Bias at 32 px into {opt.data}")
         build_colored_digits(ColoredDigitsConfig(size=32), opt.data)

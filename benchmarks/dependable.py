@@ -193,8 +193,8 @@ def pair_metrics(spec, out: Path, *, target: str = "uniform", judge_spec: Path =
     import yaml
 
     from fairtune.cli import load_spec, read_status
+    from fairtune.colored_digits import judge_colored_digits
     from fairtune.data import atomic_write_json
-    from fairtune.eval import judge_colored_digits
 
     judge = load_spec(judge_spec).judge
     by_seed: dict[int, dict[str, Path]] = {}

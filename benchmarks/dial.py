@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from _common import DATA, JUDGES, RESULTS, ROOT, write_results
+from fairtune.colored_digits import judge_config
 from fairtune.eval import (
     DEFAULT_SCALES,
     GenerationConfig,
-    JudgeConfig,
     PromptGroup,
     curve_markdown,
     dial_curve,
@@ -105,12 +105,7 @@ def run(args: Options) -> dict:
     torch.set_num_threads(args.threads)
     check_assets(args)
     groups = [PromptGroup("digits", "seen", args.template, list(args.digits), "digit {value}")]
-    judges = JudgeConfig(
-        kind="colored_digits",
-        path=str(args.judges),
-        color_judge="hue",
-        reference=None if args.reference is None else str(args.reference),
-    )
+    judges = judge_config(args.judges, reference=args.reference)
     generation = GenerationConfig(
         n_per_prompt=args.n_per_prompt, steps=args.steps, guidance_scale=args.guidance_scale
     )

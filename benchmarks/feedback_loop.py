@@ -63,8 +63,9 @@ def _audit(adapter: Path, prompts: Path, out: Path, n: int, steps: int, log: Pat
         return json.loads((out / "metrics.json").read_text()), 0.0
     seconds = _fairtune(
         "audit", "--model", "colored-digits-16", "--adapter", adapter, "--prompts", prompts, "--out", out,
-        "--name", "adapter", "--judges.kind", "colored_digits", "--judges.path", JUDGES,
-        "--judges.color_judge", "hue", "--judges.reference", DATA, "--target.attributes", "[color]",
+        "--name", "adapter", "--judges", CONFIGS / "judges" / "colored_digits.yaml",
+        "--judges.options", json.dumps({"path": str(JUDGES), "color_judge": "hue"}),
+        "--judges.reference", DATA, "--target.attributes", "[color]",
         "--target.proportions", "uniform", "--generation.n_per_prompt", n, "--generation.steps", steps,
         "--generation.guidance_scale", 2.0, "--generation.seed", 0, log=log,
     )  # fmt: skip

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from _common import write_results
-from fairtune.data import neutral_prompt
+from fairtune.colored_digits import neutral_prompt
 from fairtune.models import (
     Backbone,
     BackboneConfig,

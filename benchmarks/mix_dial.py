@@ -31,9 +31,9 @@ import torch
 
 from _common import DATA, JUDGES, RESULTS, ROOT, write_results
 from fairtune.cli import load_spec, read_status
+from fairtune.colored_digits import judge_config
 from fairtune.eval import (
     GenerationConfig,
-    JudgeConfig,
     PromptGroup,
     mix_endpoints,
     mix_markdown,
@@ -114,10 +114,7 @@ def run(args: Options) -> dict:
         )
         for c in adapters
     ]  # fmt: skip
-    judges = JudgeConfig(
-        kind="colored_digits", path=str(args.judges), color_judge="hue",
-        reference=None if args.reference is None else str(args.reference),
-    )  # fmt: skip
+    judges = judge_config(args.judges, reference=args.reference)
     gen = GenerationConfig(
         n_per_prompt=args.n_per_prompt, steps=args.steps, guidance_scale=args.guidance_scale
     )

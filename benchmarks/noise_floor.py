@@ -233,8 +233,7 @@ def target_30_70() -> dict:
 
 def _ensure_k3bg() -> None:
     """Render the three-ink, two-background data and train its judges, if missing."""
-    from fairtune.data import ColoredDigitsConfig, build_colored_digits
-    from fairtune.eval import train_judges
+    from fairtune.colored_digits import ColoredDigitsConfig, build_colored_digits, train_judges
 
     data, judges = ROOT / "runs/data/colored-digits-16-k3bg", ROOT / "runs/judges/colored-digits-16-k3bg"
     if not (data / "stats.json").exists():

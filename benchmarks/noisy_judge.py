@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from _common import write_results
-from fairtune.data import BACKGROUND, INK, render
-from fairtune.eval import HueJudge, corrected_shares, judged_shares, wald_interval
+from fairtune.colored_digits import BACKGROUND, INK, HueJudge, render
+from fairtune.eval import corrected_shares, judged_shares, wald_interval
 
 FLIP = np.array([[0.90, 0.10, 0.00], [0.35, 0.60, 0.05]])  # noisy call | hue call (red, blue, undet.)
 

@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("sd_path: --device cuda but torch sees no CUDA device")
 
-    from fairtune.data import ColoredDigitsConfig, build_colored_digits
+    from fairtune.colored_digits import ColoredDigitsConfig, build_colored_digits
     from fairtune.models import make_tiny_stable_diffusion
 
     work = Path(tempfile.mkdtemp(prefix="sd_path-"))

@@ -1,9 +1,6 @@
 """The ``fairtune`` command line: the only layer that imports every package.
 
-``fairtune data colored-digits --out DIR``   render the ColoredDigits-Bias benchmark data
-``fairtune judges train --data DIR --out DIR`` train and measure the benchmark's judges
 ``fairtune fit --config A.yaml [--config B.yaml]`` train (LightningCLI; resumes a killed run)
-``fairtune demo --out runs/demo``  the main job: train the debiased adapter, compare, report
 ``fairtune compare --config C.yaml --out DIR``  every method on the same prompts, seeds and judges
 ``fairtune audit --model PATH --prompts FILE --out DIR``  one model's judged attribute mix
 ``fairtune dial --model PATH --adapter DIR --prompts FILE --out DIR [--request JSON]``  the judged mix
@@ -11,6 +8,10 @@
 ``fairtune sweep SPEC.yaml --out DIR [--workers N | --slurm true]``  ablation grid, resumable
 ``fairtune flag add|propose|list|export --db FILE ...``  reviewers' flags on biased outputs
 ``fairtune review --audit DIR --db FILE``  a local page to review an audit and flag images
+
+Plugins add commands through the ``fairtune.commands`` entry point (:func:`plugins`): the embedded
+benchmark (``fairtune.colored_digits``) adds ``fairtune demo`` (the main job), ``fairtune data
+colored-digits``, ``fairtune judges train`` and ``fairtune classifier train``.
 
 Every entry point is a typed function whose signature is its option schema (jsonargparse), so a
 misspelt option or a value of the wrong type fails before any work with a message naming it.
@@ -41,8 +42,7 @@ _EXPORTS = {
     "audit_command": "._commands",
     "compare_command": "._commands",
     "dial_command": "._commands",
-    "demo": "._demo",
-    "prepare_assets": "._demo",
+    "load_compare_config": "._commands",
     "flag_add": "._flag",
     "flag_export": "._flag",
     "flag_list": "._flag",
@@ -53,23 +53,43 @@ _EXPORTS = {
     "augment_command": "._augment",
 }
 
-__all__ = [*_EXPORTS, "COMMANDS", "fit_argv", "main"]
+__all__ = [*_EXPORTS, "COMMANDS", "PLUGIN_GROUP", "command_help", "fit_argv", "main", "plugins"]
 
-# The subcommands and what each does: `fairtune --help` prints this without importing the command
-# set (tests/test_cli.py checks it lists exactly the full parser's subcommands).
+# The core's subcommands and what each does: `fairtune --help` prints these and every plugin's (its
+# module's HELP) without importing the command set (tests/test_cli.py checks it lists exactly the full
+# parser's subcommands).
 COMMANDS = {
     "fit": "Train an adapter or a full fine-tune (resumes a killed run); `fairtune fit --help`.",
-    "demo": "The main job: train the debiased adapter, compare it with the base model and the baselines.",
     "compare": "Compare methods on the same prompts, seeds and judges; write OUT/metrics.json and a report.",
     "audit": "Audit one model (optionally with a LoRA adapter): generate, judge, report.",
     "dial": "The judged mix per concept against the adapter's scale; with --request, the scale per concept.",
     "sweep": "Run an ablation sweep (arms x values x seeds), resumable.",
-    "data": "Render benchmark data (ColoredDigits-Bias); augment a table with generated images.",
-    "judges": "Train the benchmark's judges (never used by training).",
-    "classifier": "Train lever 3's attribute classifier (not a judge), or a CLIP linear probe.",
+    "data": "Make or extend training data (augment a table with generated images; plugins add more).",
+    "classifier": "Train an attribute classifier (lever 3's, never a judge) or a CLIP linear probe.",
     "flag": "Reviewers' flags on biased outputs (a SQL database; docs/feedback_loop.md).",
     "review": "A local page to review an audit's images and flag them.",
 }
+PLUGIN_GROUP = "fairtune.commands"
+
+
+def plugins() -> list:
+    """The command plugins: modules registered under the ``fairtune.commands`` entry point (the embedded
+    benchmark's is ``fairtune.colored_digits._commands``), each with ``commands()`` (its part of the
+    subcommand table; a group such as ``data`` merges into the core's) and ``HELP`` (one line per
+    top-level command it adds)."""
+    from importlib.metadata import entry_points
+
+    return [ep.load() for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name)]
+
+
+def command_help() -> dict[str, str]:
+    """Every top-level command and its line: the core's, then the plugins' new ones."""
+    out = dict(COMMANDS)
+    for plugin in plugins():
+        out.update({k: v for k, v in getattr(plugin, "HELP", {}).items() if k not in out})
+    return out
+
+
 _DESCRIPTION = (
     "Debias text-to-image diffusion models at training time, and compare with inference-time fixes. "
     "`fairtune <command> --help` lists a command's options."
@@ -80,10 +100,11 @@ __getattr__, __dir__ = lazy_facade(__name__, {k: (m, k) for k, m in _EXPORTS.ite
 
 
 def _usage() -> str:
-    width = max(map(len, COMMANDS))
-    rows = "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
+    table = command_help()
+    width = max(map(len, table))
+    rows = "\n".join(f"  {name:<{width}}  {text}" for name, text in table.items())
     return (
-        f"usage: fairtune [-h] {{{','.join(COMMANDS)}}} ...\n\n{_DESCRIPTION}\n\ncommands:\n{rows}\n\n"
+        f"usage: fairtune [-h] {{{','.join(table)}}} ...\n\n{_DESCRIPTION}\n\ncommands:\n{rows}\n\n"
         "options:\n  -h, --help  Show this help message and exit.\n  --debug     Show tracebacks."
     )
 

@@ -3,7 +3,7 @@
 A sweep is a grid: arms (config overlays, e.g. ``configs/ablations/*.yaml``) × values (dotted keys that
 ``fairtune fit`` accepts, e.g. ``model.lora.rank``) × seeds. Every run is trained by ``fairtune fit`` in
 a subprocess into ``DIR/runs/<hash>`` and then judged by the spec's ``judge.function`` (any
-``module:function``; :func:`fairtune.eval.judge_colored_digits` on ColoredDigits-Bias). The
+``module:function``; :func:`fairtune.colored_digits.judge_colored_digits` on ColoredDigits-Bias). The
 results are aggregated per arm, mean and 95% t-interval over seeds, into ``DIR/ablation.md``,
 ``DIR/ablation.csv`` and ``DIR/ablation.png``.
 
@@ -34,7 +34,7 @@ The spec (YAML)::
     seed_keys: [seed_everything, model.seed, data.seed]   # where a run's seed goes
     overrides: {trainer.max_steps: 1000} # given to every run (part of the hash)
     judge:                               # absent or null: no judging (the report has train time only)
-      function: fairtune.eval:judge_colored_digits
+      function: fairtune.colored_digits:judge_colored_digits
       options: {judges: runs/judges/colored-digits-16, n_per_prompt: 128}
     report: {metrics: [mean_dev_seen, worst_dev_seen, mean_dev_heldout, fidelity, frechet]}
     slurm: {time: "04:00:00", gpus_per_task: 1, cpus_per_task: 8, mem: 32G, setup: []}

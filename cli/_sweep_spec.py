@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import json
 import os
@@ -250,7 +249,7 @@ def load_spec(
         if not judge.get("function"):
             raise SweepError(
                 f"{path}: judge.function is not set: a module:function such as "
-                "fairtune.eval:judge_colored_digits (ColoredDigits-Bias), or judge: null"
+                "fairtune.colored_digits:judge_colored_digits (ColoredDigits-Bias), or judge: null"
             )
         judge = {"function": judge["function"], "options": judge.get("options") or {}}
         _import_function(judge["function"])  # fail now, not after the first training
@@ -291,14 +290,12 @@ def _seed(value: Any, what: str) -> int:
 
 
 def _import_function(ref: str) -> Callable:
-    module, _, name = ref.partition(":") if ":" in ref else ref.rpartition(".")
+    from fairtune.models import import_function
+
     try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise SweepError(f"judge.function {ref!r} cannot be imported: {e}") from e
-    if not callable(fn):
-        raise SweepError(f"judge.function {ref!r} is not callable")
-    return fn
+        return import_function(ref, what="judge.function")
+    except ValueError as e:
+        raise SweepError(str(e)) from None
 
 
 def read_status(run_dir: Path) -> dict:

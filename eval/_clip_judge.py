@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-UNDETERMINED = -1
-
 
 @dataclass
 class ClipJudgeConfig:

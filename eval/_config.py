@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fairtune.data import TargetConfig
 from fairtune.models import (
@@ -168,12 +168,15 @@ class JudgeConfig:
     """The judges that score generated images (never a model used in training).
 
     Attributes:
-        kind: Required. ``colored_digits``: the ColoredDigits-Bias judges written by ``fairtune judges train``
-            (colour by hue or CNN, the digit CNN for fidelity and Fréchet features). ``classifier``: any
-            attribute classifier module with safetensors weights (e.g. for Stable Diffusion).
-            ``clip``: a CLIP judge (``clip``: zero-shot prompts per class, or a trained probe).
-        path: ``colored_digits``: the judges folder (``judges.json``).
-        color_judge: ``colored_digits``: ``hue`` (exact on the benchmark) or ``cnn``.
+        kind: Required. ``panel``: a judge panel of one's own, built by ``panel`` (a benchmark's
+            judges, e.g. ColoredDigits-Bias'). ``classifier``: any attribute classifier module with
+            safetensors weights (e.g. for Stable Diffusion). ``clip``: a CLIP judge (``clip``:
+            zero-shot prompts per class, or a trained probe).
+        panel: ``panel``: ``module:function`` called as ``function(judges_config, image_size=...)``,
+            returning a :class:`~fairtune.eval.JudgePanel` (ColoredDigits-Bias:
+            ``fairtune.colored_digits:judge_panel``).
+        options: ``panel``: the panel's own settings, read by its function (ColoredDigits-Bias:
+            ``path``, the judges folder, and ``color_judge``, ``hue`` or ``cnn``).
         attribute: ``classifier``: name of the attribute it judges (must be the target's attribute).
         classes: ``classifier``: the attribute's class names, in the order of its outputs.
         classifier: ``classifier``: the attribute classifier (module path, init args, safetensors
@@ -184,7 +187,7 @@ class JudgeConfig:
             ``weights`` are set; with it, fidelity is reported (and its ``features``, if it has
             them, feed the Fréchet distance).
         concept_classes: Its class names: the concept names of the prompts it recognises.
-        reference: Real images for the Fréchet distance: a ColoredDigits-Bias data folder (its
+        reference: Real images for the Fréchet distance: a data folder with a ``table/`` (its
             held-out split) or a folder of image files; ``None``: no Fréchet distance.
         n_reference: Reference images used (a seeded random subset).
         batch_size: Images per judge batch.
@@ -203,9 +206,9 @@ class JudgeConfig:
             method against the ``base`` method; ``None``: the ``clip`` judge's own, if any.
     """
 
-    kind: Literal["colored_digits", "classifier", "clip"] | None = None
-    path: str | None = None
-    color_judge: Literal["hue", "cnn"] = "hue"
+    kind: Literal["panel", "classifier", "clip"] | None = None
+    panel: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
     attribute: str | None = None
     classes: list[str] | None = None
     classifier: ClassifierConfig = field(default_factory=lambda: ClassifierConfig(weights=""))

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,20 +11,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fairtune.data import (
-    GROUP_SEP,
-    AttributeSpec,
-    Target,
-    TargetConfig,
-    concept_name,
-    images_from_table,
-    load_table,
-)
-from fairtune.models import ClassifierConfig, load_classifier
+from fairtune.data import AttributeSpec, Target, TargetConfig, images_from_table, load_table
+from fairtune.models import ClassifierConfig, import_function, load_classifier
 
 from ._clip_judge import attach_measurement, build_clip_judge
-from ._colored_digits import UNDETERMINED, Judges, load_judges
 from ._config import JudgeConfig
+from ._correction import UNDETERMINED
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -136,41 +128,6 @@ class JudgePanel:
         return self._reference_features
 
 
-def colored_digits_panel(
-    judges: Judges,
-    *,
-    color_judge: str = "hue",
-    reference: torch.Tensor | None = None,
-    batch_size: int = 512,
-    source: str = "",
-    attributes: Sequence[str] = ("color",),
-) -> JudgePanel:
-    """The ColoredDigits-Bias judges as a panel: colour by the hue or CNN judge, fidelity by the digit
-    CNN, Fréchet features from its penultimate layer.
-
-    ``attributes`` names what is judged: ``["color"]``, or a joint such as ``["color", "background"]``
-    whose labels are the joint groups (``"red+dark"``, in :class:`~fairtune.data.Target` order) and
-    whose panel attribute is ``"color+background"``."""
-    attributes = list(attributes)
-    bg = " and background by median brightness" if "background" in attributes else ""
-    return JudgePanel(
-        attribute=GROUP_SEP.join(attributes),
-        classes=judges.groups(attributes),
-        attribute_fn=lambda x: judges.label(x, attributes, judge=color_judge),
-        concept_classes=[concept_name(d) for d in range(10)],
-        concept_fn=judges.digit,
-        feature_fn=judges.features,
-        reference=reference,
-        description=(
-            f"ColoredDigits-Bias judges from `{source}`: colour by the {color_judge} judge{bg}, "
-            "fidelity by the digit CNN, Fréchet distance on its 64-d features"
-            + (f" against {len(reference)} held-out real images" if reference is not None else "")
-        ),
-        batch_size=batch_size,
-        image_size=judges.report.get("image_size"),
-    )
-
-
 def load_reference_images(path: str | Path, *, n: int = 2000, image_size: int | None = None, seed: int = 0):
     """Real images for the Fréchet distance, ``(n, 3, H, W)`` in [0, 1].
 
@@ -255,28 +212,20 @@ def _build_panel(cfg: JudgeConfig, *, image_size: int | None = None) -> JudgePan
     """
     reference = None
     if cfg.kind is None:
-        raise ValueError("judges.kind is not set: 'colored_digits', 'classifier' or 'clip'")
-    if cfg.kind == "colored_digits":
-        if cfg.path is None:
+        raise ValueError("judges.kind is not set: 'panel', 'classifier' or 'clip'")
+    if cfg.kind == "panel":
+        # A judge panel of one's own (a benchmark's judges, or a user's): ``module:function`` called
+        # with this config and the generated image side, returning a JudgePanel.
+        if not cfg.panel:
             raise ValueError(
-                "judges.kind='colored_digits' needs judges.path (a `fairtune judges train` folder)"
+                "judges.kind='panel' needs judges.panel: 'module:function' building the panel "
+                "(ColoredDigits-Bias: fairtune.colored_digits:judge_panel)"
             )
-        judges = load_judges(cfg.path)
-        size = judges.report.get("image_size")
-        if image_size is not None and size is not None and int(size) != int(image_size):
-            raise ValueError(
-                f"the judges in {cfg.path} were trained on {size}x{size} images but the model "
-                f"generates {image_size}x{image_size}"
-            )
-        if cfg.reference is not None:
-            reference = load_reference_images(cfg.reference, n=cfg.n_reference, image_size=image_size)
-        return colored_digits_panel(
-            judges,
-            color_judge=cfg.color_judge,
-            reference=reference,
-            batch_size=cfg.batch_size,
-            source=cfg.path,
-        )
+        build = import_function(cfg.panel, what="judges.panel")
+        panel = build(cfg, image_size=image_size)
+        if not isinstance(panel, JudgePanel):
+            raise ValueError(f"judges.panel={cfg.panel!r} returned {type(panel).__name__}, not a JudgePanel")
+        return panel
     if cfg.kind in ("classifier", "clip") and not cfg.attribute:
         raise ValueError(
             f"judges.kind={cfg.kind!r} needs judges.attribute: the name of the attribute it judges"
@@ -336,7 +285,7 @@ def _build_panel(cfg: JudgeConfig, *, image_size: int | None = None) -> JudgePan
             description=f"attribute `{cfg.attribute}` judged by {how} over {list(cfg.classes)}",
             batch_size=cfg.batch_size,
         )
-    raise ValueError(f"judges.kind must be 'colored_digits', 'classifier' or 'clip', got {cfg.kind!r}")
+    raise ValueError(f"judges.kind must be 'panel', 'classifier' or 'clip', got {cfg.kind!r}")
 
 
 def build_target(cfg: TargetConfig, panel: JudgePanel) -> Target:

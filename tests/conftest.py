@@ -15,17 +15,25 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory):
     """The default ColoredDigits-Bias, rendered once per session (~4 s)."""
-    from fairtune.data import ColoredDigitsConfig, build_colored_digits
+    from fairtune.colored_digits import ColoredDigitsConfig, build_colored_digits
 
     out = tmp_path_factory.mktemp("colored_digits")
     build_colored_digits(ColoredDigitsConfig(), out)
     return out
 
 
+def judges_args(path) -> list[str]:
+    """Command-line options naming ColoredDigits-Bias' judges in ``path`` (the panel extension point)."""
+    import json
+
+    return ["--judges.kind", "panel", "--judges.panel", "fairtune.colored_digits:judge_panel",
+            "--judges.options", json.dumps({"path": str(path), "color_judge": "hue"})]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def judges_dir(digits_dir, tmp_path_factory):
     """Judges trained with the shipped recipe (~25 s)."""
-    from fairtune.eval import train_judges
+    from fairtune.colored_digits import train_judges
 
     out = tmp_path_factory.mktemp("judges")
     train_judges(digits_dir, out)

@@ -32,8 +32,8 @@ def color_judge_dir(digits_dir, tmp_path_factory):
     1,024 held-out renders in a few seconds; saved as ``color_cnn.safetensors`` like the real ones."""
     from safetensors.torch import save_file
 
+    from fairtune.colored_digits import SmallCNN
     from fairtune.data import images_from_table, load_table
-    from fairtune.models import SmallCNN
 
     held = load_table(str(digits_dir / "table"), split="heldout").shuffle(seed=0).select(range(1024))
     x = images_from_table(held)
@@ -55,7 +55,7 @@ def color_judge_dir(digits_dir, tmp_path_factory):
 
 
 def test_the_shipped_overlay_fits_the_shipped_judges():
-    from fairtune.eval import JudgeTrainConfig
+    from fairtune.colored_digits import JudgeTrainConfig
 
     cfg = yaml.safe_load((CONFIGS / "colored_digits" / "audit.yaml").read_text())
     judge = cfg["trainer"]["callbacks"][0]["init_args"]["judge"]

@@ -30,7 +30,7 @@ def test_augment_adds_accepted_synthetic_records_to_the_rare_cells(digits_dir, c
     out = tmp_path / "augmented"
     weights = str(color_judge_dir / "color_cnn.safetensors")
     main(["data", "augment", "--table", str(digits_dir / "table"), "--out", str(out),
-          "--model", "colored-digits-16", "--classifier.module", "fairtune.models.SmallCNN",
+          "--model", "colored-digits-16", "--classifier.module", "fairtune.colored_digits.SmallCNN",
           "--classifier.init_args", json.dumps(JUDGE_ARGS), "--classifier.weights", weights,
           "--augment.attribute", "color", "--augment.classes", "[red, blue]",
           "--augment.template", "a {cls} handwritten {concept}",
@@ -53,7 +53,9 @@ def test_augment_adds_accepted_synthetic_records_to_the_rare_cells(digits_dir, c
         assert len(rows) == cell["accepted"] and set(rows["color"]) == {cell["class"]}
         assert set(rows["prompt"]) == {f"a handwritten {cell['concept']}"}
     # every kept image is one the classifier places in its cell's class, confidently
-    clf = load_classifier(ClassifierConfig(init_args=JUDGE_ARGS, weights=weights))
+    clf = load_classifier(
+        ClassifierConfig(module="fairtune.colored_digits.SmallCNN", init_args=JUDGE_ARGS, weights=weights)
+    )
     from fairtune.data import images_from_table
 
     with torch.no_grad():

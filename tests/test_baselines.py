@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, SemanticStableDiffusionPipeline
 
-from fairtune.data import explicit_prompt, neutral_prompt
+from fairtune.colored_digits import explicit_prompt, neutral_prompt
 from fairtune.models import (
     ATTENTION,
     Backbone,
@@ -218,7 +218,7 @@ def test_pipeline_load_lora_weights_equals_backbone_with_adapter(tiny_sd, tmp_pa
 # ----------------------------------------------------------------------------- the shipped model
 @pytest.mark.slow  # 128 guided images on the shipped model
 def test_fair_diffusion_turns_blue_digit_7_red_on_the_shipped_model():
-    from fairtune.eval import HueJudge
+    from fairtune.colored_digits import HueJudge
 
     bb = Backbone.from_config(BackboneConfig(kind="tiny", pretrained="colored-digits-16"))
     judge = HueJudge.for_colors(["red", "blue"])

@@ -179,7 +179,7 @@ def test_probe_from_the_cli_serves_as_lever_3_classifier_and_as_judge(tiny_clip,
     assert not clf.training and not any(p.requires_grad for p in clf.parameters())
     # a module that does not load its own weights still needs a weights file
     with pytest.raises(ValueError, match="weights is not set"):
-        load_classifier(ClassifierConfig(module="fairtune.models.SmallCNN", weights=None))
+        load_classifier(ClassifierConfig(module="fairtune.colored_digits.SmallCNN", weights=None))
     # the same probe as a judge; a probe over other classes is refused
     _, predict, how = build_clip_judge(
         ClipJudgeConfig(probe=str(tmp_path / "probe")), classes=["red", "blue"]

@@ -3,13 +3,13 @@ import json
 import numpy as np
 import pytest
 
-from fairtune.data import (
+from fairtune.colored_digits import (
     DEFAULT_RED_SHARE,
     ColoredDigitsConfig,
     generate_colored_digits,
-    load_table,
     neutral_prompt,
 )
+from fairtune.data import load_table
 
 
 def test_stats_show_the_configured_skew(digits_dir):

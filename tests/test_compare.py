@@ -10,11 +10,11 @@ import torch
 import yaml
 
 from fairtune.cli import main
+from fairtune.colored_digits import judge_config
 from fairtune.data import TargetConfig
 from fairtune.eval import (
     CompareConfig,
     GenerationConfig,
-    JudgeConfig,
     MethodConfig,
     PromptGroup,
     audit,
@@ -43,9 +43,7 @@ def _prompts():
 
 
 def _judges(judges_dir, digits_dir):
-    return JudgeConfig(
-        kind="colored_digits", path=str(judges_dir), reference=str(digits_dir), n_reference=256
-    )
+    return judge_config(judges_dir, reference=digits_dir, n_reference=256)
 
 
 def _config(judges_dir, digits_dir, methods, **kw):
@@ -174,8 +172,9 @@ def test_cli_compare_reproduces_the_base_images(compared, judges_dir, digits_dir
             for g in _prompts()
         ],
         "judges": {
-            "kind": "colored_digits",
-            "path": str(judges_dir),
+            "kind": "panel",
+            "panel": "fairtune.colored_digits:judge_panel",
+            "options": {"path": str(judges_dir), "color_judge": "hue"},
             "reference": str(digits_dir),
             "n_reference": 256,
         },
@@ -268,7 +267,7 @@ def test_audit_tiny_stable_diffusion_with_a_classifier_judge(tiny_sd, tmp_path, 
     Fréchet are n/a."""
     from safetensors.torch import save_file
 
-    from fairtune.models import SmallCNN
+    from fairtune.colored_digits import SmallCNN
 
     torch.manual_seed(0)
     weights = tmp_path / "clf.safetensors"
@@ -276,7 +275,7 @@ def test_audit_tiny_stable_diffusion_with_a_classifier_judge(tiny_sd, tmp_path, 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a doctor\na photo of a nurse\n")
     clf = {
-        "module": "fairtune.models.SmallCNN",
+        "module": "fairtune.colored_digits.SmallCNN",
         "init_args": {"num_classes": 2, "width": 4, "feature_dim": 8},
     }
     clf["weights"] = str(weights)

@@ -47,7 +47,7 @@ def classifier_weights(tmp_path_factory):
     """Stand-in weights for lever 3's classifier (the real ones come from `fairtune classifier train`)."""
     from safetensors.torch import save_file
 
-    from fairtune.models import SmallCNN
+    from fairtune.colored_digits import SmallCNN
 
     path = tmp_path_factory.mktemp("clf") / "classifier.safetensors"
     save_file(SmallCNN(2, 8, 16).state_dict(), str(path))
@@ -127,7 +127,7 @@ def test_target_overlay_sets_explicit_proportions(tmp_path):
 def test_the_k3bg_data_recipe_renders_what_its_fine_tune_overlay_declares(tmp_path):
     """configs/data/ holds `fairtune data colored-digits` configs; the three-ink one must render the
     inks the k3bg overlay trains on, with both backgrounds."""
-    from fairtune.data import ColoredDigitsConfig
+    from fairtune.colored_digits import ColoredDigitsConfig
 
     recipe = yaml.safe_load((CONFIGS / "data" / "colored_digits_k3bg.yaml").read_text())
     cfg = ColoredDigitsConfig(**recipe)  # validates the share rows

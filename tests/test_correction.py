@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from fairtune.data import BACKGROUND, INK, render
+from fairtune.colored_digits import BACKGROUND, INK, render
 from fairtune.eval import (
     change_score,
     change_scores,
@@ -149,7 +149,7 @@ def _hue_renders(colors, rng):
 
 def test_colored_digits_demo_corrects_a_deliberately_noisy_hue_judge():
     """ColoredDigits: the exact hue judge made noisy (known flips); corrected share back on target."""
-    from fairtune.eval import HueJudge
+    from fairtune.colored_digits import HueJudge
 
     rng = np.random.default_rng(2)
     hue = HueJudge.for_colors(["red", "blue"])

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import judges_args
 
 from fairtune.cli import main
+from fairtune.colored_digits import judge_config
 from fairtune.eval import (
     CompareConfig,
     GenerationConfig,
-    JudgeConfig,
     MethodConfig,
     PromptEntry,
     compare_methods,
@@ -31,7 +32,7 @@ from fairtune.models import BackboneConfig
 
 
 def _judges(path):
-    return JudgeConfig(kind="colored_digits", path=str(path))
+    return judge_config(path)
 
 
 GEN = GenerationConfig(n_per_prompt=8, steps=4, batch_size=64)
@@ -209,7 +210,7 @@ def test_a_request_is_checked_at_its_scale_on_fresh_seeds(
     main(
         ["dial", "--model", "colored-digits-16", "--adapter", str(adapter_dir),
          "--prompts", str(prompts_file), "--out", str(out), "--scales", "[0, 1]",
-         "--judges.kind", "colored_digits", "--judges.path", str(judges_dir),
+         *judges_args(judges_dir),
          "--generation.n_per_prompt", "8", "--generation.steps", "4", "--generation.batch_size", "64",
          "--request", json.dumps({"digit 9": {"red": want}})]
     )  # fmt: skip
@@ -231,8 +232,7 @@ def test_a_bad_request_is_one_line_before_any_work(
     request_, named, judges_dir, prompts_file, adapter_dir, tmp_path, monkeypatch, capsys
 ):
     argv = ["fairtune", "dial", "--model", "colored-digits-16", "--adapter", str(adapter_dir), "--prompts",
-            str(prompts_file), "--out", str(tmp_path / "o"), "--judges.kind", "colored_digits",
-            "--judges.path", str(judges_dir),
+            str(prompts_file), "--out", str(tmp_path / "o"), *judges_args(judges_dir),
             "--request", json.dumps(request_)]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.delenv("FAIRTUNE_DEBUG", raising=False)

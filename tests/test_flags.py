@@ -203,8 +203,9 @@ def test_fit_continues_from_an_adapter_and_trains_on_flagged_prompts(digits_dir,
     from safetensors.torch import load_file, save_file
     from test_distributed import tiny_config
 
+    from fairtune.colored_digits import SmallCNN
     from fairtune.data import AttributeDataModule, SourceConfig
-    from fairtune.models import BackboneConfig, ClassifierConfig, LoraConfig, SmallCNN, lora_state_dict
+    from fairtune.models import BackboneConfig, ClassifierConfig, LoraConfig, lora_state_dict
     from fairtune.train import DebiasModule, FairnessConfig
 
     # a first adapter, trained by `fairtune fit`
@@ -226,7 +227,9 @@ def test_fit_continues_from_an_adapter_and_trains_on_flagged_prompts(digits_dir,
         backbone=BackboneConfig(kind="tiny", pretrained=str(tiny_base)),
         lora=LoraConfig(rank=4, init_from=str(run / "adapter")),
         fairness=FairnessConfig(
-            classifier=ClassifierConfig(init_args=CLF_ARGS, weights=str(clf)),
+            classifier=ClassifierConfig(
+                module="fairtune.colored_digits.SmallCNN", init_args=CLF_ARGS, weights=str(clf)
+            ),
             concepts=["digit 0"], extra_prompts_file=str(flagged), prompt="a handwritten {concept}",
             start_step=0, ramp_steps=0,
             every_k_steps=1,
@@ -260,7 +263,9 @@ def test_fit_continues_from_an_adapter_and_trains_on_flagged_prompts(digits_dir,
         FairnessLoss(
             FairnessConfig(
                 classifier=ClassifierConfig(
-                    init_args={"num_classes": 2, "width": 4, "feature_dim": 8}, weights=str(clf)
+                    module="fairtune.colored_digits.SmallCNN",
+                    init_args={"num_classes": 2, "width": 4, "feature_dim": 8},
+                    weights=str(clf),
                 ),
                 extra_prompts_file=str(tmp_path / "missing.yaml"),
             )

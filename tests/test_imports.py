@@ -4,10 +4,12 @@ import pkgutil
 import pytest
 
 PACKAGES = ["fairtune.data", "fairtune.models", "fairtune.train", "fairtune.eval", "fairtune.cli"]
+# The embedded benchmark: a tenant above the core (issue 28), imported by no core module.
+BENCHMARK = "fairtune.colored_digits"
 
 
 def _modules():
-    for name in PACKAGES:
+    for name in [*PACKAGES, BENCHMARK]:
         pkg = importlib.import_module(name)
         yield name
         for info in pkgutil.iter_modules(pkg.__path__):
@@ -21,19 +23,21 @@ def test_every_module_imports(module):
 
 
 def test_public_names_resolve():
-    for name in PACKAGES:
+    for name in [*PACKAGES, BENCHMARK]:
         pkg = importlib.import_module(name)
         for attr in getattr(pkg, "__all__", []):
             assert hasattr(pkg, attr), f"{name}.{attr}"
 
 
-# The layout's one direction of imports (docs/design.md): data -> models -> {train, eval} -> cli.
+# The layout's one direction of imports (docs/design.md): data -> models -> {train, eval} -> cli, and
+# the benchmark above them all; no core folder imports the benchmark.
 ALLOWED = {
     "data": set(),
     "models": {"data"},
     "train": {"data", "models"},
     "eval": {"data", "models"},
     "cli": {"data", "models", "train", "eval", "configs"},
+    "colored_digits": {"data", "models", "train", "eval", "cli"},
 }
 
 
@@ -82,7 +86,7 @@ COMMANDS_MOVED = {
 }
 
 
-@pytest.mark.parametrize("folder", sorted(set(ALLOWED) - {"cli"}))
+@pytest.mark.parametrize("folder", sorted(set(ALLOWED) - {"cli", "colored_digits"}))
 def test_no_command_outside_the_command_layer(folder):
     import ast
     from pathlib import Path
@@ -130,3 +134,43 @@ def test_importing_the_library_loads_no_database_driver_or_server():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert "LOADED []" in out.stdout, (out.stdout[-500:], out.stderr[-2000:])
+
+
+def test_the_core_knows_nothing_of_the_benchmark():
+    """No core module imports the benchmark package or names its modules, judges or ink helpers in
+    code; it plugs in through the extension points (judges.kind: panel, a sweep judge function, a
+    classifier module path, the fairtune.commands entry point), and the core facades do not export
+    its names."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    benchmark = importlib.import_module(BENCHMARK)
+    for folder in ("data", "models", "train", "eval", "cli"):
+        for path in sorted((root / folder).glob("*.py")):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    assert "colored_digits" not in node.module, f"{folder}/{path.name} imports {node.module}"
+                if isinstance(node, ast.Name):
+                    assert node.id not in ("ink_map", "InkMap", "SmallCNN", "judge_colored_digits"), (
+                        f"{folder}/{path.name} uses the benchmark's {node.id}"
+                    )
+    for package in PACKAGES:
+        pkg = importlib.import_module(package)
+        shared = set(getattr(pkg, "__all__", [])) & set(benchmark.__all__)
+        assert not shared, f"{package} exports the benchmark's {sorted(shared)}"
+
+
+def test_the_benchmarks_commands_come_through_the_plugin_entry_point():
+    """``fairtune demo`` and the benchmark's data, judges and classifier commands are registered by the
+    benchmark's entry point and merged into the core's groups (``data augment`` stays the core's)."""
+    from fairtune.cli import command_help, plugins
+    from fairtune.cli._app import commands
+
+    assert "fairtune.colored_digits._plugin" in [p.__name__ for p in plugins()]
+    table = commands()
+    assert table["demo"].__module__ == "fairtune.colored_digits._demo"
+    assert set(table["data"]) >= {"augment", "colored-digits"} and "train" in table["judges"]
+    assert set(table["classifier"]) >= {"train", "clip-probe"}
+    assert list(command_help())[:2] == ["fit", "compare"] and "demo" in command_help()

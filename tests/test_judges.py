@@ -5,8 +5,9 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from fairtune.data import BACKGROUND, INK, images_from_table, load_table, perturb, render
-from fairtune.eval import UNDETERMINED, HueJudge, load_judges
+from fairtune.colored_digits import BACKGROUND, INK, HueJudge, load_judges, perturb, render
+from fairtune.data import images_from_table, load_table
+from fairtune.eval import UNDETERMINED
 
 
 def _renders(colors, background_rgb, seed=0, noise=0.0):
@@ -87,7 +88,7 @@ def test_missing_judges_is_a_clear_error(tmp_path):
 
 
 def test_mixed_ink_labels_follow_each_inks_share():
-    from fairtune.data import mixed_ink
+    from fairtune.colored_digits import mixed_ink
 
     x = torch.cat([_renders(["red"] * 32, (1.0, 1.0, 1.0)), _renders(["blue"] * 32, (1.0, 1.0, 1.0), seed=1)])
     y = torch.tensor([0] * 32 + [1] * 32)
@@ -111,8 +112,7 @@ def test_mixed_ink_training_stops_the_classifier_calling_purple_confidently(digi
     fairness loss exploited); with mixed-ink training it reports the ink share."""
     from safetensors.torch import load_file
 
-    from fairtune.data import mixed_ink
-    from fairtune.models import SmallCNN, train_attribute_classifier
+    from fairtune.colored_digits import SmallCNN, mixed_ink, train_attribute_classifier
 
     held = load_table(str(digits_dir / "table"), split="heldout").select(range(256))
     x, y = images_from_table(held), torch.tensor([["red", "blue"].index(c) for c in held["color"]])
@@ -133,7 +133,7 @@ def test_mixed_ink_training_stops_the_classifier_calling_purple_confidently(digi
 @pytest.fixture(scope="module")
 def k3bg_rows():
     """Held-out renders (balanced) of three inks on light and dark backgrounds, one per source image."""
-    from fairtune.data import ColoredDigitsConfig, generate_colored_digits
+    from fairtune.colored_digits import ColoredDigitsConfig, generate_colored_digits
 
     cfg = ColoredDigitsConfig(
         colors=["red", "blue", "green"], background=True, renders_per_image=1, heldout_renders=1, seed=3
@@ -142,9 +142,8 @@ def k3bg_rows():
 
 
 def test_three_colour_hue_and_background_judges_on_rendered_data(k3bg_rows):
+    from fairtune.colored_digits import BackgroundJudge, Judges, SmallCNN
     from fairtune.data import AttributeSpec, Target, TargetConfig
-    from fairtune.eval import BackgroundJudge, Judges
-    from fairtune.models import SmallCNN
 
     cfg, rows = k3bg_rows
     x = torch.stack(
@@ -177,9 +176,8 @@ def test_three_colour_hue_and_background_judges_on_rendered_data(k3bg_rows):
 
 
 def test_a_joint_target_is_scored_over_its_groups(k3bg_rows):
+    from fairtune.colored_digits import Judges, SmallCNN, colored_digits_panel, judge_digit_images
     from fairtune.data import Target, TargetConfig
-    from fairtune.eval import Judges, colored_digits_panel, judge_digit_images
-    from fairtune.models import SmallCNN
 
     cfg, rows = k3bg_rows
     n = 20
@@ -208,7 +206,7 @@ def test_the_sweep_judge_scores_a_paraphrase_and_explicit_prompts(judges_dir, tm
     """The shipped base model judged as the sweep does, with a paraphrase and explicit prompts: an
     explicit colour is followed (the base model knows both inks), the paraphrase is scored on its
     own digits and its images count in the undetermined total."""
-    from fairtune.eval import judge_colored_digits
+    from fairtune.colored_digits import judge_colored_digits
 
     config = {
         "model": {"backbone": {"kind": "tiny", "pretrained": "colored-digits-16"}},

@@ -96,13 +96,17 @@ def test_ot_loss_skips_settled_samples_and_kl_matches_formula():
 def classifier_file(tmp_path_factory):
     from safetensors.torch import save_file
 
-    from fairtune.models import SmallCNN
+    from fairtune.colored_digits import SmallCNN
 
     torch.manual_seed(0)
     m = SmallCNN(2, 4, 8)
     path = tmp_path_factory.mktemp("clf") / "c.safetensors"
     save_file(m.state_dict(), str(path))
-    return ClassifierConfig(init_args={"num_classes": 2, "width": 4, "feature_dim": 8}, weights=str(path))
+    return ClassifierConfig(
+        module="fairtune.colored_digits.SmallCNN",
+        init_args={"num_classes": 2, "width": 4, "feature_dim": 8},
+        weights=str(path),
+    )
 
 
 def _module(**levers):

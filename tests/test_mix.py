@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import judges_args
 
 from fairtune.cli import main
+from fairtune.colored_digits import judge_config
 from fairtune.eval import (
     CompareConfig,
     GenerationConfig,
-    JudgeConfig,
     MethodConfig,
     compare_methods,
     expand_mix_request,
@@ -119,7 +120,7 @@ def test_each_image_is_the_image_its_class_adapter_gives_alone(
             "mix", kind="class_adapters", class_adapters=adapters, mix={"*": {"red": 0.25, "blue": 0.75}}
         ),
     ]
-    judges = JudgeConfig(kind="colored_digits", path=str(judges_dir))
+    judges = judge_config(judges_dir)
     cfg = CompareConfig(
         methods=methods, prompts=load_prompt_file(prompts_file), backbone=backbone.config, judges=judges,
         generation=GEN,
@@ -193,7 +194,7 @@ def test_a_mixer_with_a_mix_samples_like_a_backbone(backbone, adapter_dir, blue_
 def test_the_sweep_judge_scores_class_adapters_drawn_in_the_target_mix(adapter_dir, judges_dir, tmp_path):
     """The benchmark judge on a pair: with both classes' adapters the same folder, the pair is that
     adapter, so every figure equals the adapter's own; the target's mix is what the pair is scored on."""
-    from fairtune.eval import judge_colored_digits
+    from fairtune.colored_digits import judge_colored_digits
     from fairtune.models import LORA_WEIGHT_NAME
 
     config = {
@@ -222,8 +223,8 @@ def test_dial_with_class_adapters_solves_and_checks_a_request(backbone, adapter_
     out = tmp_path / "mixdial"
     adapters = {"red": str(adapter_dir), "blue": str(blue_adapter)}
     common = ["dial", "--model", "colored-digits-16", "--prompts", str(prompts_file), "--out", str(out),
-              "--class_adapters", json.dumps(adapters), "--judges.kind", "colored_digits",
-              "--judges.path", str(judges_dir), "--generation.n_per_prompt", "8", "--generation.steps", "4",
+              "--class_adapters", json.dumps(adapters), *judges_args(judges_dir),
+              "--generation.n_per_prompt", "8", "--generation.steps", "4",
               "--generation.batch_size", "64"]  # fmt: skip
     main(common)
     ends = json.loads((out / "mix.json").read_text())

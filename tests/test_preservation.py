@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from fairtune.data import ink_map
+from fairtune.colored_digits import ink_map
 from fairtune.models import make_tiny_clip
 from fairtune.train import FairnessConfig, FairnessLoss, PreservationConfig, PreservationFeatures
 
@@ -31,7 +31,7 @@ def test_each_feature_space():
         F.mse_loss(bb.to_pixels(a), bb.to_pixels(b)).item()
     )
     # ColoredDigits' setting, through the generic module path: exactly the ink-map MSE of before
-    ink = PreservationFeatures(PreservationConfig(features="module", module="fairtune.data.InkMap"))
+    ink = PreservationFeatures(PreservationConfig(features="module", module="fairtune.colored_digits.InkMap"))
     expected = F.mse_loss(ink_map(bb.to_pixels(a)), ink_map(bb.to_pixels(b)))
     assert ink.loss(ink(a, bb), ink(b, bb)).item() == pytest.approx(expected.item())
     # a recolouring (colour only) leaves the ink map alone but moves the pixels
@@ -57,7 +57,7 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="preservation.module"):
         PreservationFeatures(PreservationConfig(features="module"))
     with pytest.raises(ValueError, match="not a torch.nn.Module subclass"):
-        PreservationFeatures(PreservationConfig(features="module", module="fairtune.data.ink_map"))
+        PreservationFeatures(PreservationConfig(features="module", module="fairtune.colored_digits.ink_map"))
     with pytest.raises(ValueError, match="no {concept} field"):
         FairnessLoss(FairnessConfig(prompt="a photo"))
     with pytest.raises(ValueError, match="weights is not set"):
@@ -71,5 +71,5 @@ def test_generic_defaults_carry_no_benchmark_and_colored_digits_configs_do():
     for arm in ("fairness", "sampler_fairness", "all"):
         f = yaml.safe_load((CONFIGS / "ablations" / f"{arm}.yaml").read_text())["model"]["fairness"]
         assert f["prompt"] == "a handwritten {concept}"
-        assert f["preservation"] == {"features": "module", "module": "fairtune.data.InkMap"}
+        assert f["preservation"] == {"features": "module", "module": "fairtune.colored_digits.InkMap"}
         assert f["classifier"]["weights"] == "runs/classifiers/color-train-16/classifier.safetensors"

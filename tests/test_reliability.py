@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import judges_args
 from safetensors.torch import load_file
 from test_train import _config
 
@@ -133,7 +134,7 @@ def test_expected_errors_are_one_line_naming_the_file(tmp_path, judges_dir, monk
     good.write_text("a handwritten digit 3\n")
     code, err = _shell(
         monkeypatch, capsys, "audit", "--model", "colored-digits-16", "--prompts", str(good),
-        "--out", str(tmp_path / "b"), "--judges.kind", "colored_digits", "--judges.path", str(judges),
+        "--out", str(tmp_path / "b"), *judges_args(judges),
         "--judges.reference", "null",
     )  # fmt: skip
     (line,) = [ln for ln in err.splitlines() if ln.startswith("fairtune: error:")]
@@ -149,7 +150,8 @@ def test_expected_errors_are_one_line_naming_the_file(tmp_path, judges_dir, monk
 def test_a_class_named_in_a_config_must_be_a_torch_module(tmp_path):
     from safetensors.torch import save_file
 
-    from fairtune.models import ClassifierConfig, SmallCNN, load_classifier
+    from fairtune.colored_digits import SmallCNN
+    from fairtune.models import ClassifierConfig, load_classifier
 
     weights = tmp_path / "w.safetensors"
     save_file(SmallCNN(2, 4, 8).state_dict(), str(weights))

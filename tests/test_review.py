@@ -37,7 +37,7 @@ def audit_dir(color_judge_dir, tmp_path_factory):  # noqa: F811
         yaml.safe_dump({"digit 1": "a handwritten digit 1", "digit 8": "a handwritten digit 8"})
     )
     judge = ClassifierConfig(
-        module="fairtune.models.SmallCNN", init_args=dict(JUDGE_ARGS),
+        module="fairtune.colored_digits.SmallCNN", init_args=dict(JUDGE_ARGS),
         weights=str(color_judge_dir / "color_cnn.safetensors"),
     )  # fmt: skip
     audit(

@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 import torch
 
+from fairtune.colored_digits import digit_entries, judge_digit_images
 from fairtune.data import AttributeSpec, Target, TargetConfig
 from fairtune.eval import (
     JudgePanel,
     MethodImages,
-    digit_entries,
     exact_interval,
-    judge_digit_images,
     judge_method,
     mean_interval,
     metric_intervals,

@@ -33,7 +33,7 @@ ABLATIONS = Path(__file__).resolve().parent.parent / "configs" / "ablations"
 def quick_judges(digits_dir, tmp_path_factory):
     """Judges trained for one epoch (seconds, not minutes): the sweep tests check the plumbing and the
     aggregation, not the judges' accuracy (tests/test_judges.py does that with the full recipe)."""
-    from fairtune.eval import JudgeTrainConfig, train_judges
+    from fairtune.colored_digits import JudgeTrainConfig, train_judges
 
     out = tmp_path_factory.mktemp("quick_judges")
     train_judges(digits_dir, out, JudgeTrainConfig(digit_epochs=1, color_epochs=1, width=8, feature_dim=16))
@@ -56,7 +56,7 @@ def _spec(tmp_path, base, quick_judges, **extra) -> Path:
         },
         "seeds": [0, 1],
         "judge": {
-            "function": "fairtune.eval:judge_colored_digits",
+            "function": "fairtune.colored_digits:judge_colored_digits",
             "options": {
                 "judges": str(quick_judges),
                 "n_per_prompt": 2,

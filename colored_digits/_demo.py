@@ -38,13 +38,13 @@ DEMO_SWEEP = "demo/sweep.yaml"
 def prepare_assets(data: Path, judges: Path, classifier: Path | None = None) -> None:
     """Render ColoredDigits-Bias and train the judges and (given ``classifier``) lever 3's classifier,
     if missing."""
-    from fairtune.data import ColoredDigitsConfig, build_colored_digits
-    from fairtune.eval import train_judges
-    from fairtune.models import train_attribute_classifier
+    from ._cnn import train_attribute_classifier
+    from ._data import ColoredDigitsConfig, build
+    from ._judges import train_judges
 
     if not (data / "stats.json").exists():
         print(f"[demo] rendering ColoredDigits-Bias into {data}", file=sys.stderr)
-        build_colored_digits(ColoredDigitsConfig(), data)
+        build(ColoredDigitsConfig(), data)
     if not (judges / "judges.json").exists():
         print(f"[demo] training the judges into {judges}", file=sys.stderr)
         train_judges(data, judges)
@@ -97,11 +97,8 @@ def demo(
     Returns:
         The comparison's metrics (also in ``out/compare/metrics.json``).
     """
+    from fairtune.cli import load_compare_config, load_spec, run_sweep
     from fairtune.eval import run_comparison
-
-    from ._commands import load_compare_config
-    from ._sweep import run_sweep
-    from ._sweep_spec import load_spec
 
     if threads:
         torch.set_num_threads(threads)
@@ -143,7 +140,8 @@ def demo(
     # generation budget.
     cfg = load_compare_config(
         configs_dir() / DEMO_COMPARE,
-        "--judges.path", str(judges), "--judges.reference", str(data),
+        "--judges.options", json.dumps({"path": str(judges), "color_judge": "hue"}),
+        "--judges.reference", str(data),
         "--generation.n_per_prompt", str(n_per_prompt), "--generation.steps", str(sampling_steps),
         *(["--generation.batch_size", str(batch_size)] if batch_size is not None else []),
     )  # fmt: skip

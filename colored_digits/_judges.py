@@ -19,26 +19,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from fairtune.data import (
-    BACKGROUND,
-    GROUP_SEP,
-    atomic_write_json,
-    images_from_table,
-    ink_hue,
-    load_table,
-    perturb,
-    rgb_to_hue_chroma,
-)
-from fairtune.models import (
-    CNNTrainConfig,
-    SmallCNN,
-    features_batched,
-    predict_batched,
-    save_safetensors_atomic,
-    train_cnn,
-)
+from fairtune.data import GROUP_SEP, atomic_write_json, images_from_table, load_table
+from fairtune.eval import UNDETERMINED
+from fairtune.models import features_batched, predict_batched, save_safetensors_atomic
 
-UNDETERMINED = -1
+from ._cnn import CNNTrainConfig, SmallCNN, train_cnn
+from ._data import BACKGROUND, ink_hue, perturb, rgb_to_hue_chroma
 
 
 class HueJudge:

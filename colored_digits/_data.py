@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ._schema import AttributeSpec, Record
+from fairtune.data import AttributeSpec, Record
 
 # Ink and background colours (RGB in [0, 1]); the hue judge takes its prototypes from these.
 INK = {"red": (0.85, 0.12, 0.12), "blue": (0.12, 0.25, 0.85), "green": (0.10, 0.62, 0.18)}
@@ -246,7 +246,7 @@ def build(cfg: ColoredDigitsConfig, out: str | Path) -> dict:
     """
     import datasets
 
-    from ._sources import write_shards
+    from fairtune.data import write_shards
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,7 +315,7 @@ def ink_map(x: torch.Tensor) -> torch.Tensor:
 
 class InkMap(torch.nn.Module):
     """:func:`ink_map` as a parameter-free module: ColoredDigits' preservation features for lever 3
-    (``fairness.preservation: {features: module, module: fairtune.data.InkMap}``)."""
+    (``fairness.preservation: {features: module, module: fairtune.colored_digits.InkMap}``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ink_map(x)

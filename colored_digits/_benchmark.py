@@ -12,7 +12,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fairtune.data import AttributeSpec, Target, TargetConfig, concept_name
+from fairtune.data import AttributeSpec, Target, TargetConfig
+from fairtune.eval import (
+    GenerationConfig,
+    JudgePanel,
+    PromptEntry,
+    PromptGroup,
+    generate,
+    load_reference_images,
+    prompt_grid,
+    score_judged,
+)
 from fairtune.models import (
     LORA_WEIGHT_NAME,
     Backbone,
@@ -22,12 +32,9 @@ from fairtune.models import (
     load_adapter,
 )
 
-from ._colored_digits import Judges, load_judges
-from ._config import PromptEntry, PromptGroup
-from ._generation import GenerationConfig, generate
-from ._panel import JudgePanel, colored_digits_panel, load_reference_images
-from ._report import prompt_grid
-from ._scoring import score_judged
+from ._data import concept_name
+from ._judges import Judges, load_judges
+from ._panel import colored_digits_panel
 
 
 def colored_digits_prompts(
