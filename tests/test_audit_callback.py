@@ -186,7 +186,8 @@ def test_audit_costs_are_bounded_and_its_judge_is_independent(
     same = tiny_config(
         digits_dir, tiny_base, tmp_path / "fair.yaml",
         **{"trainer.max_steps": 1,
-           "model.fairness": {"classifier": {"weights": weights, "init_args": JUDGE_ARGS}}},
+           "model.fairness": {"classifier": {"module": "fairtune.colored_digits.SmallCNN", "weights": weights,
+                                             "init_args": JUDGE_ARGS}}},
     )  # fmt: skip
     with pytest.raises(ValueError, match="is the fairness loss's classifier"):
         main(["fit", "--config", str(same), "--config", str(_overlay(tmp_path / "o.yaml", color_judge_dir)),
