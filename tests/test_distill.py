@@ -252,3 +252,25 @@ def test_distill_proportions_draw_one_class_while_the_data_keeps_its_target():
     bad = DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), distill=_cfg(proportions={"green": 1.0}))
     with pytest.raises(ValueError, match="model.distill.proportions.*green"):
         bad.attach_target(_target())
+
+
+def test_noise_offset_adds_one_constant_per_image_and_channel():
+    """`model.noise_offset` shifts each image's noise by a per-channel constant (the same draws
+    otherwise), and a negative offset is refused naming the key."""
+    from fairtune.models import BackboneConfig, TinyUNetConfig
+    from fairtune.train import DebiasModule
+
+    unet = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
+    tiny = BackboneConfig(kind="tiny", unet=unet)
+    batch = {"pixels": torch.rand(4, 3, 16, 16), "prompts": ["a handwritten digit 1"] * 4}
+    plain = DebiasModule(backbone=tiny, lora=LoraConfig(rank=2))
+    shifted = DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), noise_offset=0.1)
+    _, a = plain.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    _, b = shifted.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(a["t"], b["t"])
+    diff = b["noisy"] - a["noisy"]
+    per_image = diff.mean(dim=(2, 3), keepdim=True)
+    assert torch.allclose(diff, per_image.expand_as(diff), atol=1e-5)
+    assert per_image.abs().min() > 0
+    with pytest.raises(ValueError, match="model.noise_offset"):
+        DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), noise_offset=-0.1)

@@ -87,6 +87,9 @@ class DebiasModule(L.LightningModule):
         optim: Optimizer and schedule.
         prompt_dropout: Share of prompts replaced by "" so classifier-free guidance keeps working.
         min_snr_gamma: Min-SNR loss weighting (Hang et al., 2023); ``None`` weighs all steps equally.
+        noise_offset: Noise offset (the diffusers training scripts' ``--noise_offset``): each image's
+            noise gets ``noise_offset · N(0, 1)`` added per channel, constant over the image, so the
+            model also learns to move a whole image's mean (very dark or light images); 0: off.
         ema: EMA of the trained weights; ``None`` for none.
         adversary: Lever 2, the adversarial attribute head; ``None``: absent (no hook, no head).
         fairness: Lever 3, the fairness-penalised loss; ``None``: absent (no generation pass).
@@ -108,6 +111,7 @@ class DebiasModule(L.LightningModule):
         optim: OptimConfig | None = None,
         prompt_dropout: float = 0.1,
         min_snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
         ema: EmaConfig | None = None,
         adversary: AdversaryConfig | None = None,
         fairness: FairnessConfig | None = None,
@@ -122,6 +126,9 @@ class DebiasModule(L.LightningModule):
         if not 0 <= lo < hi:
             raise ValueError(f"model.data_timesteps must be [lo, hi) with 0 <= lo < hi, got {data_timesteps}")
         self.data_timesteps = (int(lo), int(hi))
+        if not (math.isfinite(noise_offset) and noise_offset >= 0):
+            raise ValueError(f"model.noise_offset must be >= 0, got {noise_offset}")
+        self.noise_offset = float(noise_offset)
         self.backbone_config = backbone or BackboneConfig()
         self.lora = lora
         self.optim = optim or OptimConfig()
@@ -278,6 +285,10 @@ class DebiasModule(L.LightningModule):
         # Drop some prompts to "" so the same model also learns the unconditional score (CFG).
         drop = torch.rand(n, generator=g) < self.prompt_dropout
         prompts = ["" if d else p for d, p in zip(drop.tolist(), batch["prompts"])]
+        if self.noise_offset:
+            # drawn last, so that a run without it draws exactly what it always did
+            offset = torch.randn(n, latents.shape[1], 1, 1, generator=g).to(latents)
+            noise = noise + self.noise_offset * offset
         context = bb.encode_prompts(prompts)
         noisy = sched.add_noise(latents, noise, t)
         pred = bb.unet(noisy, t, encoder_hidden_states=context).sample
