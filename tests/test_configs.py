@@ -33,7 +33,7 @@ def _is_full(path: Path) -> bool:
 # the occupations recipe names real Stable Diffusion and CLIP weights: tests/test_compare.py,
 # tests/test_sweep.py, tests/test_distributed.py and tests/test_occupations.py (with tiny stand-ins)
 # instantiate them.
-NOT_FIT = ("compare", "sweeps", "launch", "occupations", "demo", "data")  # data/: see the last test
+NOT_FIT = ("compare", "sweeps", "launch", "occupations", "demo", "data", "judges")  # data/: see the last test
 ALL = sorted(p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).parts[0] not in NOT_FIT)
 # ColoredDigits-SD's pretraining names the folder benchmarks/colored_digits_sd.py builds:
 # tests/test_colored_digits_sd.py instantiates it on one built at toy scale.

@@ -72,7 +72,7 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
 
 
 def test_the_demo_says_whether_its_figures_fall_inside_the_committed_range(tmp_path, capsys):
-    from fairtune.cli._demo import beside_committed
+    from fairtune.colored_digits._demo import beside_committed
 
     committed = tmp_path / "dependable.json"
     committed.write_text(

@@ -60,14 +60,14 @@ def test_bad_settings_are_named():
         PreservationFeatures(PreservationConfig(features="module", module="fairtune.colored_digits.ink_map"))
     with pytest.raises(ValueError, match="no {concept} field"):
         FairnessLoss(FairnessConfig(prompt="a photo"))
-    with pytest.raises(ValueError, match="weights is not set"):
-        FairnessLoss(FairnessConfig())  # the classifier comes from the recipe: no default weights
+    with pytest.raises(ValueError, match="classifier.module is not set"):
+        FairnessLoss(FairnessConfig())  # the classifier comes from the recipe: no default class or weights
 
 
 def test_generic_defaults_carry_no_benchmark_and_colored_digits_configs_do():
     cfg = FairnessConfig()
     assert cfg.prompt == "{concept}" and cfg.preservation.features == "latent"
-    assert cfg.classifier.weights is None
+    assert cfg.classifier.weights is None and "colored_digits" not in cfg.classifier.module
     for arm in ("fairness", "sampler_fairness", "all"):
         f = yaml.safe_load((CONFIGS / "ablations" / f"{arm}.yaml").read_text())["model"]["fairness"]
         assert f["prompt"] == "a handwritten {concept}"
