@@ -38,6 +38,7 @@ def build_augmented(out: Path = AUGMENTED) -> float:
     subprocess.run(
         [sys.executable, "-m", "fairtune.cli", "data", "augment", "--table", str(DATA / "table"),
          "--out", str(out), "--model", "colored-digits-16",
+         "--classifier.module", "fairtune.colored_digits.SmallCNN",
          "--classifier.weights", str(CLASSIFIER / "classifier.safetensors"),
          "--classifier.init_args", "{num_classes: 2, width: 8, feature_dim: 16}",
          "--augment.attribute", "color", "--augment.classes", "[red, blue]",

@@ -27,7 +27,9 @@ SPEC = ROOT / "benchmarks" / "specs" / "dependable.yaml"
 NAME = "dependable"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- dependable:begin -->", "<!-- dependable:end -->"
-PAIR_RESULTS = "class_adapters_hold_pair.json"  # the class-adapter pair's results, in the README's block too
+# The pair of `fairtune demo --pair` over seeds, and its results (in the README's block too).
+PAIR_SPEC = ROOT / "benchmarks" / "specs" / "class_adapters_hold_all.yaml"
+PAIR_RESULTS = "class_adapters_hold_all_pair.json"
 
 # (metric key, header, decimals)
 COLUMNS = [
@@ -227,7 +229,7 @@ def pair_metrics(spec, out: Path, *, target: str = "uniform", judge_spec: Path =
 
 def readme_block(results: dict, pair: dict | None = None) -> str:
     """The README's result block, rendered from ``benchmarks/results/dependable.json`` and (given) the
-    class-adapter pair's results (``class_adapters_hold_pair.json``): one row per arm, then each arm's
+    class-adapter pair's results (``PAIR_RESULTS``): one row per arm, then each arm's
     missed goals."""
     rows = dict(results["arms"])
     goals = dict(results["goals"])

@@ -1,4 +1,4 @@
-"""The ``fairtune`` command line: the only layer that imports every package.
+"""The ``fairtune`` command line: the only core layer that imports every core package.
 
 ``fairtune fit --config A.yaml [--config B.yaml]`` train (LightningCLI; resumes a killed run)
 ``fairtune compare --config C.yaml --out DIR``  every method on the same prompts, seeds and judges
@@ -65,7 +65,7 @@ COMMANDS = {
     "dial": "The judged mix per concept against the adapter's scale; with --request, the scale per concept.",
     "sweep": "Run an ablation sweep (arms x values x seeds), resumable.",
     "data": "Make or extend training data (augment a table with generated images; plugins add more).",
-    "classifier": "Train an attribute classifier (lever 3's, never a judge) or a CLIP linear probe.",
+    "classifier": "Train an attribute classifier: a CLIP linear probe (plugins add more).",
     "flag": "Reviewers' flags on biased outputs (a SQL database; docs/feedback_loop.md).",
     "review": "A local page to review an audit's images and flag them.",
 }
@@ -74,12 +74,18 @@ PLUGIN_GROUP = "fairtune.commands"
 
 def plugins() -> list:
     """The command plugins: modules registered under the ``fairtune.commands`` entry point (the embedded
-    benchmark's is ``fairtune.colored_digits._commands``), each with ``commands()`` (its part of the
+    benchmark's is ``fairtune.colored_digits._plugin``), each with ``commands()`` (its part of the
     subcommand table; a group such as ``data`` merges into the core's) and ``HELP`` (one line per
     top-level command it adds)."""
     from importlib.metadata import entry_points
 
-    return [ep.load() for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name)]
+    loaded = []
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name):
+        try:
+            loaded.append(ep.load())
+        except Exception as e:  # name the plugin: its own traceback says little about where it came from
+            raise ImportError(f"the fairtune.commands plugin {ep.name} ({ep.value}) did not load: {e}") from e
+    return loaded
 
 
 def command_help() -> dict[str, str]:

@@ -71,7 +71,7 @@ def commands() -> dict:
         "sweep": sweep,
         "data": {"_help": "Make or extend training data.", "augment": augment_command},
         "classifier": {
-            "_help": "Train an attribute classifier (lever 3's, never a judge) or a CLIP linear probe.",
+            "_help": "Train an attribute classifier: a CLIP linear probe (plugins add more).",
             "clip-probe": classifier_clip_probe,
         },
         "flag": flag_commands(),
@@ -80,6 +80,9 @@ def commands() -> dict:
     for plugin in plugins():
         for name, entry in plugin.commands().items():
             if isinstance(entry, dict) and isinstance(table.get(name), dict):
+                clash = (set(entry) - {"_help"}) & set(table[name])
+                if clash:
+                    raise ValueError(f"plugin {plugin.__name__} registers {name} {sorted(clash)}: they exist")
                 table[name] = {**table[name], **{k: v for k, v in entry.items() if k != "_help"}}
             elif name in table:
                 raise ValueError(f"plugin {plugin.__name__} registers command {name!r}, which exists")

@@ -295,7 +295,7 @@ def _import_function(ref: str) -> Callable:
     try:
         return import_function(ref, what="judge.function")
     except ValueError as e:
-        raise SweepError(str(e)) from None
+        raise SweepError(str(e)) from e
 
 
 def read_status(run_dir: Path) -> dict:

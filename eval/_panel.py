@@ -132,7 +132,7 @@ def load_reference_images(path: str | Path, *, n: int = 2000, image_size: int | 
     """Real images for the Fréchet distance, ``(n, 3, H, W)`` in [0, 1].
 
     Args:
-        path: A ColoredDigits-Bias data folder (its held-out split, never trained on) or a folder of
+        path: A data folder with a ``table/`` (its held-out split, never trained on) or a folder of
             image files (searched recursively).
         n: How many (a seeded random subset; all when fewer).
         image_size: Resize to this side (the generated images' size); ``None`` keeps the size.
@@ -155,7 +155,7 @@ def load_reference_images(path: str | Path, *, n: int = 2000, image_size: int | 
         if not files:
             raise FileNotFoundError(
                 f"judges.reference={str(path)!r} holds no image ({', '.join(IMAGE_SUFFIXES)}) "
-                "and is not a ColoredDigits-Bias data folder (no table/)"
+                "and is not a data folder with a table/"
             )
         idx = np.random.default_rng(seed).permutation(len(files))[:n]
         size = image_size

@@ -59,7 +59,7 @@ def test_the_shipped_overlay_fits_the_shipped_judges():
 
     cfg = yaml.safe_load((CONFIGS / "colored_digits" / "audit.yaml").read_text())
     judge = cfg["trainer"]["callbacks"][0]["init_args"]["judge"]
-    # `fairtune judges train` builds its colour CNN at half the digit CNN's width (eval/_judges.py)
+    # `fairtune judges train` builds its colour CNN at half the digit CNN's width (colored_digits/_judges.py)
     jt = JudgeTrainConfig()
     assert judge["init_args"] == {
         "num_classes": 2,

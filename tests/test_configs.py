@@ -133,3 +133,25 @@ def test_the_k3bg_data_recipe_renders_what_its_fine_tune_overlay_declares(tmp_pa
     cfg = ColoredDigitsConfig(**recipe)  # validates the share rows
     declared = yaml.safe_load(K3BG.read_text())["data"]["attributes"]
     assert cfg.colors == declared["color"] and cfg.background and "background" in declared
+
+
+def test_the_benchmarks_judges_file_plugs_in_through_the_panel_extension_point(judges_dir):
+    """`--judges configs/judges/colored_digits.yaml` (the docs' and the feedback benchmark's form)
+    gives a panel-kind judge config, and its options replace the file's to point at other judges."""
+    import json
+
+    from fairtune.cli import load_compare_config
+    from fairtune.eval import build_judges
+
+    cfg = load_compare_config(
+        CONFIGS / "compare" / "colored_digits.yaml",
+        "--judges", str(CONFIGS / "judges" / "colored_digits.yaml"),
+        "--judges.options", json.dumps({"path": str(judges_dir), "color_judge": "cnn"}),
+        "--judges.reference", "null",
+    )  # fmt: skip
+    assert cfg.judges.kind == "panel" and cfg.judges.panel == "fairtune.colored_digits:judge_panel"
+    panel = build_judges(cfg.judges)
+    assert panel.attribute == "color" and "cnn judge" in panel.description
+    cfg.judges.options = {"path": str(judges_dir), "colour": "hue"}
+    with pytest.raises(ValueError, match="judges.options has unknown keys"):
+        build_judges(cfg.judges)

@@ -29,7 +29,7 @@ def test_the_benchmark_trains_the_demos_arm_at_the_demos_budget():
     assert bench["overrides"]["trainer.max_steps"] == demo["overrides"]["trainer.max_steps"]
     assert len(bench["seeds"]) >= 3
     # the class adapters of `fairtune demo --pair true` and of the benchmark over seeds
-    pair = yaml.safe_load((ROOT / "benchmarks/specs/class_adapters_hold.yaml").read_text())
+    pair = yaml.safe_load(dependable.PAIR_SPEC.read_text())
     for cls in ("red", "blue"):
         assert pair["arms"][cls] == demo["arms"][cls]
     assert pair["base"] == demo["base"] and pair["overrides"] == demo["overrides"]
