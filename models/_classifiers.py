@@ -19,19 +19,24 @@ from safetensors.torch import load_file, save_file
 from fairtune.data import atomic_path
 
 
+def _import_named(ref: str, *, what: str, expected: str):
+    """The object ``pkg.mod:name`` (or ``pkg.mod.name``) names; nothing of it is called."""
+    if not ref:
+        raise ValueError(f"{what} is not set: give the import path of {expected}")
+    module, _, name = ref.rpartition(":") if ":" in ref else ref.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{what}={ref!r} cannot be imported: {exc}") from exc
+
+
 def import_function(ref: str, *, what: str) -> Callable:
     """Import ``pkg.mod:function`` (or ``pkg.mod.function``): an extension point named in a config.
 
     Raises:
         ValueError: When it is not set, cannot be imported or is not callable (nothing is called).
     """
-    if not ref:
-        raise ValueError(f"{what} is not set: give 'module:function'")
-    module, _, name = ref.partition(":") if ":" in ref else ref.rpartition(".")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"{what}={ref!r} cannot be imported: {exc}") from exc
+    fn = _import_named(ref, what=what, expected="a function ('module:function')")
     if not callable(fn):
         raise ValueError(f"{what}={ref!r} is not callable")
     return fn
@@ -43,13 +48,7 @@ def import_module_class(ref: str, *, what: str) -> type[nn.Module]:
     Raises:
         ValueError: When it cannot be imported or is not a module class (nothing is called).
     """
-    if not ref:
-        raise ValueError(f"{what} is not set: give the import path of a torch.nn.Module class")
-    mod_name, sep, cls_name = ref.rpartition(":") if ":" in ref else ref.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(mod_name), cls_name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"{what}={ref!r} cannot be imported: {exc}") from exc
+    cls = _import_named(ref, what=what, expected="a torch.nn.Module class")
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"{what}={ref!r} is not a torch.nn.Module subclass; only module classes are allowed")
     return cls
