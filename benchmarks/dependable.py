@@ -14,6 +14,7 @@ Student-t interval over seeds of every column, each seed's value, and the goals.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -186,12 +187,29 @@ def report(run: bool = False, workers: int = 1, spec_path: Path = SPEC) -> dict:
     return payload
 
 
-def pair_metrics(spec, out: Path, *, target: str = "uniform", judge_spec: Path = SPEC) -> dict[int, dict]:
+def pair_key(spec, seed: int, target: str = "uniform") -> str:
+    """The identity of a seed's pair: its arms' run hashes (what each trains) and the mix drawn."""
+    runs = {r.arm: r.hash for r in spec.runs if r.train and r.seed == seed}
+    return "-".join(runs[a] for a in sorted(runs)) + f"-{target}"
+
+
+def pair_metrics(
+    spec,
+    out: Path,
+    *,
+    target: str = "uniform",
+    judge_spec: Path = SPEC,
+    committed: dict[str, dict] | None = None,
+) -> dict[int, dict]:
     """Per seed where every arm of ``spec`` (one per class, named after it) has trained: the base model
     with those class adapters drawn per image in ``target``'s proportions
     (:class:`fairtune.models.ClassAdapterMix`), judged with ``judge_spec``'s judge options (the demo's:
     same prompts, seeds, roles and judges as every other row). Each seed's metrics are cached in
-    ``out/pairs/<hashes>.json``; ``train_seconds`` is the adapters' sum."""
+    ``out/pairs/<hashes>.json``; ``train_seconds`` is the adapters' sum.
+
+    ``committed`` (the results file's ``per_seed``): a seed whose adapters are not here is taken from
+    it when its ``pair_key`` is this spec's (the same runs, so the same figures up to the machine), so
+    adding seeds to a spec does not mean training and judging the committed ones again."""
     import yaml
 
     from fairtune.cli import load_spec, read_status
@@ -208,7 +226,7 @@ def pair_metrics(spec, out: Path, *, target: str = "uniform", judge_spec: Path =
     for seed, dirs in sorted(by_seed.items()):
         if sorted(dirs) != arms:
             continue
-        key = "-".join(dirs[a].name for a in arms) + f"-{target}"
+        key = pair_key(spec, seed, target)
         cache = out / "pairs" / f"{key}.json"
         if not cache.is_file():
             config = yaml.safe_load((dirs[arms[0]] / "config.yaml").read_text())
@@ -223,8 +241,12 @@ def pair_metrics(spec, out: Path, *, target: str = "uniform", judge_spec: Path =
                 (read_status(dirs[a]).get("metrics") or {}).get("train_seconds") or float("nan") for a in arms
             )
             atomic_write_json(cache, metrics, indent=2)
-        result[seed] = json.loads(cache.read_text())
-    return result
+        result[seed] = {**json.loads(cache.read_text()), "pair_key": key}
+    for seed in sorted({r.seed for r in spec.runs if r.train} - set(result)):
+        row = (committed or {}).get(str(seed))
+        if row is not None and row.get("pair_key") == pair_key(spec, seed, target):
+            result[seed] = {**row, "source": "committed"}
+    return dict(sorted(result.items()))
 
 
 def readme_block(results: dict, pair: dict | None = None) -> str:
@@ -273,12 +295,25 @@ def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target:
     from fairtune.cli import load_spec, run_sweep
 
     spec = load_spec(spec_path)
+    committed_file = RESULTS / f"{spec.name}_pair.json"
+    committed_seeds = (
+        json.loads(committed_file.read_text()).get("per_seed", {}).get("class_pair", {})
+        if committed_file.is_file()
+        else {}
+    )
     if run:
         from _common import ensure_assets
 
         ensure_assets()
-        run_sweep(spec, OUT, workers=workers, aggregate=False)
-    per_seed = pair_metrics(spec, OUT, target=target)
+        # Seeds whose committed figures belong to these very runs are not trained again.
+        kept = {
+            int(s)
+            for s, row in committed_seeds.items()
+            if row.get("pair_key") == pair_key(spec, int(s), target)
+        }
+        todo = [r for r in spec.runs if r.seed not in kept]
+        run_sweep(dataclasses.replace(spec, runs=todo), OUT, workers=workers, aggregate=False)
+    per_seed = pair_metrics(spec, OUT, target=target, committed=committed_seeds)
     arm = "class_pair"
     # The base row and the single adapter come from the committed dependable.json (the same judge,
     # prompts and seeds), so a pair can be tabulated without judging the base model again.
@@ -305,6 +340,18 @@ def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target:
         "also go through the drawn adapter. Command: `python benchmarks/dependable.py pair --spec "
         f"{spec_rel}` (`pair_run` first trains the adapters).",
         "",
+        *(
+            [
+                f"Seeds {', '.join(str(k) for k, v in per_seed.items() if v.get('source') == 'committed')}: "
+                "the committed figures of the same runs (their `pair_key`, in the JSON, names the runs "
+                "and the mix; a changed config or spec gives new keys and trains again); seeds "
+                f"{', '.join(str(k) for k, v in per_seed.items() if v.get('source') != 'committed')} "
+                "judged by this report's run.",
+                "",
+            ]
+            if any(v.get("source") == "committed" for v in per_seed.values())
+            else []
+        ),
         f"Issue 24's goals, `{arm}` (mean over seeds):",
         "",
     ]

@@ -274,3 +274,40 @@ def test_noise_offset_adds_one_constant_per_image_and_channel():
     assert per_image.abs().min() > 0
     with pytest.raises(ValueError, match="model.noise_offset"):
         DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), noise_offset=-0.1)
+
+
+def test_data_weight_zero_trains_from_the_distillation_alone(digits_dir):
+    """`model.data_weight: 0` skips the data pass: a fit logs no data loss, still moves the adapter
+    (the distillation trains it), and the switch is refused without a loss to learn from or beside
+    the adversary, which reads the data pass."""
+    from conftest import smoke_trainer
+
+    from fairtune.data import AttributeDataModule, SourceConfig
+    from fairtune.models import AdversaryConfig, BackboneConfig, TinyUNetConfig
+    from fairtune.train import DebiasModule
+
+    unet = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
+    tiny = BackboneConfig(kind="tiny", unet=unet)
+    torch.manual_seed(0)
+    module = DebiasModule(
+        backbone=tiny, lora=LoraConfig(rank=2), distill=_cfg(timesteps=(0, 1000)), data_weight=0.0
+    )
+    lora_b = {n: p.detach().clone() for n, p in module.backbone.unet.named_parameters() if "lora_B" in n}
+    dm = AttributeDataModule(
+        attributes=COLORS,
+        source=SourceConfig(path=str(digits_dir / "table")),
+        concepts=CONCEPTS,
+        batch_size=8,
+        samples_per_epoch=16,
+    )
+    trainer = smoke_trainer(max_steps=2)
+    trainer.fit(module, dm)
+    logged = trainer.logged_metrics
+    assert "train/diffusion_loss" not in logged and "distill/loss" in logged
+    params = dict(module.backbone.unet.named_parameters())
+    assert any(not torch.equal(params[n], before) for n, before in lora_b.items())
+    for bad in ({}, {"distill": _cfg(), "adversary": AdversaryConfig()}):
+        with pytest.raises(ValueError, match="model.data_weight"):
+            DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), data_weight=0.0, **bad)
+    with pytest.raises(ValueError, match="model.data_weight"):
+        DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), data_weight=-1.0)

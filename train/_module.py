@@ -100,6 +100,10 @@ class DebiasModule(L.LightningModule):
             1000]`` leaves the high-noise steps, where the attribute is decided, to the distillation,
             and the data anchors only the details (its scarce minority images are not memorised as
             "the" images of that class).
+        data_weight: Weight of the diffusion loss on the data. 0 skips it (no UNet pass on the data):
+            the adapter learns from the distillation alone (with ``distill.timesteps: [0, 1000]``, the
+            base model's class-explicit predictions at every step, a data-free adapter); needs
+            ``distill`` or ``fairness`` and no ``adversary`` (it reads the data pass's features).
         seed: Seed of the per-step noise, timesteps and prompt dropout (a function of seed and step,
             so a resumed run draws exactly what an uninterrupted one would).
     """
@@ -117,6 +121,7 @@ class DebiasModule(L.LightningModule):
         fairness: FairnessConfig | None = None,
         distill: DistillConfig | None = None,
         data_timesteps: tuple[int, int] = (0, 1000),
+        data_weight: float = 1.0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -126,6 +131,14 @@ class DebiasModule(L.LightningModule):
         if not 0 <= lo < hi:
             raise ValueError(f"model.data_timesteps must be [lo, hi) with 0 <= lo < hi, got {data_timesteps}")
         self.data_timesteps = (int(lo), int(hi))
+        if not (math.isfinite(data_weight) and data_weight >= 0):
+            raise ValueError(f"model.data_weight must be >= 0, got {data_weight}")
+        if data_weight == 0 and (adversary is not None or (distill is None and fairness is None)):
+            raise ValueError(
+                "model.data_weight: 0 trains without the data loss: it needs model.distill or "
+                "model.fairness to learn from, and no model.adversary (it reads the data pass)"
+            )
+        self.data_weight = float(data_weight)
         if not (math.isfinite(noise_offset) and noise_offset >= 0):
             raise ValueError(f"model.noise_offset must be >= 0, got {noise_offset}")
         self.noise_offset = float(noise_offset)
@@ -306,9 +319,13 @@ class DebiasModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         g = self.step_generator(batch_idx)
-        # 1. the diffusion loss on (rebalanced) real data: always on, it anchors quality
-        loss, aux = self.diffusion_loss(batch, g)
-        self.log("train/diffusion_loss", loss, prog_bar=True, sync_dist=True)
+        # 1. the diffusion loss on (rebalanced) real data: it anchors quality (off at data_weight 0,
+        # where the adapter learns only from the base model's own generations)
+        loss, aux = torch.zeros((), device=self.device), None
+        if self.data_weight > 0:
+            data_loss, aux = self.diffusion_loss(batch, g)
+            self.log("train/diffusion_loss", data_loss, prog_bar=True, sync_dist=True)
+            loss = self.data_weight * data_loss
         # 2. the adversary reads the mid-block features the hook caught in that same forward pass
         if self.adversary is not None:
             loss = loss + self.adversary_step(batch, aux)
