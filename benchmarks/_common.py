@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from fairtune.data import format_number
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / "runs" / "data" / "colored-digits-16"
@@ -41,6 +43,12 @@ def reference_images(n: int = 2000, seed: int = 0) -> torch.Tensor:
     from fairtune.eval import load_reference_images
 
     return load_reference_images(DATA, n=n, seed=seed)
+
+
+def cell(x, digits: int = 3) -> str:
+    """A table cell of one number: ``digits`` decimals, empty without a value (None or NaN: the results
+    files are strict JSON)."""
+    return format_number(x, digits, missing="")
 
 
 def interval_cell(s: dict | None, digits: int) -> str:

@@ -15,22 +15,17 @@ once.
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 from pathlib import Path
 
 import yaml
 
-from _common import JUDGES, RESULTS, ROOT, ensure_assets, write_results
+from _common import JUDGES, RESULTS, ROOT, cell, ensure_assets, write_results
 from fairtune.cli import check_goals, load_spec, read_status, run_sweep
 from fairtune.eval import Goal
 
 OUT = ROOT / "runs" / "bench"
-
-
-def _f(x, digits: int = 3) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def share_groups(arms: dict[str, dict]) -> list[str]:
@@ -76,12 +71,13 @@ def tabulate(spec, out: Path) -> tuple[dict, list[str]]:
         shares = [r.get(f"{groups[0]}_share_d{d}") for d in range(10)] if inline else []
         lines.append(
             f"| {arm} | "
-            + "".join(f"{_f(x, 2)} | " for x in shares)
-            + f"{_f(r.get('mean_dev_seen'))} | {_f(r.get('worst_dev_seen'))}"
-            + f" | {_f(r.get('mean_dev_heldout'))} | {_f(r.get('fidelity'))} | {_f(r.get('frechet'), 1)}"
+            + "".join(f"{cell(x, 2)} | " for x in shares)
+            + f"{cell(r.get('mean_dev_seen'))} | {cell(r.get('worst_dev_seen'))}"
+            + f" | {cell(r.get('mean_dev_heldout'))} | {cell(r.get('fidelity'))}"
+            + f" | {cell(r.get('frechet'), 1)}"
             + f" | {int(r.get('undetermined', 0))}/{int(r.get('n_images', 0))}"
-            + f" | {_f(r.get('train_seconds'), 0)} | {_f(r.get('time_ratio_vs_naive'), 2)}"
-            + f" | {_f(r.get('peak_rss_mb'), 0)} |"
+            + f" | {cell(r.get('train_seconds'), 0)} | {cell(r.get('time_ratio_vs_naive'), 2)}"
+            + f" | {cell(r.get('peak_rss_mb'), 0)} |"
         )
     if inline:
         g0 = groups[0]
@@ -96,7 +92,7 @@ def tabulate(spec, out: Path) -> tuple[dict, list[str]]:
             for g in groups:
                 shares = [r.get(f"{g}_share_d{d}") for d in range(10)]
                 tq = f" [{target[g]:.2f}]" if g in target else ""
-                lines.append(f"| {arm} | {g}{tq} | " + " | ".join(_f(x, 2) for x in shares) + " |")
+                lines.append(f"| {arm} | {g}{tq} | " + " | ".join(cell(x, 2) for x in shares) + " |")
         what = f"dev = max over the {len(groups)} groups of |share − target|"
     lines += [
         "",
@@ -118,7 +114,7 @@ def tabulate(spec, out: Path) -> tuple[dict, list[str]]:
                 if g["met"]
                 else f"missed by {g['missed_by']:.3g}"
             )
-            lines.append(f"- {g['arm']} {g['metric']}{ref} = {_f(g['value'])} (goal {bound}): {verdict}")
+            lines.append(f"- {g['arm']} {g['metric']}{ref} = {cell(g['value'])} (goal {bound}): {verdict}")
     return {"spec": str(spec.path.relative_to(ROOT)), "arms": arms, "goals": goals}, lines
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from _common import FAIRNESS_COLUMNS, ROOT, write_results
-from fairtune.data import format_number
+from _common import FAIRNESS_COLUMNS, ROOT, cell, write_results
 
 # The demo's roles (digits 0-7 trained, 8 named without data, 9 never named, a paraphrase) and explicit
 # prompts kept: where each method holds and where it breaks.
@@ -28,10 +27,6 @@ COLUMNS = [
     ("sec_per_image", "s/img", 3),
     ("unet_evals_per_image", "UNet evals/img", 0),
 ]
-
-
-def _f(x, digits: int) -> str:
-    return format_number(x, digits, missing="")  # metrics.json is strict JSON: no NaN
 
 
 def main(demo: Path = ROOT / "runs" / "demo", wall_seconds: float | None = None) -> None:
@@ -64,10 +59,10 @@ def main(demo: Path = ROOT / "runs" / "demo", wall_seconds: float | None = None)
         ci = s.get("mean_dev_seen_ci")
         cells = []
         for key, _, digits in COLUMNS:
-            cell = _f(s.get(key), digits)
+            text = cell(s.get(key), digits)
             if key == "mean_dev_seen" and ci:
-                cell += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-            cells.append(cell)
+                text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+            cells.append(text)
         und = f"{int(s.get('undetermined') or 0)}/{int(s.get('n_images') or 0)}"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {und} |")
     lines += [

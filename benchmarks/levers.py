@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import arms as group_runner
 
-from _common import ROOT, write_results
-from fairtune.data import format_number
+from _common import ROOT, cell, write_results
 from fairtune.eval import Goal
 
 GROUPS = ["levers_uniform", "levers_30_70", "chain_short", "chain_full"]
-
-
-def _f(x, digits: int = 3) -> str:
-    return format_number(x, digits, missing="")
 
 
 def table(arms: dict) -> list[str]:
@@ -32,10 +27,10 @@ def table(arms: dict) -> list[str]:
     ]
     for arm, r in arms.items():
         lines.append(
-            f"| {arm} | {_f(r.get('mean_dev_seen'))} | {_f(r.get('worst_dev_seen'))}"
-            f" | {_f(r.get('mean_dev_heldout'))} | {_f(r.get('fidelity'))} | {_f(r.get('frechet'), 1)}"
+            f"| {arm} | {cell(r.get('mean_dev_seen'))} | {cell(r.get('worst_dev_seen'))}"
+            f" | {cell(r.get('mean_dev_heldout'))} | {cell(r.get('fidelity'))} | {cell(r.get('frechet'), 1)}"
             f" | {int(r.get('undetermined', 0))}/{int(r.get('n_images', 0))}"
-            f" | {_f(r.get('train_seconds'), 0)} | {_f(r.get('time_ratio_vs_naive'), 2)} |"
+            f" | {cell(r.get('train_seconds'), 0)} | {cell(r.get('time_ratio_vs_naive'), 2)} |"
         )
     return lines
 
@@ -70,7 +65,7 @@ def main(*, groups: list[str] = GROUPS, report_only: bool = False, workers: int 
                 if g["met"] is None
                 else ("met" if g["met"] else f"missed by {g['missed_by']:.3g}")
             )
-            md.append(f"- {g['arm']} {g['metric']}{ref} = {_f(g['value'])} (goal {bound}): {verdict}")
+            md.append(f"- {g['arm']} {g['metric']}{ref} = {cell(g['value'])} (goal {bound}): {verdict}")
     short = payload["groups"].get("chain_short", {}).get("arms", {}).get("fairness")
     full = payload["groups"].get("chain_full", {}).get("arms", {}).get("fairness")
     if short and full and short.get("train_seconds") and full.get("train_seconds"):
@@ -79,7 +74,7 @@ def main(*, groups: list[str] = GROUPS, report_only: bool = False, workers: int 
         md += [
             "",
             f"Full chain (15 differentiable DDIM steps) vs short path (3 steps): mean dev seen "
-            f"{_f(full['mean_dev_seen'])} vs {_f(short['mean_dev_seen'])}, training "
+            f"{cell(full['mean_dev_seen'])} vs {cell(short['mean_dev_seen'])}, training "
             f"{full['train_seconds']:.0f} s vs {short['train_seconds']:.0f} s ({ratio:.2f}×).",
         ]
     write_results("levers", payload, "\n".join(md) + "\n")

@@ -32,6 +32,7 @@ import torch
 from _common import DATA, JUDGES, RESULTS, ROOT, write_results
 from fairtune.cli import load_spec, read_status
 from fairtune.colored_digits import judge_config
+from fairtune.data import format_number as _f
 from fairtune.eval import (
     GenerationConfig,
     PromptGroup,
@@ -155,10 +156,6 @@ def summarize(checks: dict) -> dict:
         out[part] = {"mean_abs_error": float(np.mean(errs)) if errs else None,
                      "worst_abs_error": float(np.max(errs)) if errs else None, "n": len(errs)}  # fmt: skip
     return out
-
-
-def _f(x, d=3) -> str:
-    return "n/a" if x is None else f"{x:.{d}f}"
 
 
 def markdown(p: dict) -> str:

@@ -83,9 +83,7 @@ def load_classifier(cfg: ClassifierConfig, *, what: str = "classifier") -> nn.Mo
             raise ValueError(f"{what}.weights is not set: give the classifier's safetensors file")
         return cls(**cfg.init_args).eval().requires_grad_(False)
     if not Path(cfg.weights).is_file():
-        raise FileNotFoundError(
-            f"{what}.weights={cfg.weights!r} does not exist"
-        )
+        raise FileNotFoundError(f"{what}.weights={cfg.weights!r} does not exist")
     # Configs are code-equivalent (like LightningCLI's class_path), but the class must still be a
     # torch module: checked before anything is instantiated, and the weights are checked first.
     cls = import_module_class(cfg.module, what=f"{what}.module")
