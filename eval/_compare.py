@@ -16,7 +16,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -26,7 +25,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fairtune.data import Target, TargetConfig, atomic_write_json, atomic_write_text
+from fairtune.data import Target, TargetConfig, atomic_path, atomic_write_json, atomic_write_text
 from fairtune.models import (
     BACKBONE_FILE,
     LORA_WEIGHT_NAME,
@@ -294,17 +293,14 @@ def _save_method(
     from safetensors.torch import save_file
 
     js, im = _method_paths(cache_dir, name)
-    js.parent.mkdir(parents=True, exist_ok=True)
     q = (images.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
-    tmp = im.with_name(im.name + ".tmp")
     tensors = {"images": q}
     if features is not None:
         tensors["change_features"] = torch.as_tensor(np.ascontiguousarray(features))
-    save_file(tensors, str(tmp))
-    os.replace(tmp, im)
-    tmp = js.with_name(js.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "result": result}, allow_nan=False))
-    os.replace(tmp, js)  # written last: its presence means both files are whole
+    with atomic_path(im) as tmp:
+        save_file(tensors, str(tmp))
+    # written last: its presence means both files are whole
+    atomic_write_text(js, json.dumps({"key": key, "result": result}, allow_nan=False))
 
 
 def _load_method(cache_dir, name: str, key: str) -> tuple[dict, torch.Tensor, np.ndarray | None] | None:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from fairtune.data import atomic_path
 from fairtune.models import ClassifierConfig, load_classifier
 
 from ._monitors import step_is_due
@@ -341,12 +342,11 @@ class TrainingAudit(L.Callback):
             ax.set_ylabel("judged share")
         fig.suptitle("audit during training: judged share (solid) vs target (dashed)", fontsize=10)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=90)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
         fig.canvas.draw()
         rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
         plt.close(fig)
-        os.replace(tmp, path)
         return rgb
 
     @staticmethod

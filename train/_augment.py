@@ -14,15 +14,13 @@ records before and after, the acceptance rate, and the sampler's repeat factor b
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fairtune.data import AttributeSpec, Target, TargetConfig, load_table
+from fairtune.data import AttributeSpec, Target, TargetConfig, atomic_dir, load_table
 from fairtune.models import Backbone, BackboneConfig, ClassifierConfig, load_classifier
 
 SYNTHETIC = "synthetic"
@@ -194,10 +192,6 @@ def augment_table(
         {**rows, SYNTHETIC: [True] * len(rows["image"])}, features=real.features
     )
     merged = datasets.concatenate_datasets([real, synth])
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_to_disk(str(tmp))
     report = {
         "table": str(table),
         "split": split,
@@ -205,8 +199,7 @@ def augment_table(
         "synthetic": len(synth),
         "cells": report_cells,
     }
-    (tmp / "augment.json").write_text(json.dumps(report, indent=2, default=float))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        merged.save_to_disk(str(tmp))
+        (tmp / "augment.json").write_text(json.dumps(report, indent=2, default=float))
     return report
