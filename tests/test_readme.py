@@ -80,3 +80,21 @@ def test_the_readme_is_a_front_door_and_its_links_resolve():
             headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), flags=re.M)
             slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
             assert anchor in slugs, f"{path}#{anchor}"
+
+
+def test_the_pair_report_keeps_committed_seeds_only_for_the_same_runs(tmp_path):
+    """Adding seeds to a pair spec trains only the new ones: a committed seed is taken back when its
+    `pair_key` names the spec's runs for that seed, and dropped when the runs differ (a changed config)."""
+    from fairtune.cli import load_spec
+
+    spec = load_spec(dependable.PAIR_SPEC)
+    seeds = sorted({r.seed for r in spec.runs if r.train})
+    key = dependable.pair_key(spec, seeds[0])
+    assert key.endswith("-uniform") and key != dependable.pair_key(spec, seeds[1])
+    committed = {
+        str(seeds[0]): {"mean_dev_seen": 0.03, "pair_key": key},
+        str(seeds[1]): {"mean_dev_seen": 0.05, "pair_key": "another-run-uniform"},
+    }
+    got = dependable.pair_metrics(spec, tmp_path, committed=committed)  # nothing trained in tmp_path
+    assert list(got) == [seeds[0]]
+    assert got[seeds[0]]["mean_dev_seen"] == 0.03 and got[seeds[0]]["source"] == "committed"
