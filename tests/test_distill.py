@@ -138,6 +138,8 @@ def test_an_adapter_trained_toward_one_class_holds_the_others_prompts_with_hold_
         ({"batch_size": 0}, "model.distill.batch_size"),
         ({"timesteps": (500, 100)}, "model.distill.timesteps"),
         ({"weight": -1.0}, "model.distill.weight"),
+        ({"uncond_share": 1.0, "hold_uncond": False}, "model.distill.uncond_share"),
+        ({"uncond_share": 0.1}, "model.distill.uncond_share"),
     ],
 )
 def test_bad_settings_name_their_key(over, key):
@@ -311,3 +313,28 @@ def test_data_weight_zero_trains_from_the_distillation_alone(digits_dir):
             DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), data_weight=0.0, **bad)
     with pytest.raises(ValueError, match="model.data_weight"):
         DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), data_weight=-1.0)
+
+
+def test_uncond_share_distils_the_empty_prompt_toward_the_explicit_prediction(lora_backbone):
+    """`uncond_share` gives that share of the student's prompts as the empty one (prompt dropout for
+    the distillation), drawn per example; off, every student prompt is a neutral wording."""
+    seen: list[str] = []
+    bb = copy.deepcopy(lora_backbone)
+    encode = bb.encode_prompts
+
+    def recording(prompts):
+        seen.extend(prompts)
+        return encode(prompts)
+
+    bb.encode_prompts = recording
+    cfg = _cfg(hold_explicit=False, hold_uncond=False, batch_size=64)
+    DistillLoss(cfg, seed=0)(bb, _target(), torch.Generator().manual_seed(0))
+    student = seen[-64:]  # after the bank and the teacher, the student's rows come last
+    assert "" not in student
+    seen.clear()
+    DistillLoss(_cfg(hold_explicit=False, hold_uncond=False, batch_size=64, uncond_share=0.5), seed=0)(
+        bb, _target(), torch.Generator().manual_seed(0)
+    )
+    teacher, student = seen[-128:-64], seen[-64:]  # the last call: the teacher's rows, then the student's
+    assert "" not in teacher  # the teacher still reads the explicit prompts
+    assert 16 <= student.count("") <= 48

@@ -115,6 +115,11 @@ class DistillConfig:
             whatever the target (one more batch through the frozen teacher per step).
         hold_uncond: Also hold the adapter's empty-prompt prediction (classifier-free guidance's
             other half) at the base model's.
+        uncond_share: Share of distillation examples whose student prompt is the empty one (the
+            teacher's is still the drawn class's explicit prompt), as prompt dropout does for the data
+            loss: the empty prompt learns the target's class as well, so classifier-free guidance
+            moves every wording toward it, paraphrases included. Needs ``hold_uncond: false`` (that
+            holds the empty prompt at the base model's). 0: every example uses a neutral wording.
         feedback: Close the loop on the adapter's own measured mix (:class:`DistillFeedback`);
             ``None``: the mix drawn is the target's throughout.
         proportions: The mix the distillation draws classes in (``"uniform"`` or group name to
@@ -138,6 +143,7 @@ class DistillConfig:
     hold_explicit: bool = True
     hold_classes: Literal["drawn", "all"] = "drawn"
     hold_uncond: bool = True
+    uncond_share: float = 0.0
     feedback: DistillFeedback | None = None
     proportions: Literal["uniform"] | dict[str, float] | None = None
 
@@ -152,6 +158,13 @@ class DistillConfig:
             raise ValueError(f"model.distill.explicit={self.explicit!r} needs {{cls}} and {{concept}} fields")
         if self.weight < 0:
             raise ValueError(f"model.distill.weight must be >= 0, got {self.weight}")
+        if not 0.0 <= self.uncond_share < 1.0:
+            raise ValueError(f"model.distill.uncond_share must be in [0, 1), got {self.uncond_share}")
+        if self.uncond_share > 0 and self.hold_uncond:
+            raise ValueError(
+                "model.distill.uncond_share > 0 distils the empty prompt toward the target while "
+                "model.distill.hold_uncond holds it at the base model's: set hold_uncond: false"
+            )
         for key in ("images_per_class", "sampling_steps", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"model.distill.{key} must be >= 1, got {getattr(self, key)}")
@@ -289,6 +302,9 @@ class DistillLoss:
         ti = torch.randint(0, len(templates), (b,), generator=g).tolist()
         concepts = [cfg.concepts[i] for i in ci.tolist()]
         neutral = [templates[k].format(concept=c) for k, c in zip(ti, concepts)]
+        if cfg.uncond_share > 0:  # drawn only when on: runs without it keep their random stream
+            dropped = (torch.rand(b, generator=g) < cfg.uncond_share).tolist()
+            neutral = ["" if d else p for d, p in zip(dropped, neutral)]
         explicit = [
             cfg.explicit.format(cls=cfg.group_words(target.groups[k]), concept=c)
             for k, c in zip(gi.tolist(), concepts)
