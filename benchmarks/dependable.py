@@ -193,6 +193,12 @@ def pair_key(spec, seed: int, target: str = "uniform") -> str:
     return "-".join(runs[a] for a in sorted(runs)) + f"-{target}"
 
 
+def committed_row(spec, committed: dict[str, dict] | None, seed: int, target: str = "uniform") -> dict | None:
+    """A seed's committed pair figures when they belong to this spec's runs (same ``pair_key``)."""
+    row = (committed or {}).get(str(seed))
+    return row if row is not None and row.get("pair_key") == pair_key(spec, seed, target) else None
+
+
 def pair_metrics(
     spec,
     out: Path,
@@ -243,8 +249,7 @@ def pair_metrics(
             atomic_write_json(cache, metrics, indent=2)
         result[seed] = {**json.loads(cache.read_text()), "pair_key": key}
     for seed in sorted({r.seed for r in spec.runs if r.train} - set(result)):
-        row = (committed or {}).get(str(seed))
-        if row is not None and row.get("pair_key") == pair_key(spec, seed, target):
+        if (row := committed_row(spec, committed, seed, target)) is not None:
             result[seed] = {**row, "source": "committed"}
     return dict(sorted(result.items()))
 
@@ -306,12 +311,7 @@ def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target:
 
         ensure_assets()
         # Seeds whose committed figures belong to these very runs are not trained again.
-        kept = {
-            int(s)
-            for s, row in committed_seeds.items()
-            if row.get("pair_key") == pair_key(spec, int(s), target)
-        }
-        todo = [r for r in spec.runs if r.seed not in kept]
+        todo = [r for r in spec.runs if committed_row(spec, committed_seeds, r.seed, target) is None]
         run_sweep(dataclasses.replace(spec, runs=todo), OUT, workers=workers, aggregate=False)
     per_seed = pair_metrics(spec, OUT, target=target, committed=committed_seeds)
     arm = "class_pair"

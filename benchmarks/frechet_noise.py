@@ -6,7 +6,7 @@
 Every Fréchet figure of the benchmark compares 1280 generated images (128 per digit) with 2000 held-out
 real renders (the judges' features). Two sources of chance, measured here with nothing trained:
 
-1. Real against real: disjoint draws of 1280 held-out renders that are not in the reference (the
+1. Real against real: random draws of 1280 held-out renders, none of them in the reference (the
    floor a perfect generator would score, and its spread).
 2. The base model on other image seeds: "a handwritten digit {d}", digits 0-9, N = 128, 15 DDIM steps,
    guidance 2 (the judge's settings), image seeds ``offset`` to ``offset + 127`` for each offset; the
