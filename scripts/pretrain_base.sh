@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce a shipped biased base model (~15 min on 2 cores each):
-#   bash scripts/pretrain_base.sh          models/checkpoints/colored-digits-16 (red/blue, light background)
-#   bash scripts/pretrain_base.sh k3bg     models/checkpoints/colored-digits-16-k3bg (red/blue/green inks,
+#   bash scripts/pretrain_base.sh          colored_digits/checkpoints/colored-digits-16 (red/blue, light background)
+#   bash scripts/pretrain_base.sh k3bg     colored_digits/checkpoints/colored-digits-16-k3bg (red/blue/green inks,
 #                                          light/dark backgrounds; per digit a dominant ink and background)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +27,7 @@ esac
 data=runs/data/$name
 [ -f "$data/stats.json" ] || .venv/bin/fairtune data colored-digits --out "$data" "${data_args[@]}"
 .venv/bin/fairtune fit --config "$config"
-rm -rf "models/checkpoints/$name"
-mkdir -p models/checkpoints
-cp -r "runs/pretrain-$name/model" "models/checkpoints/$name"
-echo "base model written to models/checkpoints/$name"
+rm -rf "colored_digits/checkpoints/$name"
+mkdir -p colored_digits/checkpoints
+cp -r "runs/pretrain-$name/model" "colored_digits/checkpoints/$name"
+echo "base model written to colored_digits/checkpoints/$name"

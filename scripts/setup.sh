@@ -14,7 +14,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e ".[test,colored-digits]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import fairtune.data, fairtune.eval, fairtune.models, fairtune.train, fairtune.cli, \
 fairtune.colored_digits; assert fairtune.cli.plugins(), 'no fairtune.commands plugin registered'" \
   || { echo "setup: fairtune did not install" >&2; exit 1; }

@@ -9,7 +9,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# The suite runs on two pytest-xdist workers (pyproject's addopts): one torch thread each keeps the two
+# cores busy without thrashing; run alone (-n 0 / -p no:xdist) a test gets both threads.
+# The tiny backbone's text encoder, by the name the embedded benchmark registers (fairtune.checkpoints).
+TEXT_ENCODER = "all-MiniLM-L6-v2"
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if XDIST_WORKER else 2)
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run once for the whole test session, shared by every xdist worker: the first
+    worker builds into a folder beside the workers' own temporary roots under a file lock, the others
+    wait for it and reuse it (a marker file says it is complete)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if XDIST_WORKER:
+        root = root.parent  # the session's root, shared by the workers
+    out = root / f"shared_{name}"
+    with FileLock(str(out) + ".lock"):
+        if not (out / ".complete").exists():
+            out.mkdir(parents=True, exist_ok=True)
+            build(out)
+            (out / ".complete").touch()
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -17,9 +40,9 @@ def digits_dir(tmp_path_factory):
     """The default ColoredDigits-Bias, rendered once per session (~4 s)."""
     from fairtune.colored_digits import ColoredDigitsConfig, build_colored_digits
 
-    out = tmp_path_factory.mktemp("colored_digits")
-    build_colored_digits(ColoredDigitsConfig(), out)
-    return out
+    return built_once(
+        tmp_path_factory, "colored_digits", lambda out: build_colored_digits(ColoredDigitsConfig(), out)
+    )
 
 
 def judges_args(path) -> list[str]:
@@ -35,9 +58,7 @@ def judges_dir(digits_dir, tmp_path_factory):
     """Judges trained with the shipped recipe (~25 s)."""
     from fairtune.colored_digits import train_judges
 
-    out = tmp_path_factory.mktemp("judges")
-    train_judges(digits_dir, out)
-    return out
+    return built_once(tmp_path_factory, "judges", lambda out: train_judges(digits_dir, out))
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,10 @@
+import json
+
 import pytest
 import torch
+from conftest import TEXT_ENCODER
 
-from fairtune.models import Backbone, BackboneConfig, TinyUNetConfig
+from fairtune.models import BACKBONE_FILE, Backbone, BackboneConfig, TinyUNetConfig
 
 TINY = TinyUNetConfig(sample_size=8, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
 
@@ -9,7 +12,7 @@ TINY = TinyUNetConfig(sample_size=8, block_out_channels=[8, 16], attention_head_
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return Backbone.from_config(BackboneConfig(kind="tiny", unet=TINY))
+    return Backbone.from_config(BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY))
 
 
 def test_tiny_backbone_uses_the_packaged_text_encoder(tiny):
@@ -19,6 +22,26 @@ def test_tiny_backbone_uses_the_packaged_text_encoder(tiny):
     assert not torch.allclose(states[0], states[1])
     assert not any(p.requires_grad for p in tiny.text_encoder.parameters())
     assert "a handwritten digit 3" in tiny._prompt_cache
+
+
+def test_a_tiny_backbone_names_its_text_encoder(tmp_path):
+    """The core has no default text encoder: a fresh tiny model must name one, and a name that is
+    neither a folder nor registered is refused, naming it."""
+    with pytest.raises(ValueError, match="backbone.text_encoder is required"):
+        Backbone.from_config(BackboneConfig(kind="tiny", unet=TINY))
+    with pytest.raises(
+        FileNotFoundError, match="'no-such-encoder' is neither a folder nor a name registered"
+    ):
+        Backbone.from_config(BackboneConfig(kind="tiny", text_encoder="no-such-encoder", unet=TINY))
+
+
+def test_a_saved_tiny_model_keeps_its_text_encoders_name(tiny, tmp_path):
+    """``save_pretrained`` records the encoder as named (portable), not this machine's resolved folder;
+    loading the folder back needs no text_encoder option."""
+    tiny.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / BACKBONE_FILE).read_text())["text_encoder"] == TEXT_ENCODER
+    again = Backbone.from_config(BackboneConfig(kind="tiny", pretrained=str(tmp_path / "m")))
+    torch.testing.assert_close(again.encode_prompts(["a digit"]), tiny.encode_prompts(["a digit"]))
 
 
 def test_tiny_sampling_is_a_function_of_the_seed(tiny):

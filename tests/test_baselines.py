@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import TEXT_ENCODER
 from diffusers import DDIMScheduler, SemanticStableDiffusionPipeline
 
 from fairtune.colored_digits import explicit_prompt, neutral_prompt
@@ -150,7 +151,7 @@ def test_backbone_sampler_matches_diffusers_per_image_direction(sd, reference):
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return Backbone.from_config(BackboneConfig(kind="tiny", unet=TINY))
+    return Backbone.from_config(BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY))
 
 
 def test_tiny_backbone_images_depend_on_seed_and_class_only(tiny):
@@ -175,7 +176,7 @@ def test_tiny_backbone_images_depend_on_seed_and_class_only(tiny):
 
 def test_runs_on_top_of_a_lora_adapter():
     torch.manual_seed(0)
-    bb = Backbone.from_config(BackboneConfig(kind="tiny", unet=TINY))
+    bb = Backbone.from_config(BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY))
     cfg = FairDiffusionConfig(edit_prompts=RB, edit_warmup_steps=1)
     kw = dict(seeds=[0, 1, 2], config=cfg, target={"red": 1.0, "blue": 0.0}, steps=4)
     prompts = [neutral_prompt(7)] * 3

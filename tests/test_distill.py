@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import COLORS
+from conftest import COLORS, TEXT_ENCODER
 
 from fairtune.data import AttributeSpec, Target, TargetConfig
 from fairtune.models import LoraConfig, attach_lora
@@ -159,7 +159,7 @@ def test_the_data_loss_trains_only_its_timesteps():
     from fairtune.train import DebiasModule
 
     unet = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
-    tiny = BackboneConfig(kind="tiny", unet=unet)
+    tiny = BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=unet)
     batch = {"pixels": torch.rand(64, 3, 16, 16), "prompts": ["a handwritten digit 1"] * 64}
     split = DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), data_timesteps=(0, 600))
     _, aux = split.diffusion_loss(batch, torch.Generator().manual_seed(0))
@@ -239,7 +239,7 @@ def test_distill_proportions_draw_one_class_while_the_data_keeps_its_target():
     from fairtune.train import DebiasModule
 
     unet = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
-    tiny = BackboneConfig(kind="tiny", unet=unet)
+    tiny = BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=unet)
     module = DebiasModule(
         backbone=tiny, lora=LoraConfig(rank=2), distill=_cfg(proportions={"red": 1.0, "blue": 0.0})
     )
@@ -263,7 +263,7 @@ def test_noise_offset_adds_one_constant_per_image_and_channel():
     from fairtune.train import DebiasModule
 
     unet = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
-    tiny = BackboneConfig(kind="tiny", unet=unet)
+    tiny = BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=unet)
     batch = {"pixels": torch.rand(4, 3, 16, 16), "prompts": ["a handwritten digit 1"] * 4}
     plain = DebiasModule(backbone=tiny, lora=LoraConfig(rank=2))
     shifted = DebiasModule(backbone=tiny, lora=LoraConfig(rank=2), noise_offset=0.1)
@@ -289,7 +289,7 @@ def test_data_weight_zero_trains_from_the_distillation_alone(digits_dir):
     from fairtune.train import DebiasModule
 
     unet = TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], attention_head_dim=4, norm_num_groups=4)
-    tiny = BackboneConfig(kind="tiny", unet=unet)
+    tiny = BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=unet)
     torch.manual_seed(0)
     module = DebiasModule(
         backbone=tiny, lora=LoraConfig(rank=2), distill=_cfg(timesteps=(0, 1000)), data_weight=0.0

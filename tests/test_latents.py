@@ -9,7 +9,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import COLORS, smoke_trainer
+from conftest import COLORS, TEXT_ENCODER, smoke_trainer
 
 from fairtune.data import AttributeDataModule, LatentCacheConfig, RebalanceConfig, SourceConfig
 from fairtune.models import BackboneConfig, LoraConfig, TinyUNetConfig, make_tiny_stable_diffusion
@@ -38,7 +38,9 @@ def _module(sd, kind="sd"):
         BackboneConfig(kind="sd", pretrained=str(sd))
         if kind == "sd"
         else BackboneConfig(
-            kind="tiny", unet=TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], norm_num_groups=4)
+            kind="tiny",
+            text_encoder=TEXT_ENCODER,
+            unet=TinyUNetConfig(sample_size=16, block_out_channels=[8, 16], norm_num_groups=4),
         )
     )
     return DebiasModule(

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import COLORS, smoke_trainer
+from conftest import COLORS, TEXT_ENCODER, smoke_trainer
 
 from fairtune.data import AttributeSpec, Target, TargetConfig
 from fairtune.models import (
@@ -111,7 +111,11 @@ def classifier_file(tmp_path_factory):
 
 def _module(**levers):
     torch.manual_seed(0)
-    m = DebiasModule(backbone=BackboneConfig(kind="tiny", unet=TINY), lora=LoraConfig(rank=4), **levers)
+    m = DebiasModule(
+        backbone=BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY),
+        lora=LoraConfig(rank=4),
+        **levers,
+    )
     m.attach_target(Target(TargetConfig(), SPEC))
     return m
 
@@ -242,7 +246,7 @@ def test_all_levers_train_on_both_backbones(kind, classifier_file, digits_dir, t
 
     torch.manual_seed(0)
     backbone = (
-        BackboneConfig(kind="tiny", unet=TINY)
+        BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY)
         if kind == "tiny"
         else BackboneConfig(kind="sd", pretrained=str(tiny_sd))
     )

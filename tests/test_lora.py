@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import TEXT_ENCODER
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -58,7 +59,7 @@ def test_adapter_round_trips_through_diffusers_load_lora_weights(tiny_sd, tmp_pa
 
 def test_tiny_backbone_loads_the_same_format(tmp_path):
     torch.manual_seed(0)
-    trained = Backbone.from_config(BackboneConfig(kind="tiny", unet=TINY))
+    trained = Backbone.from_config(BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY))
     trained.save_pretrained(tmp_path / "base")
     attach_lora(trained.unet, LoraConfig(rank=4, target_modules=ATTENTION))
     _perturb_lora(trained.unet, seed=1)
@@ -96,7 +97,7 @@ def test_adapter_scale_as_a_users_pipeline_sets_it(tmp_path, one_thread):
     from fairtune.models import load_adapter
 
     torch.manual_seed(0)
-    base_bb = Backbone.from_config(BackboneConfig(kind="tiny", unet=TINY))
+    base_bb = Backbone.from_config(BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY))
     trained = copy.deepcopy(base_bb.unet)
     attach_lora(trained, LoraConfig(rank=4))
     _perturb_lora(trained, seed=2)

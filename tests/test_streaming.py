@@ -15,7 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import COLORS, smoke_trainer, write_fit_config
+from conftest import COLORS, TEXT_ENCODER, smoke_trainer, write_fit_config
 from PIL import Image
 
 from fairtune.cli import main
@@ -219,7 +219,7 @@ def test_a_loader_restored_mid_epoch_yields_the_rest_of_that_epoch(tmp_path):
 def _fit_config(path: Path, shards: str, root: Path, **over) -> Path:
     return write_fit_config(
         path,
-        backbone={"kind": "tiny", "unet": TINY.__dict__},
+        backbone={"kind": "tiny", "text_encoder": TEXT_ENCODER, "unet": TINY.__dict__},
         data={"source": {"path": shards, "shuffle_buffer": 64}, "rebalance": {}, "samples_per_epoch": 32},
         root=root,
         **over,
@@ -249,7 +249,7 @@ class _Record(L.Callback):
 def _module():
     torch.manual_seed(0)
     return DebiasModule(
-        backbone=BackboneConfig(kind="tiny", unet=TINY),
+        backbone=BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY),
         lora=LoraConfig(rank=4),
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
     )

@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import COLORS, smoke_trainer, write_fit_config
+from conftest import COLORS, TEXT_ENCODER, smoke_trainer, write_fit_config
 from safetensors.torch import load_file
 
 from fairtune.cli import main
@@ -25,7 +25,7 @@ def _config(digits_dir, root, **over):
     root = Path(root)
     return write_fit_config(
         root.parent / f"{root.name}.yaml",
-        backbone={"kind": "tiny", "unet": TINY.__dict__},
+        backbone={"kind": "tiny", "text_encoder": TEXT_ENCODER, "unet": TINY.__dict__},
         data={"source": {"path": str(digits_dir / "table")}, "samples_per_epoch": 16},
         root=root,
         **over,
@@ -35,7 +35,7 @@ def _config(digits_dir, root, **over):
 def test_lora_step_trains_only_the_adapter(digits_dir):
     torch.manual_seed(0)
     module = DebiasModule(
-        backbone=BackboneConfig(kind="tiny", unet=TINY),
+        backbone=BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY),
         lora=LoraConfig(rank=4),
         optim=OptimConfig(lr=1e-2, warmup_steps=1),
         ema=EmaConfig(decay=0.5),
@@ -84,7 +84,9 @@ def test_the_ema_is_saved_and_restored_with_the_checkpoint():
     def module():
         torch.manual_seed(0)
         return DebiasModule(
-            backbone=BackboneConfig(kind="tiny", unet=TINY), lora=LoraConfig(rank=4), ema=EmaConfig(decay=0.9)
+            backbone=BackboneConfig(kind="tiny", text_encoder=TEXT_ENCODER, unet=TINY),
+            lora=LoraConfig(rank=4),
+            ema=EmaConfig(decay=0.9),
         )
 
     a = module()
@@ -189,8 +191,8 @@ def _fit_cmd(cfg):
 
 def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):
     over = {
-        "trainer.max_steps": 20,
-        "data.samples_per_epoch": 160,  # 10 steps per epoch: a checkpoint every 10 steps
+        "trainer.max_steps": 8,
+        "data.samples_per_epoch": 64,  # 4 steps per epoch: a checkpoint every 4 steps
         "data.batch_size": 16,
         "model.ema": {"decay": 0.9},
         "data.rebalance": {},
@@ -210,7 +212,7 @@ def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):
     adapter = tmp_path / "killed" / "adapter" / LORA_WEIGHT_NAME
     assert last.exists() and not adapter.exists(), "the run was not killed mid-way"
     step_at_kill = torch.load(last, weights_only=True)["global_step"]
-    assert step_at_kill < 20
+    assert step_at_kill < 8
 
     subprocess.run(_fit_cmd(cfg), check=True, env=env, capture_output=True)  # the same command
     # it resumed: the second launch's log starts where the checkpoint left off, not at step 0
@@ -225,7 +227,7 @@ def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):
     assert ref.keys() == got.keys()
     for k in ref:  # bit for bit: the EMA in the checkpoint is that of its weights (it was one update behind)
         torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0)
-    assert torch.load(last, weights_only=True)["global_step"] == 20
+    assert torch.load(last, weights_only=True)["global_step"] == 8
 
 
 class Killed(Exception):
