@@ -29,8 +29,8 @@ NAME = "dependable"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- dependable:begin -->", "<!-- dependable:end -->"
 # The pair of `fairtune demo --pair` over seeds, and its results (in the README's block too).
-PAIR_SPEC = ROOT / "benchmarks" / "specs" / "class_adapters_hold_all.yaml"
-PAIR_RESULTS = "class_adapters_hold_all_pair.json"
+PAIR_SPEC = ROOT / "benchmarks" / "specs" / "class_adapters_datafree_wordings.yaml"
+PAIR_RESULTS = "class_adapters_datafree_wordings_pair.json"
 
 # (metric key, header, decimals)
 COLUMNS = [
