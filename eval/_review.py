@@ -22,7 +22,8 @@ from ._stats import share_box
 
 
 def _model_hash(model: str | None) -> str | None:
-    """Content hash of a model folder, or of a checkpoint shipped with fairtune; ``None`` for a hub id."""
+    """Content hash of a model folder, or of a folder a package registers by name (``resolve_shipped``);
+    ``None`` for a hub id."""
     if not model:
         return None
     path = resolve_shipped(model)

@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The suite runs on two pytest-xdist workers (pyproject's addopts): one torch thread each keeps the two
-# cores busy without thrashing; run alone (-n 0 / -p no:xdist) a test gets both threads.
+# cores busy without thrashing; run in one process (-n 0) a test gets both threads.
 # The tiny backbone's text encoder, by the name the embedded benchmark registers (fairtune.checkpoints).
 TEXT_ENCODER = "all-MiniLM-L6-v2"
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
@@ -29,7 +30,8 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     out = root / f"shared_{name}"
     with FileLock(str(out) + ".lock"):
         if not (out / ".complete").exists():
-            out.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(out, ignore_errors=True)  # what a failed build left
+            out.mkdir(parents=True)
             build(out)
             (out / ".complete").touch()
     return out
@@ -61,7 +63,16 @@ def judges_dir(digits_dir, tmp_path_factory):
     from fairtune.colored_digits import JudgeTrainConfig, train_judges
 
     quick = JudgeTrainConfig(digit_epochs=10, color_epochs=3)
-    return built_once(tmp_path_factory, "judges", lambda out: train_judges(digits_dir, out, quick))
+
+    def build(out):  # one thread, whatever the worker count: the same judges in every run
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            train_judges(digits_dir, out, quick)
+        finally:
+            torch.set_num_threads(before)
+
+    return built_once(tmp_path_factory, "judges", build)
 
 
 @pytest.fixture(scope="session")

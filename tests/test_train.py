@@ -192,12 +192,12 @@ def _fit_cmd(cfg):
 def test_killed_run_resumes_to_the_same_adapter(digits_dir, tmp_path):
     over = {
         "trainer.max_steps": 8,
-        "data.samples_per_epoch": 64,  # 4 steps per epoch: a checkpoint every 4 steps
+        "data.samples_per_epoch": 32,  # 2 steps per epoch: a checkpoint every 2 steps, killed after one
         "data.batch_size": 16,
         "model.ema": {"decay": 0.9},
         "data.rebalance": {},
     }
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     ref_cfg = _config(digits_dir, tmp_path / "ref", **over)
     subprocess.run(_fit_cmd(ref_cfg), check=True, env=env, capture_output=True)
 
