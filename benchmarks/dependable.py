@@ -30,7 +30,13 @@ README = ROOT / "README.md"
 BEGIN, END = "<!-- dependable:begin -->", "<!-- dependable:end -->"
 # The pair of `fairtune demo --pair` over seeds, and its results (in the README's block too).
 PAIR_SPEC = ROOT / "benchmarks" / "specs" / "class_adapters_datafree_wordings.yaml"
-PAIR_RESULTS = "class_adapters_datafree_wordings_pair.json"
+# The pair's results in the README: as trained, and every adapter fused at the demo's scale
+# (configs/compare/colored_digits.yaml's class_pair; a test checks they agree).
+PAIR_SCALE = 1.5
+PAIR_RESULTS = {
+    "class_pair": "class_adapters_datafree_wordings_pair.json",
+    f"class_pair x{PAIR_SCALE:g}": f"class_adapters_datafree_wordings_pair_x{PAIR_SCALE:g}.json",
+}
 
 # (metric key, header, decimals)
 COLUMNS = [
@@ -187,16 +193,24 @@ def report(run: bool = False, workers: int = 1, spec_path: Path = SPEC) -> dict:
     return payload
 
 
-def pair_key(spec, seed: int, target: str = "uniform") -> str:
-    """The identity of a seed's pair: its arms' run hashes (what each trains) and the mix drawn."""
+def pair_key(spec, seed: int, target: str = "uniform", scale: float = 1.0) -> str:
+    """The identity of a seed's pair: its arms' run hashes (what each trains), the mix drawn and (when
+    not 1) the scale the adapters are fused at."""
     runs = {r.arm: r.hash for r in spec.runs if r.train and r.seed == seed}
-    return "-".join(runs[a] for a in sorted(runs)) + f"-{target}"
+    return "-".join(runs[a] for a in sorted(runs)) + f"-{target}" + ("" if scale == 1.0 else f"-x{scale:g}")
 
 
-def committed_row(spec, committed: dict[str, dict] | None, seed: int, target: str = "uniform") -> dict | None:
+def pair_name(spec, scale: float = 1.0) -> str:
+    """The results file's stem: ``<spec>_pair``, ``<spec>_pair_x1.5`` for adapters fused at 1.5."""
+    return f"{spec.name}_pair" + ("" if scale == 1.0 else f"_x{scale:g}")
+
+
+def committed_row(
+    spec, committed: dict[str, dict] | None, seed: int, target: str = "uniform", scale: float = 1.0
+) -> dict | None:
     """A seed's committed pair figures when they belong to this spec's runs (same ``pair_key``)."""
     row = (committed or {}).get(str(seed))
-    return row if row is not None and row.get("pair_key") == pair_key(spec, seed, target) else None
+    return row if row is not None and row.get("pair_key") == pair_key(spec, seed, target, scale) else None
 
 
 def pair_metrics(
@@ -206,11 +220,13 @@ def pair_metrics(
     target: str = "uniform",
     judge_spec: Path = SPEC,
     committed: dict[str, dict] | None = None,
+    scale: float = 1.0,
 ) -> dict[int, dict]:
     """Per seed where every arm of ``spec`` (one per class, named after it) has trained: the base model
     with those class adapters drawn per image in ``target``'s proportions
-    (:class:`fairtune.models.ClassAdapterMix`), judged with ``judge_spec``'s judge options (the demo's:
-    same prompts, seeds, roles and judges as every other row). Each seed's metrics are cached in
+    (:class:`fairtune.models.ClassAdapterMix`, each adapter fused at ``scale``), judged with
+    ``judge_spec``'s judge options (the demo's: same prompts, seeds, roles and judges as every other
+    row). Each seed's metrics are cached in
     ``out/pairs/<hashes>.json``; ``train_seconds`` is the adapters' sum.
 
     ``committed`` (the results file's ``per_seed``): a seed whose adapters are not here is taken from
@@ -232,16 +248,20 @@ def pair_metrics(
     for seed, dirs in sorted(by_seed.items()):
         if sorted(dirs) != arms:
             continue
-        key = pair_key(spec, seed, target)
+        key = pair_key(spec, seed, target, scale)
         cache = out / "pairs" / f"{key}.json"
         if not cache.is_file():
             config = yaml.safe_load((dirs[arms[0]] / "config.yaml").read_text())
             config["data"]["target"] = {"proportions": target}
-            print(f"judging the class adapters {arms} of seed {seed}", file=sys.stderr)
+            print(f"judging the class adapters {arms} of seed {seed} at scale {scale:g}", file=sys.stderr)
             folder = out / "pairs" / key
             folder.mkdir(parents=True, exist_ok=True)
             metrics = judge_colored_digits(
-                folder, config, **judge["options"], class_adapters={a: dirs[a] / "adapter" for a in arms}
+                folder,
+                config,
+                **judge["options"],
+                class_adapters={a: dirs[a] / "adapter" for a in arms},
+                adapter_scale=scale,
             )
             metrics["train_seconds"] = sum(
                 (read_status(dirs[a]).get("metrics") or {}).get("train_seconds") or float("nan") for a in arms
@@ -249,20 +269,20 @@ def pair_metrics(
             atomic_write_json(cache, metrics, indent=2)
         result[seed] = {**json.loads(cache.read_text()), "pair_key": key}
     for seed in sorted({r.seed for r in spec.runs if r.train} - set(result)):
-        if (row := committed_row(spec, committed, seed, target)) is not None:
+        if (row := committed_row(spec, committed, seed, target, scale)) is not None:
             result[seed] = {**row, "source": "committed"}
     return dict(sorted(result.items()))
 
 
-def readme_block(results: dict, pair: dict | None = None) -> str:
+def readme_block(results: dict, pairs: dict[str, dict] | None = None) -> str:
     """The README's result block, rendered from ``benchmarks/results/dependable.json`` and (given) the
-    class-adapter pair's results (``PAIR_RESULTS``): one row per arm, then each arm's
-    missed goals."""
+    class-adapter pairs' results (``PAIR_RESULTS``: README row name to that file's payload): one row
+    per arm, then each arm's missed goals."""
     rows = dict(results["arms"])
     goals = dict(results["goals"])
-    if pair is not None:
-        rows.update({k: v for k, v in pair["arms"].items() if k in pair["goals"]})
-        goals.update(pair["goals"])
+    for name, pair in (pairs or {}).items():
+        rows[name] = pair["arms"]["class_pair"]
+        goals[name] = pair["goals"]["class_pair"]
     cols = [c for c in COLUMNS if c[0] != "train_seconds"]
     lines = [BEGIN, *table_lines(rows, cols), ""]
     for arm, gs in goals.items():
@@ -278,29 +298,35 @@ def readme_block(results: dict, pair: dict | None = None) -> str:
 def readme(check: bool = False) -> bool:
     """Rewrite (or, with ``check``, only compare) the README's block between the markers."""
     results = json.loads((RESULTS / f"{NAME}.json").read_text())
-    pair_file = RESULTS / PAIR_RESULTS
-    pair = json.loads(pair_file.read_text()) if pair_file.is_file() else None
+    pairs = {
+        name: json.loads((RESULTS / f).read_text())
+        for name, f in PAIR_RESULTS.items()
+        if (RESULTS / f).is_file()
+    }
     text = README.read_text()
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
     if not pattern.search(text):
         raise SystemExit(f"{README} has no {BEGIN} ... {END} block")
-    new = pattern.sub(lambda _: readme_block(results, pair), text)
+    new = pattern.sub(lambda _: readme_block(results, pairs), text)
     if check:
         return new == text
     README.write_text(new)
     return True
 
 
-def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target: str = "uniform") -> dict:
-    """The class-adapter pair (one adapter per class, drawn per image) over seeds, tabulated beside the
-    demo's base row and single adapter (``dependable.json``), with issue 24's goals; writes
-    ``benchmarks/results/<spec name>_pair.{json,md}``."""
+def pair_report(
+    spec_path: Path, *, run: bool = False, workers: int = 1, target: str = "uniform", scale: float = 1.0
+) -> dict:
+    """The class-adapter pair (one adapter per class, drawn per image, each fused at ``scale``) over
+    seeds, tabulated beside the demo's base row and single adapter (``dependable.json``), with issue
+    24's goals; writes ``benchmarks/results/<spec name>_pair[_x<scale>].{json,md}``."""
     from noise_floor import OUT
 
     from fairtune.cli import load_spec, run_sweep
 
     spec = load_spec(spec_path)
-    committed_file = RESULTS / f"{spec.name}_pair.json"
+    name = pair_name(spec, scale)
+    committed_file = RESULTS / f"{name}.json"
     committed_seeds = (
         json.loads(committed_file.read_text()).get("per_seed", {}).get("class_pair", {})
         if committed_file.is_file()
@@ -311,9 +337,9 @@ def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target:
 
         ensure_assets()
         # Seeds whose committed figures belong to these very runs are not trained again.
-        todo = [r for r in spec.runs if committed_row(spec, committed_seeds, r.seed, target) is None]
+        todo = [r for r in spec.runs if committed_row(spec, committed_seeds, r.seed, target, scale) is None]
         run_sweep(dataclasses.replace(spec, runs=todo), OUT, workers=workers, aggregate=False)
-    per_seed = pair_metrics(spec, OUT, target=target, committed=committed_seeds)
+    per_seed = pair_metrics(spec, OUT, target=target, committed=committed_seeds, scale=scale)
     arm = "class_pair"
     # The base row and the single adapter come from the committed dependable.json (the same judge,
     # prompts and seeds), so a pair can be tabulated without judging the base model again.
@@ -328,7 +354,9 @@ def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target:
     spec_rel = Path(spec.path).resolve().relative_to(ROOT)
     lines = [
         f"# {spec.name}: the class adapters ({', '.join(sorted({r.arm for r in spec.runs if r.train}))}) "
-        f"drawn per image in {target} proportions, over seeds {sorted(per_seed)} (spec `{spec_rel}`)",
+        f"drawn per image in {target} proportions"
+        + ("" if scale == 1.0 else f", each fused at scale {scale:g}")
+        + f", over seeds {sorted(per_seed)} (spec `{spec_rel}`)",
         "",
         *table_lines(rows),
         "",
@@ -347,7 +375,7 @@ def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target:
         "stratified per prompt (half the images of every prompt each, for a uniform target), fused into "
         "its own copy of the UNet: the base model's cost per image, twice the training. Explicit prompts "
         "also go through the drawn adapter. Command: `python benchmarks/dependable.py pair --spec "
-        f"{spec_rel}` (`pair_run` first trains the adapters).",
+        f"{spec_rel}{'' if scale == 1.0 else f' --scale {scale:g}'}` (`pair_run` first trains the adapters).",
         "",
         *(
             [
@@ -370,9 +398,10 @@ def pair_report(spec_path: Path, *, run: bool = False, workers: int = 1, target:
         label = g["metric"] + (" interval half-width" if g["kind"] == "halfwidth" else "")
         lines.append(f"- {label} = {val} (goal {g['goal']}): {verdict}")
     steps = next((r.overrides.get("trainer.max_steps") for r in spec.runs if r.train), None)
-    payload = {"spec": str(spec_rel), "target": target, "steps": steps, "arms": rows, "goals": {arm: goals},
+    payload = {"spec": str(spec_rel), "target": target, "scale": scale, "steps": steps, "arms": rows,
+               "goals": {arm: goals},
                "per_seed": {arm: {str(k): v for k, v in per_seed.items()}}}  # fmt: skip
-    write_results(f"{spec.name}_pair", payload, "\n".join(lines) + "\n")
+    write_results(name, payload, "\n".join(lines) + "\n")
     return payload
 
 
@@ -382,14 +411,16 @@ def main(
     workers: int = 1,
     spec: Path = SPEC,
     target: str = "uniform",
+    scale: float = 1.0,
 ) -> None:
     """``run``: train and judge the spec's runs, then tabulate; ``report``: tabulate only; ``readme``:
     rewrite the README's result block from the committed results. ``--spec`` tabulates another
     multi-seed spec (its own results file; the README block stays the dependable spec's). ``pair``:
     judge and tabulate a spec of class adapters (one arm per class) as one pair per seed, drawn per
-    image in ``--target`` proportions; ``pair_run`` trains them first."""
+    image in ``--target`` proportions, every adapter fused at ``--scale``; ``pair_run`` trains them
+    first."""
     if step in ("pair", "pair_run"):
-        pair_report(Path(spec), run=step == "pair_run", workers=workers, target=target)
+        pair_report(Path(spec), run=step == "pair_run", workers=workers, target=target, scale=scale)
         return
     if step == "readme":
         readme()

@@ -57,6 +57,7 @@ class Options:
         requests: Requested red shares (every digit at once, one check each).
         explicit_digits: Digits of the explicit prompts (endpoints only: each adapter alone).
         include_base: Also generate the base model with the endpoints (its red share, quality).
+        adapter_scale: The scale every adapter is fused at, for the endpoints and the mixes.
         n_per_prompt: Images per prompt.
         steps: DDIM steps.
         guidance_scale: Classifier-free guidance.
@@ -74,6 +75,7 @@ class Options:
     requests: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     explicit_digits: list[int] = field(default_factory=lambda: [5, 9])
     include_base: bool = False
+    adapter_scale: float = 1.0
     n_per_prompt: int = 128
     steps: int = 15
     guidance_scale: float = 2.0
@@ -123,7 +125,7 @@ def run(args: Options) -> dict:
     t0 = time.perf_counter()
     ends = mix_endpoints(
         class_adapters=adapters, prompts=neutral + explicit, out=args.out, backbone=backbone, judges=judges,
-        generation=gen, include_base=args.include_base,
+        generation=gen, include_base=args.include_base, adapter_scale=args.adapter_scale,
     )  # fmt: skip
     seconds = {"endpoints": time.perf_counter() - t0}
     checks = {}
@@ -166,7 +168,8 @@ def markdown(p: dict) -> str:
         "# Any mix after deployment: class adapters drawn per image",
         "",
         f"Adapters: `{spec}` (seed {o['seed']}), one per ink, each the demo's arm trained toward "
-        f'that ink alone. "a handwritten digit {{d}}", N = {o["n_per_prompt"]} per digit, '
+        f"that ink alone, fused at scale {o.get('adapter_scale', 1.0):g}. "
+        f'"a handwritten digit {{d}}", N = {o["n_per_prompt"]} per digit, '
         f"{o['steps']} DDIM steps, "
         f"guidance {o['guidance_scale']}, hue judge. Endpoints on seeds 0-{o['n_per_prompt'] - 1}; each "
         f"request checked on seeds {o['n_per_prompt']}-{2 * o['n_per_prompt'] - 1}. Command: "

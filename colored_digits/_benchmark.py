@@ -188,6 +188,7 @@ def judge_colored_digits(
     explicit_n: int = 32,
     device: Literal["auto", "cpu", "cuda"] = "cpu",
     class_adapters: Mapping[str, str | Path] | None = None,
+    adapter_scale: float = 1.0,
 ) -> dict[str, float]:
     """Judge a run on ColoredDigits-Bias: the base model (``model.backbone`` of the run's resolved
     config) with the run's adapter fused in (or as it is, for a run that trains nothing),
@@ -223,6 +224,7 @@ def judge_colored_digits(
         class_adapters: Judge, instead of the run's own adapter, the base model with one adapter
             folder per class (:class:`~fairtune.models.ClassAdapterMix`), each image drawn from the
             run's target proportions (stratified per prompt); ``run_dir`` then only receives the grid.
+        adapter_scale: The weight every judged adapter is fused at (1: as trained).
 
     Returns:
         Flat metrics: the scoring engine's summary (``mean_dev_seen``, ``worst_dev_seen``,
@@ -246,7 +248,9 @@ def judge_colored_digits(
         if len(target.attributes) != 1 or target.config.per_concept:
             raise ValueError("class_adapters: one attribute and one mix for every concept only")
         mix = dict(zip(target.groups, target.proportions(None)))
-        bb = ClassAdapterMix(Backbone.from_config(BackboneConfig(**bcfg)), class_adapters, mix=mix)
+        bb = ClassAdapterMix(
+            Backbone.from_config(BackboneConfig(**bcfg)), class_adapters, mix=mix, scale=adapter_scale
+        )
     elif (run_dir / "adapter" / LORA_WEIGHT_NAME).is_file():
         if bcfg.get("pretrained") is None:
             raise ValueError(
@@ -254,7 +258,7 @@ def judge_colored_digits(
                 "(model.backbone.pretrained: null); judging needs the base it was trained on"
             )
         bb = Backbone.from_config(BackboneConfig(**bcfg))
-        load_adapter(bb, run_dir / "adapter", fuse=True)
+        load_adapter(bb, run_dir / "adapter", fuse=True, scale=adapter_scale)
     elif (run_dir / "model").is_dir():
         bb = Backbone.from_config(BackboneConfig(**{**bcfg, "pretrained": str(run_dir / "model")}))
     elif bcfg.get("pretrained") is not None:  # nothing trained: the base model as it is

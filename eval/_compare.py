@@ -204,6 +204,8 @@ def compare_methods(
             methods_out[m.name] = {"kind": m.kind, "adapter": m.adapter, "failed": True, "error": error}
             continue
         adapters = {"class_adapters": dict(m.class_adapters)} if m.class_adapters else {}
+        if m.adapter_scale != 1.0:  # recorded where it is not the adapters as trained
+            adapters["adapter_scale"] = m.adapter_scale
         fingerprint = images_fingerprint(res.images)
         methods_out[m.name] = _jsonable(
             {"kind": m.kind, "adapter": m.adapter, **adapters, "images_sha256": fingerprint, **judged}

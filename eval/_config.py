@@ -142,7 +142,8 @@ class MethodConfig:
         fuse: Merge the adapter into the UNet's weights, so it costs what the base model costs.
         adapter_scale: The adapter's weight, as diffusers sets it: ``set_adapters(...,
             adapter_weights=adapter_scale)`` unfused, ``fuse_lora(lora_scale=adapter_scale)`` fused.
-            0 is the base model, 1 the adapter as trained, above 1 extrapolates (docs/dial.md).
+            0 is the base model, 1 the adapter as trained, above 1 extrapolates (docs/dial.md). A
+            ``class_adapters`` method scales every one of its adapters.
         fair_diffusion: ``fair_diffusion`` only: edit prompts per class and SEGA parameters.
         prompt_augmentation: ``prompt_augmentation`` only: the word per class.
         class_adapters: ``class_adapters`` only: class to an adapter folder trained toward that class
@@ -304,7 +305,7 @@ def validate_methods(methods: Sequence[MethodConfig]) -> None:
             raise ValueError(f"method {m.name!r} has kind 'adapter' but no adapter folder")
         if not math.isfinite(m.adapter_scale):
             raise ValueError(f"method {m.name!r}: adapter_scale must be finite, got {m.adapter_scale}")
-        if m.adapter is None and m.adapter_scale != 1.0:
+        if m.adapter is None and m.class_adapters is None and m.adapter_scale != 1.0:
             raise ValueError(f"method {m.name!r}: adapter_scale={m.adapter_scale} but no adapter to scale")
         if m.kind == "base" and m.adapter is not None:
             raise ValueError(f"method {m.name!r} has kind 'base' but names an adapter; use kind 'adapter'")

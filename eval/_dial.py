@@ -278,6 +278,7 @@ def dial(
     prompts: Path,
     out: Path,
     class_adapters: dict[str, Path] | None = None,
+    adapter_scale: float = 1.0,
     scales: list[float] = DEFAULT_SCALES,
     request: dict[str, dict[str, float]] | None = None,
     fuse: bool = True,
@@ -310,6 +311,8 @@ def dial(
         out: Output folder.
         class_adapters: Class to adapter folder, one per judged class, each trained toward its class
             alone (instead of ``adapter``), e.g. '{"red": "runs/red/adapter", "blue": "runs/blue/adapter"}'.
+        adapter_scale: With ``class_adapters``: the scale every one is fused at, measured and drawn
+            (above 1, wordings and concepts they never trained on follow their class further).
         scales: Adapter scales to measure (0: the base model, 1: as trained, above 1 extrapolates).
         request: Shares to reach, {concept: {class: share}} (one class per concept; "*" for every
             concept), e.g. '{"digit 0": {"red": 0.7}}'; with class adapters and more than two classes,
@@ -333,9 +336,12 @@ def dial(
     concepts = list(dict.fromkeys(e.concept for e in prompt_entries(groups)))
     if (adapter is None) == (class_adapters is None):
         raise ValueError("dial: give --adapter (the scale dial) or --class_adapters (any mix), one of them")
+    if adapter_scale != 1.0 and class_adapters is None:
+        raise ValueError("dial: --adapter_scale scales --class_adapters; the scale dial measures --scales")
     if class_adapters is not None:
         return _class_adapter_dial(
-            model=model, class_adapters=class_adapters, groups=groups, concepts=concepts, out=out,
+            model=model, class_adapters=class_adapters, adapter_scale=adapter_scale, groups=groups,
+            concepts=concepts, out=out,
             request=request, kind=kind, judges=judges, target=target, generation=generation,
             verify_seed=verify_seed, progress=progress, backbone=backbone,
         )  # fmt: skip
@@ -366,6 +372,7 @@ def _class_adapter_dial(
     *,
     model,
     class_adapters,
+    adapter_scale,
     groups,
     concepts,
     out,
@@ -396,7 +403,9 @@ def _class_adapter_dial(
         backbone = Backbone.from_config(copy.deepcopy(backbone_for_model(model, kind=kind)))
     adapters = {c: str(class_adapters[c]) for c in classes}
     common = dict(prompts=groups, out=out, backbone=backbone, judges=judges, target=target, progress=progress)
-    endpoints = mix_endpoints(class_adapters=adapters, generation=generation, **common)
+    endpoints = mix_endpoints(
+        class_adapters=adapters, generation=generation, adapter_scale=adapter_scale, **common
+    )
     if request is None:
         return {"endpoints": endpoints, "request": None}
     print_mix(mixes_for(endpoints, request))

@@ -173,7 +173,11 @@ def generate_method(
     used_prompts = list(prompts)
     drawn: list[str] | None = None if method.kind in ("base", "adapter") else [""] * len(prompts)
     images = None
-    mixer = ClassAdapterMix(backbone, method.class_adapters) if method.kind == "class_adapters" else None
+    mixer = (
+        ClassAdapterMix(backbone, method.class_adapters, scale=method.adapter_scale)
+        if method.kind == "class_adapters"
+        else None
+    )
     bar = tqdm(
         total=len(prompts) * formula, desc=f"generate {method.name}", unit="eval", disable=not progress,
         unit_scale=True,

@@ -108,11 +108,13 @@ def mix_endpoints(
     generation: GenerationConfig = GenerationConfig(),
     include_base: bool = False,
     progress: bool = True,
+    adapter_scale: float = 1.0,
 ) -> dict:
     """One comparison with each class adapter alone (methods ``class_<cls>``) on the same prompts,
     seeds and judges; writes OUT/metrics.json, the report and OUT/mix.json (per concept, each
     adapter's judged shares and their intervals). ``include_base`` adds the base model (method
-    ``base``) for its quality figures.
+    ``base``) for its quality figures. ``adapter_scale``: every adapter fused at that scale (the mix
+    drawn later fuses them at the same one).
 
     Returns:
         What ``mix.json`` holds: ``classes``, ``adapters`` and per concept ``shares`` / ``low`` /
@@ -120,7 +122,10 @@ def mix_endpoints(
     """
     from ._report import write_report
 
-    methods = [MethodConfig(f"class_{c}", kind="adapter", adapter=str(d)) for c, d in class_adapters.items()]
+    methods = [
+        MethodConfig(f"class_{c}", kind="adapter", adapter=str(d), adapter_scale=adapter_scale)
+        for c, d in class_adapters.items()
+    ]
     if include_base:
         methods.insert(0, MethodConfig("base"))
     cfg = CompareConfig(
@@ -140,6 +145,7 @@ def mix_endpoints(
     result = {
         "classes": list(metrics["classes"]),
         "adapters": {c: str(d) for c, d in class_adapters.items()},
+        "adapter_scale": adapter_scale,
         "generation": asdict(generation),
         "interval": INTERVAL,
         "concepts": concepts,
@@ -225,7 +231,7 @@ def verify_mix(
     classes = endpoints["classes"]
     method = MethodConfig(
         name, kind="class_adapters", class_adapters=dict(endpoints["adapters"]),
-        mix={c: r["mix"] for c, r in found.items()},
+        mix={c: r["mix"] for c, r in found.items()}, adapter_scale=endpoints.get("adapter_scale", 1.0),
     )  # fmt: skip
     cfg = CompareConfig(
         methods=[method], prompts=groups_for(prompts, set(found)), backbone=backbone.config, judges=judges,

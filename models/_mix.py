@@ -42,6 +42,9 @@ class ClassAdapterMix:
         mix: The share of images each class's adapter draws when :meth:`sample` is given no
             ``classes`` (drawn stratified per distinct prompt, as the comparison's ``class_adapters``
             method draws them); ``None``: ``classes`` must be given.
+        scale: Every adapter's weight (``fuse_lora(lora_scale=scale)``): 1 as trained; above 1 pushes
+            wordings and concepts the adapters never trained on further toward their class
+            (docs/dial.md).
 
     Raises:
         ValueError: No adapter given, or a mix naming a class without an adapter.
@@ -55,6 +58,7 @@ class ClassAdapterMix:
         *,
         fuse: bool = True,
         mix: Mapping[str, float] | None = None,
+        scale: float = 1.0,
     ) -> None:
         if not adapters:
             raise ValueError("class adapters: give one adapter folder per class, e.g. {red: DIR, blue: DIR}")
@@ -65,7 +69,10 @@ class ClassAdapterMix:
                 raise ValueError(f"mix names classes {unknown} without an adapter; adapters: {self.classes}")
             mix = {c: float(mix.get(c, 0.0)) for c in self.classes}
         self.mix = mix
-        self.backbones = {c: adapter_copy(backbone, Path(a), fuse=fuse) for c, a in adapters.items()}
+        self.scale = float(scale)
+        self.backbones = {
+            c: adapter_copy(backbone, Path(a), fuse=fuse, scale=self.scale) for c, a in adapters.items()
+        }
 
     def to(self, device) -> ClassAdapterMix:
         for bb in self.backbones.values():

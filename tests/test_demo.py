@@ -23,7 +23,7 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
         "--data", str(digits_dir),
         "--judges", str(judges_dir),
         "--control", "true",
-        "--pair", "true",
+        "--single", "true",
     ]  # fmt: skip
     main(args)
     metrics = json.loads((out / "compare" / "metrics.json").read_text())
@@ -63,12 +63,16 @@ def test_demo_end_to_end_and_resume(digits_dir, judges_dir, tmp_path, capfd):
     main(args)
     assert adapter.stat().st_mtime_ns == before
 
-    # By default the demo trains the debiased adapter alone and compares it with the baselines.
-    main([*args[:2], str(tmp_path / "default"), *args[3:-4]])
-    record = json.loads((tmp_path / "default" / "demo.json").read_text())
-    assert set(record["runs"]) == {"debiased"}
-    methods = json.loads((tmp_path / "default" / "compare" / "metrics.json").read_text())["methods"]
-    assert set(methods) == {"base", "debiased", "fair_diffusion", "prompt_augmentation"}
+    # By default the demo trains the class adapters alone (here: finds them trained) and compares their
+    # mix with the baselines, each adapter fused at the compare config's scale.
+    main(args[:-4])
+    record = json.loads((out / "demo.json").read_text())
+    assert set(record["runs"]) == {"red", "blue"}
+    methods = json.loads((out / "compare" / "metrics.json").read_text())["methods"]
+    assert set(methods) == {"base", "class_pair", "fair_diffusion", "prompt_augmentation"}
+    assert methods["class_pair"]["adapter_scale"] == 1.5
+    with pytest.raises(ValueError, match="nothing to train"):
+        main([*args[:2], str(tmp_path / "none"), *args[3:-4], "--pair", "false"])
 
 
 def test_the_demo_says_whether_its_figures_fall_inside_the_committed_range(tmp_path, capsys):

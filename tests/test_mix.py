@@ -191,6 +191,28 @@ def test_a_mixer_with_a_mix_samples_like_a_backbone(backbone, adapter_dir, blue_
         ClassAdapterMix(backbone, {"red": adapter_dir}).sample(prompts[:1], seeds=[0], steps=2)
 
 
+def test_a_scaled_mixer_fuses_every_adapter_at_its_scale(backbone, adapter_dir, blue_adapter, tmp_path):
+    """``scale`` is diffusers' ``fuse_lora(lora_scale=...)`` on every adapter: an image of the scaled mix
+    is the one that adapter gives fused at that scale alone, and differs from the unscaled one."""
+    from fairtune.eval._config import validate_methods
+    from fairtune.models import adapter_copy
+
+    adapters = {"red": adapter_dir, "blue": blue_adapter}
+    kw = dict(seeds=[0, 1], steps=3, guidance_scale=2.0, classes=["red", "blue"])
+    prompts = ["a handwritten digit 1"] * 2
+    scaled = ClassAdapterMix(backbone, adapters, scale=1.5).sample(prompts, **kw)
+    for i, c in enumerate(("red", "blue")):
+        alone = adapter_copy(backbone, adapters[c], fuse=True, scale=1.5).sample(
+            prompts[i : i + 1], seeds=[i], steps=3, guidance_scale=2.0
+        )
+        assert torch.allclose(scaled[i : i + 1], alone, atol=2e-3)
+    assert not torch.allclose(scaled, ClassAdapterMix(backbone, adapters).sample(prompts, **kw), atol=1e-3)
+    # the comparison's class_adapters method takes the scale; a method without any adapter still refuses one
+    validate_methods([MethodConfig("m", kind="class_adapters", class_adapters=adapters, adapter_scale=1.5)])
+    with pytest.raises(ValueError, match="no adapter to scale"):
+        validate_methods([MethodConfig("b", kind="base", adapter_scale=1.5)])
+
+
 def test_the_sweep_judge_scores_class_adapters_drawn_in_the_target_mix(adapter_dir, judges_dir, tmp_path):
     """The benchmark judge on a pair: with both classes' adapters the same folder, the pair is that
     adapter, so every figure equals the adapter's own; the target's mix is what the pair is scored on."""
@@ -247,3 +269,22 @@ def test_dial_with_class_adapters_solves_and_checks_a_request(backbone, adapter_
         abs(row["landed"] - want)
     )
     assert result["metrics"]["explicit_kept"] is not None
+    # --adapter_scale fuses every class adapter at that scale, measured and drawn alike
+    scaled = tmp_path / "mixdial_scaled"
+    args = [*common[: common.index("--out") + 1], str(scaled), *common[common.index("--out") + 2 :]]
+    main([*args, "--adapter_scale", "1.5", "--request", json.dumps({"digit 9": {"red": want}})])
+    assert json.loads((scaled / "mix.json").read_text())["adapter_scale"] == 1.5
+    assert (
+        json.loads((scaled / "request" / "metrics.json").read_text())["methods"]["request"]["adapter_scale"]
+        == 1.5
+    )
+    with pytest.raises(ValueError, match="scales --class_adapters"):
+        main(
+            [
+                *common[: common.index("--class_adapters")],
+                "--adapter",
+                str(adapter_dir),
+                "--adapter_scale",
+                "2",
+            ]
+        )

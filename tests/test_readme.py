@@ -34,6 +34,13 @@ def test_the_benchmark_trains_the_demos_arm_at_the_demos_budget():
         assert pair["arms"][cls] == demo["arms"][cls]
     assert pair["base"] == demo["base"] and pair["overrides"] == demo["overrides"]
     assert len(pair["seeds"]) >= 3
+    # the demo's comparison fuses the pair at the scale of the README's scaled row
+    compare = yaml.safe_load((ROOT / "configs/compare/colored_digits.yaml").read_text())
+    (method,) = [m for m in compare["methods"] if m["name"] == "class_pair"]
+    assert method["adapter_scale"] == dependable.PAIR_SCALE
+    for name, file in dependable.PAIR_RESULTS.items():
+        results = yaml.safe_load((dependable.RESULTS / file).read_text())
+        assert results.get("scale", 1.0) == (dependable.PAIR_SCALE if "x" in name else 1.0), file
 
 
 def test_goal_checks_and_the_rendered_block():
@@ -58,7 +65,7 @@ def test_goal_checks_and_the_rendered_block():
     pair_goals = dependable.goal_checks(pair_row, base)
     both = dependable.readme_block(
         {"arms": {"debiased": row}, "goals": {"debiased": list(goals.values())}},
-        {"arms": {"base": {}, "class_pair": pair_row}, "goals": {"class_pair": pair_goals}},
+        {"class_pair": {"arms": {"base": {}, "class_pair": pair_row}, "goals": {"class_pair": pair_goals}}},
     )
     assert "| class_pair | 5 | 0.030 [0.025, 0.035] | 0.050 [0.040, 0.060] |" in both
     assert "| base |" not in both  # the pair file's own copy of the base row is not repeated
