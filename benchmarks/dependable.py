@@ -28,7 +28,7 @@ SPEC = ROOT / "benchmarks" / "specs" / "dependable.yaml"
 NAME = "dependable"
 README = ROOT / "README.md"
 BEGIN, END = "<!-- dependable:begin -->", "<!-- dependable:end -->"
-# The pair of `fairtune demo --pair` over seeds, and its results (in the README's block too).
+# The pair `fairtune demo` trains (its default), over seeds, and its results (in the README's block too).
 PAIR_SPEC = ROOT / "benchmarks" / "specs" / "class_adapters_datafree_wordings.yaml"
 # The pair's results in the README: as trained, and every adapter fused at the demo's scale
 # (configs/compare/colored_digits.yaml's class_pair; a test checks they agree).

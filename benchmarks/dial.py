@@ -1,7 +1,7 @@
 """The fairness dial of the demo's debiased adapter (issue 15): the judged red share per digit against
 the adapter's scale, and how close a requested 70/30 mix lands.
 
-    bash scripts/demo.sh                 # first: trains runs/demo/debiased/adapter, renders data, judges
+    bash scripts/demo.sh --single true   # first: trains runs/demo/debiased/adapter, renders data, judges
     python benchmarks/dial.py            # digits 0-7, N=64 per digit and scale, 25 DDIM steps
     python benchmarks/dial.py --n_per_prompt 4 --scales '[0, 1]' --digits '[0, 1]' --results /tmp/r
 
@@ -45,7 +45,8 @@ class Options:
     """Options of the dial benchmark.
 
     Attributes:
-        adapter: The adapter (a folder with ``pytorch_lora_weights.safetensors``); the demo's debiased one.
+        adapter: The adapter (a folder with ``pytorch_lora_weights.safetensors``); the demo's single
+            debiased one (``bash scripts/demo.sh --single true``).
         model: The base model (a tiny backbone folder or a shipped name).
         judges: The judges folder (``fairtune judges train``); the colour is judged by hue.
         reference: Real renders for the Fréchet distance in the report (``None``: none).
@@ -83,7 +84,7 @@ def check_assets(args: Options) -> None:
     """Stop with one line naming what is missing and how to make it."""
     if not (args.adapter / LORA_WEIGHT_NAME).is_file():
         sys.exit(
-            f"dial: no {LORA_WEIGHT_NAME} in {args.adapter}: run `bash scripts/demo.sh` first "
+            f"dial: no {LORA_WEIGHT_NAME} in {args.adapter}: run `bash scripts/demo.sh --single true` first "
             "(or pass --adapter)"
         )
     if not (args.judges / "judges.json").is_file():
@@ -92,7 +93,7 @@ def check_assets(args: Options) -> None:
         )
     if args.reference is not None and not args.reference.is_dir():
         sys.exit(
-            f"dial: no reference data at {args.reference}: run `bash scripts/demo.sh` first "
+            f"dial: no reference data at {args.reference}: run `bash scripts/demo.sh --single true` first "
             "(or pass --reference null)"
         )
     if 0.0 not in [float(s) for s in args.scales]:

@@ -1,7 +1,7 @@
 """One round of the feedback loop on ColoredDigits-Bias (issue 16), run as a user runs it: the four
 commands of docs/feedback_loop.md, each a ``fairtune`` subprocess.
 
-    bash scripts/demo.sh                      # the debiased adapter: runs/demo/debiased/adapter
+    bash scripts/demo.sh --single true        # the debiased adapter: runs/demo/debiased/adapter
     python benchmarks/feedback_loop.py        # -> benchmarks/results/feedback_loop.{json,md}
 
 1. ``fairtune audit`` the debiased adapter on prompts it never trained on (the held-out digits with
@@ -89,7 +89,8 @@ def main(
     """Audit, flag the worst prompts, train one round on the flags, audit again; write the table.
 
     Args:
-        adapter: The debiased adapter to start from (the demo's ``debiased`` arm by default).
+        adapter: The debiased adapter to start from (the demo's ``debiased`` arm by default:
+            ``bash scripts/demo.sh --single true``).
         out: Working folder (audits, flag database, the round's run).
         n_flag: How many of the worst audited prompts are flagged.
         n_per_prompt: Images per prompt in each audit.
@@ -98,7 +99,9 @@ def main(
         fit_args: Extra ``fairtune fit`` options (``--key value`` items) for the round.
     """
     if not (adapter / "pytorch_lora_weights.safetensors").exists():
-        sys.exit(f"no adapter at {adapter}: run `bash scripts/demo.sh` first (or pass --adapter DIR)")
+        sys.exit(
+            f"no adapter at {adapter}: run `bash scripts/demo.sh --single true` first (or pass --adapter DIR)"
+        )
     ensure_assets()
     out.mkdir(parents=True, exist_ok=True)
     log = out / "commands.log"
@@ -202,7 +205,7 @@ def _markdown(r: dict) -> str:
         f"{r['n_prompts']} unseen prompts (N={r['n_per_prompt']}, {r['sampling_steps']} DDIM steps, "
         "hue judge)",
         "",
-        "Command: `python benchmarks/feedback_loop.py` (after `bash scripts/demo.sh`); adapter "
+        "Command: `python benchmarks/feedback_loop.py` (after `bash scripts/demo.sh --single true`); adapter "
         f"`{_rel(r['adapter'])}`, round overlay `{r['round_overlay']}`"
         + (f", fit args `{' '.join(r['fit_args'])}`" if r["fit_args"] else "")
         + ".",

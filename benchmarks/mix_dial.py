@@ -242,7 +242,8 @@ def main() -> None:
 
     args = CLI(Options, as_positional=False)
     payload = run(args)
-    write_results(args.name, payload, markdown(payload), args.results)
+    name = args.name + ("" if args.adapter_scale == 1.0 else f"_x{args.adapter_scale:g}")
+    write_results(name, payload, markdown(payload), args.results)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ blue share) and its deviation from 50/50 is half the difference of the two adapt
 adapter and scale, this measures the share of its own ink on the benchmark's wording never trained
 ("a drawing of the number {d}", digits 1, 3, 5, 7) and on the never-named digit 9, judged by hue, and
 the pair's deviation those shares imply. Seeds 0 to N-1 of every prompt, for both adapters (the pair
-itself gives each image to one adapter only).
+itself gives each image to one adapter only). The judge is the benchmark panel's hue judge
+(``HueJudge.for_colors``); an image it cannot place counts as a miss of the adapter's own ink.
 
     python benchmarks/pair_scale.py --spec benchmarks/specs/class_adapters_datafree_wordings.yaml --seed 3
 """
@@ -75,6 +76,8 @@ def run(args: Options) -> dict:
                 sys.exit(f"pair_scale: arm {r.arm!r} of seed {args.seed} is not trained: run the spec first")
             adapters[r.arm] = folder / "adapter"
     classes = sorted(adapters)
+    if len(classes) != 2:
+        sys.exit(f"pair_scale: a pair of two class adapters, got arms {classes}")
     prompts = [args.paraphrase.format(d=d) for d in args.paraphrase_digits]
     prompts += [args.neutral.format(d=d) for d in args.unnamed]
     n = args.n_per_prompt

@@ -244,6 +244,12 @@ def judge_colored_digits(
         TargetConfig(**(data.get("target") or {})),
         AttributeSpec(data.get("attributes") or {"color": ["red", "blue"]}),
     )
+    if (
+        adapter_scale != 1.0
+        and class_adapters is None
+        and not (run_dir / "adapter" / LORA_WEIGHT_NAME).is_file()
+    ):
+        raise ValueError(f"{run_dir}: adapter_scale={adapter_scale} but no adapter to scale")
     if class_adapters is not None:
         if len(target.attributes) != 1 or target.config.per_concept:
             raise ValueError("class_adapters: one attribute and one mix for every concept only")

@@ -79,9 +79,10 @@ def demo(
     run's adapters.
 
     Args:
-        out: Run folder: ``runs/<hash>/`` (the training runs; ``debiased`` and ``naive`` link to
-            them), ``compare/`` (``metrics.json``, ``report.md``, ``report.html``), ``demo.json``.
-        steps: Training steps of each adapter (both arms get the same budget and seed).
+        out: Run folder: ``runs/<hash>/`` (the training runs; ``red``, ``blue``, ``debiased`` and
+            ``naive`` link to those trained), ``compare/`` (``metrics.json``, ``report.md``,
+            ``report.html``), ``demo.json``.
+        steps: Training steps of each adapter (every arm gets the same budget and seed).
         n_per_prompt: Images per prompt and method.
         sampling_steps: DDIM steps of every method at comparison time.
         batch_size: Images per UNet batch when generating (default: the backbone's choice, 64 on a
@@ -108,6 +109,8 @@ def demo(
     from fairtune.cli import load_compare_config, load_spec, run_sweep
     from fairtune.eval import run_comparison
 
+    if not (pair or single or control):
+        raise ValueError("demo: nothing to train; leave --pair true, or set --single or --control true")
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -125,8 +128,6 @@ def demo(
     skip = {"naive"} if not control else set()
     skip |= {"red", "blue"} if not pair else set()
     skip |= {"debiased"} if not single else set()
-    if not (pair or single or control):
-        raise ValueError("demo: nothing to train; leave --pair true, or set --single or --control true")
     spec.runs = [r for r in spec.runs if r.arm not in skip]
     print(
         f"[demo] training {', '.join(r.arm for r in spec.runs)} ({steps} steps each) into {out}/runs",
@@ -188,8 +189,8 @@ def demo(
     )
     if single:
         beside_committed(metrics["methods"].get("debiased", {}).get("summary"), steps=steps, seed=seed)
-    if pair:
-        pair_method = next(m for m in cfg.methods if m.name == "class_pair")
+    pair_method = next((m for m in cfg.methods if m.name == "class_pair"), None)
+    if pair and pair_method is not None:
         beside_committed(
             metrics["methods"].get("class_pair", {}).get("summary"), steps=steps, seed=seed,
             path=Path(committed_pair(pair_method.adapter_scale)), arm="class_pair",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 # One line per top-level command this plugin adds (``fairtune --help``).
 HELP = {
-    "demo": "The main job: train the debiased adapter, compare it with the base model and the baselines.",
+    "demo": "The main job: train the class adapters, compare them with the base model and the baselines.",
     "judges": "Train the benchmark's judges (never used by training).",
 }
 

@@ -174,7 +174,7 @@ def generate_method(
     drawn: list[str] | None = None if method.kind in ("base", "adapter") else [""] * len(prompts)
     images = None
     mixer = (
-        ClassAdapterMix(backbone, method.class_adapters, scale=method.adapter_scale)
+        ClassAdapterMix(backbone, method.class_adapters, fuse=method.fuse, scale=method.adapter_scale)
         if method.kind == "class_adapters"
         else None
     )

@@ -14,7 +14,7 @@ In a diffusers pipeline the same thing is::
     pipe.load_lora_weights("blue/", adapter_name="blue")
     classes = draw_classes(len(seeds), target={"red": 0.7, "blue": 0.3}, assignment="stratified")
     for cls in ("red", "blue"):
-        pipe.set_adapters(cls)        # or fuse each into its own pipeline copy
+        pipe.set_adapters(cls, adapter_weights=1.5)   # the scale; or fuse each into its own copy
         ... generate the images whose class is ``cls``
 """
 
@@ -42,7 +42,8 @@ class ClassAdapterMix:
         mix: The share of images each class's adapter draws when :meth:`sample` is given no
             ``classes`` (drawn stratified per distinct prompt, as the comparison's ``class_adapters``
             method draws them); ``None``: ``classes`` must be given.
-        scale: Every adapter's weight (``fuse_lora(lora_scale=scale)``): 1 as trained; above 1 pushes
+        scale: Every adapter's weight (fused: ``fuse_lora(lora_scale=scale)``; unfused:
+            ``set_adapters(cls, adapter_weights=scale)``): 1 as trained; above 1 pushes
             wordings and concepts the adapters never trained on further toward their class
             (docs/dial.md).
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install (if needed) and run the main job: `fairtune demo --out runs/demo` renders ColoredDigits-Bias,
-# trains the judges, fine-tunes the debiased LoRA adapter on the shipped biased
-# base model, compares it with the base model, Fair Diffusion and prompt augmentation on the same
-# prompts, seeds and judges, and writes runs/demo/compare/report.{md,html}. Extra options go to
-# `fairtune demo` (e.g. --control true adds the naive control; --steps 1000 --n_per_prompt 256).
+# trains the judges, fine-tunes the class adapters (one LoRA adapter per ink) on the shipped biased
+# base model, compares their mix (each image from one adapter, fused at the compare config's scale)
+# with the base model, Fair Diffusion and prompt augmentation on the same prompts, seeds and judges,
+# and writes runs/demo/compare/report.{md,html}. Extra options go to `fairtune demo` (e.g. --single
+# true adds the single debiased adapter, --control true the naive control; --steps 200).
 # Started again, it skips what is finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,4 +1,5 @@
-"""``fairtune demo`` end to end at toy scale: trains both arms, compares five methods, resumes."""
+"""``fairtune demo`` end to end at toy scale: trains every arm, compares six methods, resumes; by
+default the class adapters alone."""
 
 import json
 from pathlib import Path

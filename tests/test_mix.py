@@ -238,6 +238,16 @@ def test_the_sweep_judge_scores_class_adapters_drawn_in_the_target_mix(adapter_d
         "digit 0": {"red": 1.0, "blue": 0.0}}}}}  # fmt: skip
     with pytest.raises(ValueError, match="one mix for every concept"):
         judge_colored_digits(tmp_path / "pair", joint, **kw, class_adapters={"red": adapter_dir})
+    # a scale: the pair at 1.5 is the adapter alone at 1.5 (and a run without adapter has none to scale)
+    scaled = judge_colored_digits(
+        tmp_path / "pair", config, **kw, class_adapters={"red": adapter_dir, "blue": adapter_dir},
+        adapter_scale=1.5,
+    )  # fmt: skip
+    alone_scaled = judge_colored_digits(run, config, **kw, adapter_scale=1.5)
+    for k in ("red_share_d0", "red_share_d5", "mean_dev_seen", "fidelity"):
+        assert scaled[k] == pytest.approx(alone_scaled[k], abs=1e-6), k
+    with pytest.raises(ValueError, match="no adapter to scale"):
+        judge_colored_digits(tmp_path / "empty", config, **kw, adapter_scale=1.5)
 
 
 def test_dial_with_class_adapters_solves_and_checks_a_request(backbone, adapter_dir, blue_adapter, judges_dir,
@@ -274,6 +284,7 @@ def test_dial_with_class_adapters_solves_and_checks_a_request(backbone, adapter_
     args = [*common[: common.index("--out") + 1], str(scaled), *common[common.index("--out") + 2 :]]
     main([*args, "--adapter_scale", "1.5", "--request", json.dumps({"digit 9": {"red": want}})])
     assert json.loads((scaled / "mix.json").read_text())["adapter_scale"] == 1.5
+    assert json.loads((scaled / "metrics.json").read_text())["methods"]["class_red"]["adapter_scale"] == 1.5
     assert (
         json.loads((scaled / "request" / "metrics.json").read_text())["methods"]["request"]["adapter_scale"]
         == 1.5

@@ -1,5 +1,5 @@
 """The README's result table is rendered from the committed results, and the benchmark behind it
-trains exactly the demo's arm."""
+trains exactly the demo's arms."""
 
 import sys
 from pathlib import Path
@@ -28,7 +28,7 @@ def test_the_benchmark_trains_the_demos_arm_at_the_demos_budget():
     assert (arm.get("values") or {}) == (demo_arm.get("values") or {})
     assert bench["overrides"]["trainer.max_steps"] == demo["overrides"]["trainer.max_steps"]
     assert len(bench["seeds"]) >= 3
-    # the class adapters of `fairtune demo --pair true` and of the benchmark over seeds
+    # the class adapters `fairtune demo` trains and those of the benchmark over seeds
     pair = yaml.safe_load(dependable.PAIR_SPEC.read_text())
     for cls in ("red", "blue"):
         assert pair["arms"][cls] == demo["arms"][cls]
@@ -98,6 +98,14 @@ def test_the_pair_report_keeps_committed_seeds_only_for_the_same_runs(tmp_path):
     seeds = sorted({r.seed for r in spec.runs if r.train})
     key = dependable.pair_key(spec, seeds[0])
     assert key.endswith("-uniform") and key != dependable.pair_key(spec, seeds[1])
+    # a scaled pair is another pair: its own key, its own results file (the one the demo reads)
+    assert dependable.pair_key(spec, seeds[0], scale=1.5) == key + "-x1.5"
+    assert dependable.pair_name(spec, 1.5) == f"{spec.name}_pair_x1.5"
+    from fairtune.colored_digits._demo import committed_pair
+
+    scaled_file = dependable.PAIR_RESULTS[f"class_pair x{dependable.PAIR_SCALE:g}"]
+    assert committed_pair(dependable.PAIR_SCALE) == f"benchmarks/results/{scaled_file}"
+    assert committed_pair(1.0) == f"benchmarks/results/{dependable.PAIR_RESULTS['class_pair']}"
     committed = {
         str(seeds[0]): {"mean_dev_seen": 0.03, "pair_key": key},
         str(seeds[1]): {"mean_dev_seen": 0.05, "pair_key": "another-run-uniform"},
