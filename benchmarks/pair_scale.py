@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from mix_dial import adapters_of
 
 from _common import ROOT, cell, ensure_assets, write_results
-from fairtune.cli import load_spec, read_status
 from fairtune.colored_digits import HueJudge
-from fairtune.models import LORA_WEIGHT_NAME, Backbone, BackboneConfig, adapter_copy
+from fairtune.models import Backbone, BackboneConfig, adapter_copy
 
 
 @dataclass
@@ -64,17 +64,7 @@ class Options:
 def run(args: Options) -> dict:
     torch.set_num_threads(args.threads)
     ensure_assets()
-    spec = load_spec(args.spec)
-    adapters = {}
-    for r in spec.runs:
-        folder = ROOT / "runs" / "bench" / "runs" / r.hash
-        if r.train and r.seed == args.seed:
-            if (
-                read_status(folder).get("state") != "done"
-                or not (folder / "adapter" / LORA_WEIGHT_NAME).is_file()
-            ):
-                sys.exit(f"pair_scale: arm {r.arm!r} of seed {args.seed} is not trained: run the spec first")
-            adapters[r.arm] = folder / "adapter"
+    adapters, _ = adapters_of(args)  # the spec's runs at args.seed, as the any-mix benchmark finds them
     classes = sorted(adapters)
     if len(classes) != 2:
         sys.exit(f"pair_scale: a pair of two class adapters, got arms {classes}")
