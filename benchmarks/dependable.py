@@ -79,6 +79,30 @@ NOTE = (
 )
 
 
+SWEEP_PAIR_NOTE = NOTE + (
+    " Judged by the sweep's judge (`--judge sweep`), as every pair before the demo's path existed; "
+    "`--judge compare` (the default) judges with the demo's own comparison."
+)
+PAIR_NOTE = (
+    "The pair's row is measured by the demo's comparison (configs/compare/colored_digits.yaml at the "
+    "demo's budget: N = 128 images per prompt, 15 DDIM steps, guidance 2, the hue judge; "
+    "`fairtune.colored_digits.demo_compare_config`), the path `fairtune demo` measures its own pair "
+    "with: seen = digits 0-7, named, no data = digit 8, never named = digit 9, paraphrase = 'a drawing "
+    "of the number {d}' for 1, 3, 5, 7, explicit kept = 'a {red|blue} handwritten digit {d}' for 0 and "
+    "7 (128 each). The base and single-adapter rows are dependable.json's (the sweep's judge: explicit "
+    "prompts for digits 0-7, 32 each). `range` in the JSON: the 95% prediction interval of one more "
+    "run, `mean ± t·√(sd²(1 + 1/n) + s²)` with `s` the figure's spread over bootstrap resamples of a "
+    "run's own images (`sampling_sd`, root mean square over seeds): what `fairtune demo` checks its "
+    "figures against."
+)
+
+
+def pooled_sd(sds) -> float | None:
+    """The root mean square of per-seed standard deviations (``None`` where none is given)."""
+    v = [float(x) for x in sds if x is not None]
+    return (sum(x * x for x in v) / len(v)) ** 0.5 if v else None
+
+
 def sampling_floor(n: int = 128) -> float:
     """E|p̂ − ½| of a perfectly balanced two-class model judged on ``n`` images: the mean dev seen a
     flawless adapter would still score."""
@@ -193,11 +217,20 @@ def report(run: bool = False, workers: int = 1, spec_path: Path = SPEC) -> dict:
     return payload
 
 
-def pair_key(spec, seed: int, target: str = "uniform", scale: float = 1.0) -> str:
-    """The identity of a seed's pair: its arms' run hashes (what each trains), the mix drawn and (when
-    not 1) the scale the adapters are fused at."""
+Judge = Literal["compare", "sweep"]
+
+
+def pair_key(spec, seed: int, target: str = "uniform", scale: float = 1.0, judge: Judge = "compare") -> str:
+    """The identity of a seed's pair: its arms' run hashes (what each trains), the mix drawn, (when
+    not 1) the scale the adapters are fused at, and ``-compare`` when judged by the demo's comparison
+    (keys without it were judged by the sweep's judge)."""
     runs = {r.arm: r.hash for r in spec.runs if r.train and r.seed == seed}
-    return "-".join(runs[a] for a in sorted(runs)) + f"-{target}" + ("" if scale == 1.0 else f"-x{scale:g}")
+    return (
+        "-".join(runs[a] for a in sorted(runs))
+        + f"-{target}"
+        + ("" if scale == 1.0 else f"-x{scale:g}")
+        + ("-compare" if judge == "compare" else "")
+    )
 
 
 def pair_name(spec, scale: float = 1.0) -> str:
@@ -206,11 +239,39 @@ def pair_name(spec, scale: float = 1.0) -> str:
 
 
 def committed_row(
-    spec, committed: dict[str, dict] | None, seed: int, target: str = "uniform", scale: float = 1.0
+    spec,
+    committed: dict[str, dict] | None,
+    seed: int,
+    target: str = "uniform",
+    scale: float = 1.0,
+    judge: Judge = "compare",
 ) -> dict | None:
-    """A seed's committed pair figures when they belong to this spec's runs (same ``pair_key``)."""
+    """A seed's committed pair figures when they belong to this spec's runs and judge (same
+    ``pair_key``)."""
     row = (committed or {}).get(str(seed))
-    return row if row is not None and row.get("pair_key") == pair_key(spec, seed, target, scale) else None
+    key = pair_key(spec, seed, target, scale, judge)
+    return row if row is not None and row.get("pair_key") == key else None
+
+
+# The comparison's summary keys under the names of :data:`COLUMNS` (its ``heldout`` role is the digit
+# never named; ``explicit_kept`` the share of explicit prompts' images in the named ink).
+FROM_COMPARE = {"mean_dev_heldout": "mean_dev_unnamed", "explicit_kept": "explicit_follow"}
+# Bootstrap resamples of every seed's images: each figure's sampling spread, which widens the range a
+# newcomer's run is checked against.
+SAMPLING_BOOT = 100
+
+
+def pair_row(summary: dict, per_concept: dict, classes: list[str]) -> dict:
+    """A seed's row from the comparison's ``class_pair`` summary: the :data:`COLUMNS` figures, their
+    ``sampling_sd`` and each neutral digit's share of every class (``red_share_d3``)."""
+    keys = {k for k, _, _ in COLUMNS}
+    row = {FROM_COMPARE.get(k, k): v for k, v in summary.items() if FROM_COMPARE.get(k, k) in keys}
+    row["sampling_sd"] = {FROM_COMPARE.get(k, k): v for k, v in (summary.get("sampling_sd") or {}).items()}
+    for rec in per_concept.values():
+        if rec.get("role") in ("seen", "named", "heldout") and rec.get("p_hat") is not None:
+            d = rec["concept"].split()[-1]
+            row.update({f"{c}_share_d{d}": p for c, p in zip(classes, rec["p_hat"])})
+    return row
 
 
 def pair_metrics(
@@ -218,27 +279,38 @@ def pair_metrics(
     out: Path,
     *,
     target: str = "uniform",
-    judge_spec: Path = SPEC,
     committed: dict[str, dict] | None = None,
     scale: float = 1.0,
+    judge: Judge = "compare",
 ) -> dict[int, dict]:
     """Per seed where every arm of ``spec`` (one per class, named after it) has trained: the base model
-    with those class adapters drawn per image in ``target``'s proportions
-    (:class:`fairtune.models.ClassAdapterMix`, each adapter fused at ``scale``), judged with
-    ``judge_spec``'s judge options (the demo's: same prompts, seeds, roles and judges as every other
-    row). Each seed's metrics are cached in
-    ``out/pairs/<hashes>.json``; ``train_seconds`` is the adapters' sum.
+    with those class adapters fused at ``scale``, each image drawn from one of them in ``target``'s
+    proportions, judged by
+
+    - ``compare``: the demo's comparison (:func:`fairtune.colored_digits.demo_compare_config`: its
+      prompts, seeds, draw, judges and budget; ``target`` uniform), its ``class_pair`` method: the
+      very path ``fairtune demo`` measures its own pair with, so their figures compare; each figure
+      also gets its spread over resamples of the seed's images (``sampling_sd``);
+    - ``sweep``: the sweep's judge (:func:`fairtune.colored_digits.judge_colored_digits` with the
+      dependable spec's options: explicit prompts for every seen digit, 32 each; the draw of
+      :class:`fairtune.models.ClassAdapterMix`): how the pair results before the demo's path were
+      judged, kept so their commands still reproduce them.
+
+    Each seed's row is cached in ``out/pairs/<pair_key>.json`` (the comparison's images beside it,
+    resumable); ``train_seconds`` is the adapters' sum.
 
     ``committed`` (the results file's ``per_seed``): a seed whose adapters are not here is taken from
-    it when its ``pair_key`` is this spec's (the same runs, so the same figures up to the machine), so
-    adding seeds to a spec does not mean training and judging the committed ones again."""
+    it when its ``pair_key`` is this spec's (the same runs and judge, so the same figures up to the
+    machine), so adding seeds to a spec does not mean training and judging the committed ones again."""
     import yaml
 
     from fairtune.cli import load_spec, read_status
-    from fairtune.colored_digits import judge_colored_digits
+    from fairtune.colored_digits import demo_compare_config, judge_colored_digits
     from fairtune.data import atomic_write_json
+    from fairtune.eval import compare_methods
 
-    judge = load_spec(judge_spec).judge
+    if judge == "compare" and target != "uniform":
+        raise ValueError("pair: the demo's comparison judges a uniform target; use --judge sweep")
     by_seed: dict[int, dict[str, Path]] = {}
     for run in spec.runs:
         if run.train and read_status(out / "runs" / run.hash).get("state") == "done":
@@ -248,28 +320,34 @@ def pair_metrics(
     for seed, dirs in sorted(by_seed.items()):
         if sorted(dirs) != arms:
             continue
-        key = pair_key(spec, seed, target, scale)
+        key = pair_key(spec, seed, target, scale, judge)
         cache = out / "pairs" / f"{key}.json"
         if not cache.is_file():
-            config = yaml.safe_load((dirs[arms[0]] / "config.yaml").read_text())
-            config["data"]["target"] = {"proportions": target}
             print(f"judging the class adapters {arms} of seed {seed} at scale {scale:g}", file=sys.stderr)
-            folder = out / "pairs" / key
-            folder.mkdir(parents=True, exist_ok=True)
-            metrics = judge_colored_digits(
-                folder,
-                config,
-                **judge["options"],
-                class_adapters={a: dirs[a] / "adapter" for a in arms},
-                adapter_scale=scale,
-            )
-            metrics["train_seconds"] = sum(
+            adapters = {a: dirs[a] / "adapter" for a in arms}
+            if judge == "compare":
+                cfg = demo_compare_config(adapters, adapter_scale=scale)
+                cfg.methods = [m for m in cfg.methods if m.name == "class_pair"]
+                cfg.sampling_boot = SAMPLING_BOOT
+                metrics, _ = compare_methods(cfg, cache_dir=out / "pairs" / key, progress=False)
+                m = metrics["methods"]["class_pair"]
+                row = pair_row(m["summary"], m["per_concept"], metrics["classes"])
+            else:
+                config = yaml.safe_load((dirs[arms[0]] / "config.yaml").read_text())
+                config["data"]["target"] = {"proportions": target}
+                folder = out / "pairs" / key
+                folder.mkdir(parents=True, exist_ok=True)
+                row = judge_colored_digits(
+                    folder, config, **load_spec(SPEC).judge["options"], class_adapters=adapters,
+                    adapter_scale=scale,
+                )  # fmt: skip
+            row["train_seconds"] = sum(
                 (read_status(dirs[a]).get("metrics") or {}).get("train_seconds") or float("nan") for a in arms
             )
-            atomic_write_json(cache, metrics, indent=2)
+            atomic_write_json(cache, row, indent=2)
         result[seed] = {**json.loads(cache.read_text()), "pair_key": key}
     for seed in sorted({r.seed for r in spec.runs if r.train} - set(result)):
-        if (row := committed_row(spec, committed, seed, target, scale)) is not None:
+        if (row := committed_row(spec, committed, seed, target, scale, judge)) is not None:
             result[seed] = {**row, "source": "committed"}
     return dict(sorted(result.items()))
 
@@ -315,11 +393,18 @@ def readme(check: bool = False) -> bool:
 
 
 def pair_report(
-    spec_path: Path, *, run: bool = False, workers: int = 1, target: str = "uniform", scale: float = 1.0
+    spec_path: Path,
+    *,
+    run: bool = False,
+    workers: int = 1,
+    target: str = "uniform",
+    scale: float = 1.0,
+    judge: Judge = "compare",
 ) -> dict:
     """The class-adapter pair (one adapter per class, drawn per image, each fused at ``scale``) over
-    seeds, tabulated beside the demo's base row and single adapter (``dependable.json``), with issue
-    24's goals; writes ``benchmarks/results/<spec name>_pair[_x<scale>].{json,md}``."""
+    seeds, judged by ``judge`` (:func:`pair_metrics`), tabulated beside the demo's base row and single
+    adapter (``dependable.json``), with issue 24's goals; writes
+    ``benchmarks/results/<spec name>_pair[_x<scale>].{json,md}``."""
     from noise_floor import OUT
 
     from fairtune.cli import load_spec, run_sweep
@@ -337,9 +422,11 @@ def pair_report(
 
         ensure_assets()
         # Seeds whose committed figures belong to these very runs are not trained again.
-        todo = [r for r in spec.runs if committed_row(spec, committed_seeds, r.seed, target, scale) is None]
+        todo = [
+            r for r in spec.runs if committed_row(spec, committed_seeds, r.seed, target, scale, judge) is None
+        ]
         run_sweep(dataclasses.replace(spec, runs=todo), OUT, workers=workers, aggregate=False)
-    per_seed = pair_metrics(spec, OUT, target=target, committed=committed_seeds, scale=scale)
+    per_seed = pair_metrics(spec, OUT, target=target, committed=committed_seeds, scale=scale, judge=judge)
     arm = "class_pair"
     # The base row and the single adapter come from the committed dependable.json (the same judge,
     # prompts and seeds), so a pair can be tabulated without judging the base model again.
@@ -348,7 +435,14 @@ def pair_report(
     rows = {
         "base": committed["base"],
         **({"debiased (dependable.md)": single} if single else {}),
-        arm: {k: seed_summary([r.get(k) for r in per_seed.values()], prediction=True) for k, _, _ in COLUMNS},
+        arm: {
+            k: seed_summary(
+                [r.get(k) for r in per_seed.values()],
+                prediction=True,
+                sampling_sd=pooled_sd([(r.get("sampling_sd") or {}).get(k) for r in per_seed.values()]),
+            )  # fmt: skip
+            for k, _, _ in COLUMNS
+        },
     }
     goals = goal_checks(rows[arm], rows["base"])
     spec_rel = Path(spec.path).resolve().relative_to(ROOT)
@@ -360,7 +454,7 @@ def pair_report(
         "",
         *table_lines(rows),
         "",
-        NOTE,
+        PAIR_NOTE if judge == "compare" else SWEEP_PAIR_NOTE,
         "",
         f"`{arm}` per seed:",
         "",
@@ -375,7 +469,9 @@ def pair_report(
         "stratified per prompt (half the images of every prompt each, for a uniform target), fused into "
         "its own copy of the UNet: the base model's cost per image, twice the training. Explicit prompts "
         "also go through the drawn adapter. Command: `python benchmarks/dependable.py pair --spec "
-        f"{spec_rel}{'' if scale == 1.0 else f' --scale {scale:g}'}` (`pair_run` first trains the adapters).",
+        f"{spec_rel}{'' if scale == 1.0 else f' --scale {scale:g}'}"
+        f"{'' if judge == 'compare' else ' --judge sweep'}` "
+        "(`pair_run` first trains the adapters).",
         "",
         *(
             [
@@ -398,7 +494,8 @@ def pair_report(
         label = g["metric"] + (" interval half-width" if g["kind"] == "halfwidth" else "")
         lines.append(f"- {label} = {val} (goal {g['goal']}): {verdict}")
     steps = next((r.overrides.get("trainer.max_steps") for r in spec.runs if r.train), None)
-    payload = {"spec": str(spec_rel), "target": target, "scale": scale, "steps": steps, "arms": rows,
+    payload = {"spec": str(spec_rel), "target": target, "scale": scale, "judge": judge, "steps": steps,
+               "arms": rows,
                "goals": {arm: goals},
                "per_seed": {arm: {str(k): v for k, v in per_seed.items()}}}  # fmt: skip
     write_results(name, payload, "\n".join(lines) + "\n")
@@ -412,6 +509,7 @@ def main(
     spec: Path = SPEC,
     target: str = "uniform",
     scale: float = 1.0,
+    judge: Judge = "compare",
 ) -> None:
     """``run``: train and judge the spec's runs, then tabulate; ``report``: tabulate only; ``readme``:
     rewrite the README's result block from the committed results. ``--spec`` tabulates another
@@ -420,7 +518,9 @@ def main(
     image in ``--target`` proportions, every adapter fused at ``--scale``; ``pair_run`` trains them
     first."""
     if step in ("pair", "pair_run"):
-        pair_report(Path(spec), run=step == "pair_run", workers=workers, target=target, scale=scale)
+        pair_report(
+            Path(spec), run=step == "pair_run", workers=workers, target=target, scale=scale, judge=judge
+        )
         return
     if step == "readme":
         readme()

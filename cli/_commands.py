@@ -37,6 +37,7 @@ def compare_command(
     frechet_roles: list[Literal["seen", "named", "heldout", "paraphrase", "explicit"]] = ["seen", "heldout"],
     title: str = "fairtune compare",
     update_model_card: bool = False,
+    sampling_boot: int = 0,
 ) -> None:
     """Compare methods on the same prompts, seeds and judges; write OUT/metrics.json and a report.
 
@@ -57,6 +58,8 @@ def compare_command(
         title: Title of the report.
         update_model_card: Also write each adapter's figures into its own model card (by default
             they go to OUT/model_card_<method>.md and the adapter folder is left as it is).
+        sampling_boot: Resamples of each method's images for every summary figure's sampling spread
+            (summary.sampling_sd); 0: not computed.
     """
     options = locals()
     run_comparison(CompareConfig(**{f.name: options[f.name] for f in fields(CompareConfig)}), out)

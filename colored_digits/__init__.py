@@ -57,6 +57,7 @@ _EXPORTS = {
     "judge_digit_images": ("._benchmark", "judge_digit_images"),
     "load_benchmark_judges": ("._benchmark", "load_benchmark_judges"),
     "demo": ("._demo", "demo"),
+    "demo_compare_config": ("._demo", "demo_compare_config"),
     "prepare_assets": ("._demo", "prepare_assets"),
 }
 

@@ -56,6 +56,62 @@ def prepare_assets(data: Path, judges: Path, classifier: Path | None = None) -> 
         train_attribute_classifier(data, classifier)
 
 
+def demo_compare_config(
+    adapters: dict[str, str | Path],
+    *,
+    judges: Path = Path("runs/judges/colored-digits-16"),
+    data: Path = Path("runs/data/colored-digits-16"),
+    n_per_prompt: int = 128,
+    sampling_steps: int = 15,
+    batch_size: int | None = None,
+    paraphrase_digits: list[int] | None = None,
+    adapter_scale: float | None = None,
+):
+    """The demo's comparison (configs/compare/colored_digits.yaml) with its judges, reference data and
+    generation budget, keeping the methods whose adapters are given (``adapters``: arm name to adapter
+    folder; an ``adapter`` method by its name, a ``class_adapters`` method when every class it names
+    is given) and the base and inference-time methods. ``fairtune demo`` compares with it, and
+    benchmarks/dependable.py judges every seed's pair with it, so the demo's figures and the committed
+    ones come from one generate → judge → score path, prompts, seeds and draw.
+
+    Args:
+        adapters: Arm name to adapter folder.
+        judges: Judges folder.
+        data: ColoredDigits-Bias folder (its held-out renders are the Fréchet reference).
+        n_per_prompt: Images per prompt and method.
+        sampling_steps: DDIM steps.
+        batch_size: Images per UNet batch (default: the backbone's choice).
+        paraphrase_digits: Digits prompted with the never-trained wording (default: the config's).
+        adapter_scale: The class adapters' scale (default: the config's).
+    """
+    from fairtune.cli import load_compare_config
+
+    cfg = load_compare_config(
+        configs_dir() / DEMO_COMPARE,
+        "--judges.options", json.dumps({"path": str(judges), "color_judge": "hue"}),
+        "--judges.reference", str(data),
+        "--generation.n_per_prompt", str(n_per_prompt), "--generation.steps", str(sampling_steps),
+        *(["--generation.batch_size", str(batch_size)] if batch_size is not None else []),
+    )  # fmt: skip
+    cfg.methods = [
+        m for m in cfg.methods
+        if not (m.kind == "adapter" and m.name not in adapters)
+        and not (m.kind == "class_adapters" and not set(m.class_adapters or {}) <= set(adapters))
+    ]  # fmt: skip
+    for m in cfg.methods:
+        if m.kind == "adapter":
+            m.adapter = str(adapters[m.name])
+        elif m.kind == "class_adapters":
+            m.class_adapters = {c: str(adapters[c]) for c in m.class_adapters}
+            if adapter_scale is not None:
+                m.adapter_scale = float(adapter_scale)
+    if paraphrase_digits is not None:
+        for g in cfg.prompts:
+            if g.role == "paraphrase":
+                g.values = list(paraphrase_digits)
+    return cfg
+
+
 def demo(
     out: Path = Path("runs/demo"),
     *,
@@ -106,7 +162,7 @@ def demo(
     Returns:
         The comparison's metrics (also in ``out/compare/metrics.json``).
     """
-    from fairtune.cli import load_compare_config, load_spec, run_sweep
+    from fairtune.cli import load_spec, run_sweep
     from fairtune.eval import run_comparison
 
     if not (pair or single or control):
@@ -149,28 +205,12 @@ def demo(
         timings[f"train_{arm}_s"] = float(summary["runs"][d.name].get("train_seconds") or 0.0)
 
     # The comparison is configs/compare/colored_digits.yaml, with this run's adapters, judges and
-    # generation budget.
-    cfg = load_compare_config(
-        configs_dir() / DEMO_COMPARE,
-        "--judges.options", json.dumps({"path": str(judges), "color_judge": "hue"}),
-        "--judges.reference", str(data),
-        "--generation.n_per_prompt", str(n_per_prompt), "--generation.steps", str(sampling_steps),
-        *(["--generation.batch_size", str(batch_size)] if batch_size is not None else []),
+    # generation budget (the very config benchmarks/dependable.py judges the pair's seeds with).
+    cfg = demo_compare_config(
+        {arm: d / "adapter" for arm, d in runs.items()}, judges=judges, data=data,
+        n_per_prompt=n_per_prompt, sampling_steps=sampling_steps, batch_size=batch_size,
+        paraphrase_digits=paraphrase_digits,
     )  # fmt: skip
-    cfg.methods = [
-        m for m in cfg.methods
-        if not (m.kind == "adapter" and m.name not in runs)
-        and not (m.kind == "class_adapters" and not set(m.class_adapters or {}) <= set(runs))
-    ]  # fmt: skip
-    for m in cfg.methods:  # this run's adapters, wherever --out is
-        if m.kind == "adapter":
-            m.adapter = str(runs[m.name] / "adapter")
-        elif m.kind == "class_adapters":
-            m.class_adapters = {c: str(runs[c] / "adapter") for c in m.class_adapters}
-    if paraphrase_digits is not None:
-        for g in cfg.prompts:
-            if g.role == "paraphrase":
-                g.values = list(paraphrase_digits)
     t1 = time.perf_counter()
     metrics = run_comparison(cfg, out / "compare")
     timings["compare_s"] = time.perf_counter() - t1

@@ -50,7 +50,7 @@ from ._config import (
 from ._correction import change_scores, confusion_matrix, judge_quality, score_measurement
 from ._generation import GenerationConfig, MethodImages, generate_method, images_fingerprint, method_backbone
 from ._panel import JudgePanel, build_judges, build_target
-from ._scoring import score_judged
+from ._scoring import sampling_sd, score_judged
 
 
 def judge_method(
@@ -64,15 +64,14 @@ def judge_method(
     progress: bool = True,
     desc: str = "judge",
     correction_boot: int = 1000,
+    sampling_boot: int = 0,
 ) -> dict:
     """Judge one method's images and score them with the scoring engine (:func:`score_judged`),
     adding the method's cost (UNet evaluations and seconds per image) and, where the panel has them,
     judge-corrected shares and two-judge agreement (:func:`score_measurement`); the change-score
     features ride along under ``change_features`` (``None`` without)."""
     judged = panel.judge(result.images, desc=desc, progress=progress)
-    scored = score_judged(
-        judged,
-        entries,
+    score_kw = dict(
         n_per_prompt=n_per_prompt,
         target_of=target.proportions,
         classes=target.groups,
@@ -81,6 +80,9 @@ def judge_method(
         frechet_roles=frechet_roles,
         drawn=result.drawn,
     )
+    scored = score_judged(judged, entries, **score_kw)
+    if sampling_boot:  # each figure's spread over resamples of this run's images
+        scored["summary"]["sampling_sd"] = sampling_sd(judged, entries, n_boot=sampling_boot, **score_kw)
     cal = panel.calibration_labels(progress=progress)
     if cal is not None or judged.get("second") is not None:
         extra = score_measurement(
@@ -194,6 +196,7 @@ def compare_methods(
                 progress=progress,
                 desc=f"judge {m.name}",
                 correction_boot=config.judges.correction_boot,
+                sampling_boot=config.sampling_boot,
             )
             change_feats[m.name] = judged.pop("change_features")
         except Exception as e:  # one bad method costs only itself; the report says why it failed
@@ -275,6 +278,8 @@ def method_key(config: CompareConfig, method: MethodConfig, backbone: BackboneCo
         "generation": asdict(config.generation),
         "frechet_roles": list(config.frechet_roles),
     }
+    if config.sampling_boot:  # absent before it existed: earlier caches stay valid
+        parts["sampling_boot"] = config.sampling_boot
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -247,6 +247,9 @@ class CompareConfig:
         update_model_card: Also write the figures into each adapter's own model card (its
             ``README.md``). By default the card section goes to ``OUT/model_card_<method>.md`` and
             the adapter folder, an input, is left as it is.
+        sampling_boot: Resamples of each method's images (within each prompt and drawn class) for
+            the sampling spread of every summary figure (``summary.sampling_sd``, see
+            :func:`fairtune.eval.sampling_sd`); 0: not computed.
     """
 
     methods: list[MethodConfig]
@@ -261,6 +264,7 @@ class CompareConfig:
     )
     title: str = "fairtune compare"
     update_model_card: bool = False
+    sampling_boot: int = 0
 
 
 def prompt_entries(groups: Sequence[PromptGroup]) -> list[PromptEntry]:

@@ -235,3 +235,77 @@ def score_judged(
     if drawn is not None:
         summary["follows_drawn_class"] = _mean([r["follows_drawn_class"] for r in per_concept.values()])
     return {"per_concept": per_concept, "summary": summary}
+
+
+# Summary figures whose sampling spread :func:`sampling_sd` reports (the rest are counts, intervals or
+# derived from these).
+SAMPLED = (
+    *(f"{s}_dev_{role}" for role in ROLES if role != "explicit" for s in ("mean", "worst")),
+    "explicit_kept",
+    "fidelity",
+    "frechet",
+    "undetermined_rate",
+)
+
+
+def sampling_sd(
+    judged: Mapping[str, np.ndarray | None],
+    entries: Sequence,
+    *,
+    n_per_prompt: int,
+    n_boot: int = 100,
+    seed: int = 0,
+    drawn: Sequence[str] | None = None,
+    **score_kw,
+) -> dict[str, float]:
+    """How much each summary figure of one run moves with the sampling of its images: the standard
+    deviation of :func:`score_judged`'s summary over ``n_boot`` bootstrap resamples of the images
+    (with replacement, within each prompt, and within each drawn class of it where classes were drawn
+    per image, so a stratified draw stays stratified).
+
+    A figure measured over seeds varies with the training seed and with the images: the spread over
+    a handful of seeds that share their generation seeds can miss the second part (a column every seed
+    scores 0.000 has a zero-width interval, yet one image more or less moves it). Adding this
+    within-run variance to the prediction interval of a newcomer's run
+    (:func:`fairtune.eval.prediction_interval`) accounts for it.
+
+    Args:
+        judged: What :func:`score_judged` takes (``attribute``, ``concept``, ``features``).
+        entries: The prompts.
+        n_per_prompt: Images per prompt.
+        n_boot: Resamples.
+        seed: Seed of the resampling.
+        drawn: The class drawn for each image, or ``None``.
+        **score_kw: The rest of :func:`score_judged`'s arguments (``target_of``, ``classes``, ...).
+
+    Returns:
+        Figure name to its bootstrap standard deviation, for the figures of :data:`SAMPLED` the
+        summary has (``None`` values skipped).
+    """
+    if n_boot < 2:
+        raise ValueError(f"sampling_sd needs n_boot >= 2, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    cells: list[np.ndarray] = []
+    for b in range(len(entries)):
+        rows = np.arange(b * n_per_prompt, (b + 1) * n_per_prompt)
+        if drawn is None:
+            cells.append(rows)
+        else:
+            keys = np.array([drawn[i] for i in rows])
+            cells += [rows[keys == k] for k in dict.fromkeys(keys.tolist())]
+    arrays = {k: judged.get(k) for k in ("attribute", "concept", "features")}
+    values: dict[str, list[float]] = {k: [] for k in SAMPLED}
+    for _ in range(n_boot):
+        # Each cell's rows resampled in place, so every prompt keeps its n_per_prompt images in order.
+        idx = np.empty(len(entries) * n_per_prompt, dtype=np.int64)
+        for c in cells:
+            idx[c] = rng.choice(c, size=len(c), replace=True)
+        rep = {k: None if v is None else np.asarray(v)[idx] for k, v in arrays.items()}
+        summary = score_judged(
+            rep, entries, n_per_prompt=n_per_prompt,
+            drawn=None if drawn is None else [drawn[i] for i in idx], **score_kw,
+        )["summary"]  # fmt: skip
+        for k in SAMPLED:
+            if summary.get(k) is not None:
+                values[k].append(float(summary[k]))
+    return {k: float(np.std(v, ddof=1)) for k, v in values.items() if len(v) >= 2}

@@ -92,20 +92,29 @@ def half_width(ci: Sequence[float] | None) -> float | None:
     return None if ci is None else (ci[1] - ci[0]) / 2
 
 
-def prediction_interval(summary: Mapping) -> list[float] | None:
+def prediction_interval(summary: Mapping, sampling_sd: float | None = None) -> list[float] | None:
     """The 95% prediction interval of one more run (a newcomer's seed) under the Student-t model of a
-    :func:`seed_summary`: ``mean ± t·sd·√(1 + 1/n)``, the interval of the mean (``ci``) widened by
-    ``√(n + 1)``. ``None`` where the summary has no interval (fewer than two values)."""
+    :func:`seed_summary`: ``mean ± t·√(sd²·(1 + 1/n) + s²)``, where ``s`` (``sampling_sd``, e.g. the
+    mean over seeds of :func:`fairtune.eval.sampling_sd`) is the spread one run's figure has from the
+    sampling of its images alone; without it, the interval of the mean (``ci``) widened by ``√(n + 1)``.
+    ``None`` where the summary has no interval (fewer than two values)."""
     if summary.get("ci") is None:
         return None
     half = half_width(summary["ci"]) * math.sqrt(summary["n"] + 1)
+    if sampling_sd:
+        from scipy import stats
+
+        t = float(stats.t.ppf(0.975, summary["n"] - 1))
+        half = math.sqrt(half**2 + (t * sampling_sd) ** 2)
     return [summary["mean"] - half, summary["mean"] + half]
 
 
-def seed_summary(values: Sequence[float | None], *, prediction: bool = False) -> dict:
+def seed_summary(
+    values: Sequence[float | None], *, prediction: bool = False, sampling_sd: float | None = None
+) -> dict:
     """One metric over seeds: ``mean``, its 95% Student-t interval ``ci`` (``None`` with one value),
     ``n`` and the ``values`` (``None`` and ``nan`` dropped); with ``prediction``, also ``range``
-    (:func:`prediction_interval`)."""
+    (:func:`prediction_interval`, widened by ``sampling_sd``, kept as ``sampling_sd``)."""
     v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
     if not v:
         out = {"mean": None, "ci": None, "n": 0, "values": []}
@@ -115,7 +124,9 @@ def seed_summary(values: Sequence[float | None], *, prediction: bool = False) ->
         mean, lo, hi = t_interval(v)
         out = {"mean": mean, "ci": [lo, hi], "n": len(v), "values": v}
     if prediction:
-        out["range"] = prediction_interval(out)
+        out["range"] = prediction_interval(out, sampling_sd)
+        if sampling_sd is not None:
+            out["sampling_sd"] = float(sampling_sd)
     return out
 
 

@@ -102,3 +102,26 @@ def test_the_demo_says_whether_its_figures_fall_inside_the_committed_range(tmp_p
     # another budget is not compared with the committed one
     assert beside_committed(summary, steps=2, seed=0, path=committed) == []
     assert "measured at 400 steps" in capsys.readouterr().err
+
+
+def test_the_demo_and_the_pair_benchmark_compare_with_one_config(tmp_path):
+    """benchmarks/dependable.py judges every seed's pair with the demo's own comparison config, so the
+    demo's figures and the committed ones come from the same prompts, seeds, draw and judges."""
+    from fairtune.colored_digits import demo_compare_config
+
+    red, blue = tmp_path / "red", tmp_path / "blue"
+    cfg = demo_compare_config(
+        {"red": red, "blue": blue}, judges=tmp_path / "j", data=tmp_path / "d", n_per_prompt=8,
+        sampling_steps=4, adapter_scale=2.0,
+    )  # fmt: skip
+    assert [m.name for m in cfg.methods] == ["base", "class_pair", "fair_diffusion", "prompt_augmentation"]
+    pair = cfg.methods[1]
+    assert pair.class_adapters == {"red": str(red), "blue": str(blue)} and pair.adapter_scale == 2.0
+    assert (cfg.generation.n_per_prompt, cfg.generation.steps) == (8, 4)
+    assert cfg.judges.reference == str(tmp_path / "d") and cfg.judges.options["path"] == str(tmp_path / "j")
+    # the scale the shipped config names, where none is asked for
+    default = demo_compare_config({"red": red, "blue": blue})
+    assert next(m for m in default.methods if m.name == "class_pair").adapter_scale == 1.5
+    single = demo_compare_config({"debiased": tmp_path / "x"}, paraphrase_digits=[2])
+    assert [m.name for m in single.methods] == ["base", "debiased", "fair_diffusion", "prompt_augmentation"]
+    assert [g.values for g in single.prompts if g.role == "paraphrase"] == [[2]]

@@ -4,6 +4,7 @@ trains exactly the demo's arms."""
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,9 +98,10 @@ def test_the_pair_report_keeps_committed_seeds_only_for_the_same_runs(tmp_path):
     spec = load_spec(dependable.PAIR_SPEC)
     seeds = sorted({r.seed for r in spec.runs if r.train})
     key = dependable.pair_key(spec, seeds[0])
-    assert key.endswith("-uniform") and key != dependable.pair_key(spec, seeds[1])
+    # judged by the demo's comparison (keys judged by the sweep's judge are not reused)
+    assert key.endswith("-uniform-compare") and key != dependable.pair_key(spec, seeds[1])
     # a scaled pair is another pair: its own key, its own results file (the one the demo reads)
-    assert dependable.pair_key(spec, seeds[0], scale=1.5) == key + "-x1.5"
+    assert dependable.pair_key(spec, seeds[0], scale=1.5) == key.replace("-compare", "-x1.5-compare")
     assert dependable.pair_name(spec, 1.5) == f"{spec.name}_pair_x1.5"
     from fairtune.colored_digits._demo import committed_pair
 
@@ -108,8 +110,30 @@ def test_the_pair_report_keeps_committed_seeds_only_for_the_same_runs(tmp_path):
     assert committed_pair(1.0) == f"benchmarks/results/{dependable.PAIR_RESULTS['class_pair']}"
     committed = {
         str(seeds[0]): {"mean_dev_seen": 0.03, "pair_key": key},
-        str(seeds[1]): {"mean_dev_seen": 0.05, "pair_key": "another-run-uniform"},
+        str(seeds[1]): {"mean_dev_seen": 0.05, "pair_key": "another-run-uniform-compare"},
     }
     got = dependable.pair_metrics(spec, tmp_path, committed=committed)  # nothing trained in tmp_path
     assert list(got) == [seeds[0]]
     assert got[seeds[0]]["mean_dev_seen"] == 0.03 and got[seeds[0]]["source"] == "committed"
+
+
+def test_a_seeds_pair_row_names_the_comparisons_figures_as_the_columns_do():
+    """The pair's seeds are judged by the demo's comparison: its summary keys become the columns the
+    README and the demo's check read (never named = the ``heldout`` role, explicit kept), with each
+    figure's sampling spread and every neutral digit's shares."""
+    summary = {"mean_dev_seen": 0.01, "worst_dev_seen": 0.03, "mean_dev_named": 0.0, "mean_dev_heldout": 0.02,
+               "mean_dev_paraphrase": 0.01, "explicit_kept": 0.99, "fidelity": 0.995, "frechet": 54.0,
+               "undetermined_rate": 0.0, "mean_dev_seen_ci": [0.0, 0.04],
+               "sampling_sd": {"mean_dev_heldout": 0.02, "explicit_kept": 0.003}}  # fmt: skip
+    per_concept = {
+        "seen/0": {"role": "seen", "concept": "digit 0", "p_hat": [0.5, 0.5]},
+        "heldout/9": {"role": "heldout", "concept": "digit 9", "p_hat": [0.52, 0.48]},
+        "explicit_red/0": {"role": "explicit", "concept": "digit 0", "p_hat": [1.0, 0.0]},
+    }
+    row = dependable.pair_row(summary, per_concept, ["red", "blue"])
+    columns = {k for k, _, _ in dependable.COLUMNS} - {"train_seconds"}
+    assert set(row) == columns | {"sampling_sd", "red_share_d0", "blue_share_d0", "red_share_d9", "blue_share_d9"}
+    assert row["mean_dev_unnamed"] == 0.02 and row["explicit_follow"] == 0.99 and row["red_share_d0"] == 0.5
+    assert row["sampling_sd"] == {"mean_dev_unnamed": 0.02, "explicit_follow": 0.003}
+    assert dependable.pooled_sd([0.03, None, 0.04]) == pytest.approx(((0.03**2 + 0.04**2) / 2) ** 0.5)
+    assert dependable.pooled_sd([None]) is None

@@ -131,3 +131,30 @@ def test_summary_keys_are_documented():
     recs = {"a": score_concept([0, 1, 1], target=[0.5, 0.5]) | {"role": "seen", "fidelity": 1.0}}
     for key in [*summarize(recs), *recs["a"]]:
         assert f"`{key}`" in doc, key
+
+
+def test_sampling_sd_is_each_figures_spread_over_resamples_of_the_images():
+    from fairtune.eval import sampling_sd
+
+    n = 400
+    entries = digit_entries([0], [0], "a handwritten digit {d}")
+    kw = dict(n_per_prompt=n, target_of=lambda c: [0.5, 0.5], classes=["red", "blue"], n_boot=200)
+    # i.i.d. labels, 30% red: the share's binomial spread, sqrt(p(1 - p) / n)
+    iid = (np.random.default_rng(0).random(n) > 0.3).astype(np.int64)
+    sd = sampling_sd({"attribute": iid}, entries, **kw)
+    assert sd["mean_dev_seen"] == pytest.approx(np.sqrt(0.21 / n), rel=0.25)
+    assert sd["undetermined_rate"] == 0.0 and "frechet" not in sd
+    # a stratified draw (half the images of the prompt each class) the judge follows exactly: the
+    # resampling stays within each drawn class, so the figure does not move at all ...
+    drawn = ["red", "blue"] * (n // 2)
+    follows = np.array([0, 1] * (n // 2))
+    assert sampling_sd({"attribute": follows}, entries, drawn=drawn, **kw)["mean_dev_seen"] == 0.0
+    # ... whereas ignoring the draw would count the stratified counts as sampled
+    assert sampling_sd({"attribute": follows}, entries, **kw)["mean_dev_seen"] > 0.01
+    # where the judge misses the drawn class now and then, it moves by those misses only
+    missed = follows.copy()
+    missed[:20:2] = 1  # 10 red-drawn images judged blue
+    s = sampling_sd({"attribute": missed}, entries, drawn=drawn, **kw)["mean_dev_seen"]
+    assert 0.0 < s < 0.01
+    with pytest.raises(ValueError, match="n_boot"):
+        sampling_sd({"attribute": iid}, entries, **{**kw, "n_boot": 1})
