@@ -216,6 +216,7 @@ def demo(
     timings["compare_s"] = time.perf_counter() - t1
     timings["total_s"] = time.perf_counter() - t0
     record = {
+        "seed": seed,
         "steps": steps,
         "n_per_prompt": n_per_prompt,
         "sampling_steps": sampling_steps,
@@ -287,7 +288,7 @@ def beside_committed(
         if v is None or rng is None:
             continue
         inside = rng[0] <= v <= rng[1]
-        checks.append({"metric": key, "value": v, "range": rng, "inside": inside})
+        checks.append({"metric": key, "value": v, "mean": s["mean"], "range": rng, "inside": inside})
         lines.append(
             f"  {label:16s} {v:8.3f}   mean {s['mean']:.3f}, range [{rng[0]:.3f}, {rng[1]:.3f}]: "
             + ("inside" if inside else "OUTSIDE")

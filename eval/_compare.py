@@ -279,7 +279,7 @@ def method_key(config: CompareConfig, method: MethodConfig, backbone: BackboneCo
         "frechet_roles": list(config.frechet_roles),
     }
     if config.sampling_boot:  # absent before it existed: earlier caches stay valid
-        parts["sampling_boot"] = config.sampling_boot
+        parts["sampling_boot"] = [config.sampling_boot, "jeffreys+half"]  # and how it resamples
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -259,9 +259,18 @@ def sampling_sd(
     **score_kw,
 ) -> dict[str, float]:
     """How much each summary figure of one run moves with the sampling of its images: the standard
-    deviation of :func:`score_judged`'s summary over ``n_boot`` bootstrap resamples of the images
-    (with replacement, within each prompt, and within each drawn class of it where classes were drawn
-    per image, so a stratified draw stays stratified).
+    deviation of :func:`score_judged`'s summary over ``n_boot`` resamples of the run, each made within
+    every cell of images (a prompt, or a prompt's images of one drawn class where classes were drawn
+    per image, so a stratified draw stays stratified):
+
+    - the attribute labels of a cell are drawn again from its judged shares with half an image added
+      to every outcome (the classes and "undetermined"; Jeffreys' prior), so a cell where every image
+      landed in its class still has the chance of a miss that its images cannot rule out;
+    - the concept labels and the features (fidelity, the Fréchet distance) come from half of the
+      cell's images drawn without replacement, each taken twice: the half-sample's spread is the full
+      sample's for a mean (the finite-population correction halves its variance), and no image is
+      repeated more than twice, which a bootstrap with replacement does and which inflates a Fréchet
+      distance.
 
     A figure measured over seeds varies with the training seed and with the images: the spread over
     a handful of seeds that share their generation seeds can miss the second part (a column every seed
@@ -279,8 +288,8 @@ def sampling_sd(
         **score_kw: The rest of :func:`score_judged`'s arguments (``target_of``, ``classes``, ...).
 
     Returns:
-        Figure name to its bootstrap standard deviation, for the figures of :data:`SAMPLED` the
-        summary has (``None`` values skipped).
+        Figure name to its standard deviation over the resamples, for the figures of :data:`SAMPLED`
+        the summary has (``None`` values skipped).
     """
     if n_boot < 2:
         raise ValueError(f"sampling_sd needs n_boot >= 2, got {n_boot}")
@@ -293,19 +302,23 @@ def sampling_sd(
         else:
             keys = np.array([drawn[i] for i in rows])
             cells += [rows[keys == k] for k in dict.fromkeys(keys.tolist())]
-    arrays = {k: judged.get(k) for k in ("attribute", "concept", "features")}
-    values: dict[str, list[float]] = {k: [] for k in SAMPLED}
+    attr = np.asarray(judged["attribute"], dtype=np.int64)
+    k = len(score_kw["classes"])
+    # Per cell, the outcomes -1 (undetermined), 0 .. k-1, smoothed by half an image each.
+    smoothed = [(np.bincount(attr[c] + 1, minlength=k + 1) + 0.5) / (len(c) + 0.5 * (k + 1)) for c in cells]
+    others = {key: judged.get(key) for key in ("concept", "features")}
+    others = {key: None if v is None else np.asarray(v) for key, v in others.items()}
+    values: dict[str, list[float]] = {key: [] for key in SAMPLED}
     for _ in range(n_boot):
-        # Each cell's rows resampled in place, so every prompt keeps its n_per_prompt images in order.
-        idx = np.empty(len(entries) * n_per_prompt, dtype=np.int64)
-        for c in cells:
-            idx[c] = rng.choice(c, size=len(c), replace=True)
-        rep = {k: None if v is None else np.asarray(v)[idx] for k, v in arrays.items()}
-        summary = score_judged(
-            rep, entries, n_per_prompt=n_per_prompt,
-            drawn=None if drawn is None else [drawn[i] for i in idx], **score_kw,
-        )["summary"]  # fmt: skip
-        for k in SAMPLED:
-            if summary.get(k) is not None:
-                values[k].append(float(summary[k]))
-    return {k: float(np.std(v, ddof=1)) for k, v in values.items() if len(v) >= 2}
+        labels = np.empty_like(attr)
+        idx = np.empty(len(attr), dtype=np.int64)
+        for c, p in zip(cells, smoothed):
+            labels[c] = np.repeat(np.arange(-1, k), rng.multinomial(len(c), p))
+            half = rng.choice(c, size=(len(c) + 1) // 2, replace=False)
+            idx[c] = np.repeat(half, 2)[: len(c)]
+        rep = {"attribute": labels, **{key: None if v is None else v[idx] for key, v in others.items()}}
+        summary = score_judged(rep, entries, n_per_prompt=n_per_prompt, drawn=drawn, **score_kw)["summary"]
+        for key in SAMPLED:
+            if summary.get(key) is not None:
+                values[key].append(float(summary[key]))
+    return {key: float(np.std(v, ddof=1)) for key, v in values.items() if len(v) >= 2}

@@ -1,6 +1,7 @@
 """The README's result table is rendered from the committed results, and the benchmark behind it
 trains exactly the demo's arms."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -132,8 +133,41 @@ def test_a_seeds_pair_row_names_the_comparisons_figures_as_the_columns_do():
     }
     row = dependable.pair_row(summary, per_concept, ["red", "blue"])
     columns = {k for k, _, _ in dependable.COLUMNS} - {"train_seconds"}
-    assert set(row) == columns | {"sampling_sd", "red_share_d0", "blue_share_d0", "red_share_d9", "blue_share_d9"}
+    assert set(row) == columns | {
+        "sampling_sd",
+        "red_share_d0",
+        "blue_share_d0",
+        "red_share_d9",
+        "blue_share_d9",
+    }
     assert row["mean_dev_unnamed"] == 0.02 and row["explicit_follow"] == 0.99 and row["red_share_d0"] == 0.5
     assert row["sampling_sd"] == {"mean_dev_unnamed": 0.02, "explicit_follow": 0.003}
     assert dependable.pooled_sd([0.03, None, 0.04]) == pytest.approx(((0.03**2 + 0.04**2) / 2) ** 0.5)
     assert dependable.pooled_sd([None]) is None
+
+
+def test_the_demos_committed_result_carries_its_check_against_the_pairs_range(tmp_path):
+    """benchmarks/demo_results.py tabulates a demo run and checks its pair against the committed
+    pair's range of one run, as the demo prints it: a figure far outside is flagged."""
+    import demo_results
+
+    committed = json.loads(
+        (ROOT / "benchmarks" / "results" / dependable.PAIR_RESULTS["class_pair x1.5"]).read_text()
+    )
+    row = committed["arms"]["class_pair"]
+    summary = {
+        "mean_dev_seen": row["mean_dev_seen"]["mean"],
+        "mean_dev_heldout": 0.9,
+        "kind": "class_adapters",
+    }
+    demo = tmp_path / "demo"
+    (demo / "compare").mkdir(parents=True)
+    pair = {"kind": "class_adapters", "adapter_scale": 1.5, "summary": summary}
+    metrics = {"generation": {}, "methods": {"class_pair": pair}}
+    (demo / "compare" / "metrics.json").write_text(json.dumps(metrics))
+    record = {"seed": 0, "steps": committed["steps"], "n_per_prompt": 128, "sampling_steps": 15}
+    (demo / "demo.json").write_text(json.dumps(record))
+    payload, md = demo_results.render(str(demo))
+    checks = {c["metric"]: c["inside"] for c in payload["beside_committed"]["checks"]}
+    assert checks == {"mean_dev_seen": True, "mean_dev_heldout": False}
+    assert "1 of 2 inside" in md and "**outside**" in md
