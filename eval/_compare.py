@@ -264,6 +264,8 @@ def method_key(config: CompareConfig, method: MethodConfig, backbone: BackboneCo
     for k in ("class_adapters", "mix"):  # absent before class adapters existed: earlier caches stay valid
         if described[k] is None:
             del described[k]
+    if not described["route_named"]:  # as before it existed
+        del described["route_named"]
     if method.class_adapters is not None:
         described["class_adapters_sha256"] = {c: _adapter_sha256(d) for c, d in method.class_adapters.items()}
     if described["adapter_scale"] == 1.0:  # as before the scale existed: earlier caches stay valid

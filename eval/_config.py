@@ -151,6 +151,10 @@ class MethodConfig:
             prompt) from ``mix`` (docs/dial.md, "Any mix").
         mix: ``class_adapters`` only: concept (``"*"``: every other concept) to the share of images
             each class's adapter draws; ``None``: the comparison's target.
+        route_named: ``class_adapters`` only: every image of a prompt that names exactly one class
+            (its name as a word: ``"a red handwritten digit 9"`` names ``red``) comes from that
+            class's adapter, whatever the mix; the mix is for prompts that name none. A user who asks
+            for a class gets it at any requested mix.
     """
 
     name: str
@@ -162,6 +166,7 @@ class MethodConfig:
     prompt_augmentation: PromptAugmentationConfig | None = None
     class_adapters: dict[str, str] | None = None
     mix: dict[str, dict[str, float]] | None = None
+    route_named: bool = False
 
 
 @dataclass
@@ -333,7 +338,7 @@ def validate_methods(methods: Sequence[MethodConfig]) -> None:
         if m.prompt_augmentation is not None and m.kind != "prompt_augmentation":
             raise ValueError(f"method {m.name!r}: prompt_augmentation settings on a {m.kind!r} method")
         if (m.kind == "class_adapters") != (m.class_adapters is not None) or (
-            m.mix is not None and m.kind != "class_adapters"
+            (m.mix is not None or m.route_named) and m.kind != "class_adapters"
         ):
             raise ValueError(
                 f"method {m.name!r}: a class_adapters method names its adapters (class_adapters: "

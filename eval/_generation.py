@@ -4,6 +4,7 @@ starts from the noise of seed ``seed + i``), its UNet evaluations counted and it
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -237,16 +238,29 @@ def mix_classes(method: MethodConfig, entries: Sequence[PromptEntry], target: Ta
     """The class (adapter) of each image of a ``class_adapters`` method: per prompt, ``n`` images drawn
     stratified from its concept's mix (``method.mix[concept]``, else ``method.mix["*"]``, else the
     target's proportions), in a random order seeded by the prompt, so the same request and seeds always
-    give the same images."""
+    give the same images. With ``method.route_named``, a prompt naming exactly one class
+    (:func:`named_class`) draws that class for all its images."""
     mix = method.mix or {}
     out: list[str] = []
     for e in entries:
+        named = named_class(e.prompt, target.groups) if method.route_named else None
+        if named is not None:  # the prompt asks for a class: its adapter, whatever the mix
+            out += [named] * n
+            continue
         w = mix.get(e.concept, mix.get("*"))
         if w is None:
             w = dict(zip(target.groups, target.proportions(e.concept)))
         w = {c: float(w[c]) for c in target.groups}
         out += draw_classes([e.prompt] * n, target=w, assignment="stratified", seed=0)
     return out
+
+
+def named_class(prompt: str, classes: Sequence[str]) -> str | None:
+    """The one class whose name ``prompt`` contains as a word (case-insensitive), else ``None`` (no
+    class named, or more than one)."""
+    text = prompt.lower()
+    hits = [c for c in classes if re.search(rf"(?<![\w-]){re.escape(c.lower())}(?![\w-])", text)]
+    return hits[0] if len(hits) == 1 else None
 
 
 def images_fingerprint(images: torch.Tensor) -> str:

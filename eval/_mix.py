@@ -202,6 +202,7 @@ def verify_mix(
     generation: GenerationConfig = GenerationConfig(),
     seed: int | None = None,
     name: str = "mix",
+    route_named: bool = False,
     progress: bool = True,
 ) -> dict:
     """Solve each requested concept's mix (:func:`mixes_for`), generate every concept with it through
@@ -218,6 +219,9 @@ def verify_mix(
         generation: Generation settings; its seed is replaced by ``seed``.
         seed: First seed of the check (``None``: ``generation.seed + generation.n_per_prompt``).
         name: The method's name and the result file's stem.
+        route_named: Prompts naming exactly one class come from that class's adapter alone
+            (``MethodConfig.route_named``); ``explicit_kept`` then measures the request's explicit
+            prompts.
         progress: Show progress bars.
 
     Returns:
@@ -232,10 +236,11 @@ def verify_mix(
     method = MethodConfig(
         name, kind="class_adapters", class_adapters=dict(endpoints["adapters"]),
         mix={c: r["mix"] for c, r in found.items()}, adapter_scale=endpoints.get("adapter_scale", 1.0),
+        route_named=route_named,
     )  # fmt: skip
     cfg = CompareConfig(
         methods=[method], prompts=groups_for(prompts, set(found)), backbone=backbone.config, judges=judges,
-        target=target, generation=gen, frechet_roles=list(ROLES),
+        target=target, generation=gen, frechet_roles=[r for r in ROLES if r != "explicit"],
     )  # fmt: skip
     out = Path(out)
     metrics, _ = compare_methods(cfg, backbone=backbone, progress=progress, cache_dir=out / name)

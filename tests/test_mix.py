@@ -299,3 +299,30 @@ def test_dial_with_class_adapters_solves_and_checks_a_request(backbone, adapter_
                 "2",
             ]
         )
+
+
+def test_a_prompt_that_names_a_class_is_routed_to_that_classs_adapter_whatever_the_mix(adapter_dir):
+    from fairtune.data import AttributeSpec, Target, TargetConfig
+    from fairtune.eval import PromptEntry
+    from fairtune.eval._config import validate_methods
+    from fairtune.eval._generation import mix_classes, named_class
+
+    classes = ["red", "blue"]
+    assert named_class("a red handwritten digit 9", classes) == "red"
+    assert named_class("A Blue digit", classes) == "blue"
+    assert named_class("a handwritten digit 9", classes) is None
+    assert named_class("a reddish digit, red-brown", classes) is None  # not the word itself
+    assert named_class("red and blue digits", classes) is None  # two classes: the mix decides
+    entries = [
+        PromptEntry("n/9", "n", "seen", "digit 9", "a handwritten digit 9"),
+        PromptEntry("e/9", "e", "explicit", "digit 9", "a red handwritten digit 9", names="red"),
+    ]
+    target = Target(TargetConfig(), AttributeSpec({"color": classes}))
+    all_blue = {"*": {"red": 0.0, "blue": 1.0}}
+    adapters = {"red": str(adapter_dir), "blue": str(adapter_dir)}
+    routed = MethodConfig("m", kind="class_adapters", class_adapters=adapters, mix=all_blue, route_named=True)
+    assert mix_classes(routed, entries, target, 4) == ["blue"] * 4 + ["red"] * 4
+    plain = MethodConfig("m", kind="class_adapters", class_adapters=adapters, mix=all_blue)
+    assert mix_classes(plain, entries, target, 4) == ["blue"] * 8  # the explicit prompt follows the mix
+    with pytest.raises(ValueError, match="class_adapters"):
+        validate_methods([MethodConfig("b", kind="base", route_named=True)])
