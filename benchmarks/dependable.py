@@ -91,9 +91,9 @@ PAIR_NOTE = (
     "of the number {d}' for 1, 3, 5, 7, explicit kept = 'a {red|blue} handwritten digit {d}' for 0 and "
     "7 (128 each). The base and single-adapter rows are dependable.json's (the sweep's judge: explicit "
     "prompts for digits 0-7, 32 each). `range` in the JSON: the 95% prediction interval of one more "
-    "run, `mean ± t·√(sd²(1 + 1/n) + s²)` with `s` the figure's spread over bootstrap resamples of a "
-    "run's own images (`sampling_sd`, root mean square over seeds): what `fairtune demo` checks its "
-    "figures against."
+    "run, `mean ± √((t·sd·√(1 + 1/n))² + (z·s)²)` with `s` the figure's spread over resamples of a "
+    "run's own images (`sampling_sd`: `fairtune.eval.sampling_sd`, root mean square over seeds; "
+    "docs/metrics.md): what `fairtune demo` checks its figures against."
 )
 
 
@@ -274,6 +274,35 @@ def pair_row(summary: dict, per_concept: dict, classes: list[str]) -> dict:
     return row
 
 
+def check_pair_judge(judge: Judge, target: str) -> None:
+    """Raise where the judge cannot measure the request (before any training)."""
+    if judge == "compare" and target != "uniform":
+        raise ValueError("pair: the demo's comparison judges a uniform target; use --judge sweep")
+
+
+def pair_compare_config(adapters: dict[str, Path], run_config: Path, scale: float):
+    """The demo's comparison reduced to its ``class_pair`` method with ``adapters`` at ``scale``.
+
+    Raises:
+        ValueError: The adapters are not the pair's classes, or the runs trained on another base model.
+    """
+    import yaml
+
+    from fairtune.colored_digits import demo_compare_config
+
+    cfg = demo_compare_config(adapters, adapter_scale=scale)
+    cfg.methods = [m for m in cfg.methods if m.name == "class_pair"]
+    if not cfg.methods or set(cfg.methods[0].class_adapters) != set(adapters):
+        raise ValueError(f"pair: the demo's class_pair draws red and blue; the spec has {sorted(adapters)}")
+    trained_on = (yaml.safe_load(run_config.read_text())["model"]["backbone"] or {}).get("pretrained")
+    if trained_on != cfg.backbone.pretrained:
+        raise ValueError(
+            f"pair: the runs trained on {trained_on!r}, the demo's comparison samples "
+            f"{cfg.backbone.pretrained!r}; use --judge sweep"
+        )
+    return cfg
+
+
 def pair_metrics(
     spec,
     out: Path,
@@ -305,12 +334,11 @@ def pair_metrics(
     import yaml
 
     from fairtune.cli import load_spec, read_status
-    from fairtune.colored_digits import demo_compare_config, judge_colored_digits
+    from fairtune.colored_digits import judge_colored_digits
     from fairtune.data import atomic_write_json
     from fairtune.eval import compare_methods
 
-    if judge == "compare" and target != "uniform":
-        raise ValueError("pair: the demo's comparison judges a uniform target; use --judge sweep")
+    check_pair_judge(judge, target)
     by_seed: dict[int, dict[str, Path]] = {}
     for run in spec.runs:
         if run.train and read_status(out / "runs" / run.hash).get("state") == "done":
@@ -326,8 +354,7 @@ def pair_metrics(
             print(f"judging the class adapters {arms} of seed {seed} at scale {scale:g}", file=sys.stderr)
             adapters = {a: dirs[a] / "adapter" for a in arms}
             if judge == "compare":
-                cfg = demo_compare_config(adapters, adapter_scale=scale)
-                cfg.methods = [m for m in cfg.methods if m.name == "class_pair"]
+                cfg = pair_compare_config(adapters, dirs[arms[0]] / "config.yaml", scale)
                 cfg.sampling_boot = SAMPLING_BOOT
                 metrics, _ = compare_methods(cfg, cache_dir=out / "pairs" / key, progress=False)
                 m = metrics["methods"]["class_pair"]
@@ -409,6 +436,7 @@ def pair_report(
 
     from fairtune.cli import load_spec, run_sweep
 
+    check_pair_judge(judge, target)
     spec = load_spec(spec_path)
     name = pair_name(spec, scale)
     committed_file = RESULTS / f"{name}.json"

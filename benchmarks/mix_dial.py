@@ -137,7 +137,8 @@ def run(args: Options) -> dict:
         t1 = time.perf_counter()
         checks[f"{share:.2f}"] = verify_mix(
             ends, {"*": {"red": share}}, prompts=neutral + (explicit if args.route_named else []),
-            out=args.out, backbone=backbone, judges=judges, generation=gen, name=f"request_red_{share:.2f}",
+            out=args.out, backbone=backbone, judges=judges, generation=gen,
+            name=f"request_red_{share:.2f}" + ("_routed" if args.route_named else ""),
             route_named=args.route_named,
         )  # fmt: skip
         seconds[f"request {share:.2f}"] = time.perf_counter() - t1

@@ -238,12 +238,13 @@ def mix_classes(method: MethodConfig, entries: Sequence[PromptEntry], target: Ta
     """The class (adapter) of each image of a ``class_adapters`` method: per prompt, ``n`` images drawn
     stratified from its concept's mix (``method.mix[concept]``, else ``method.mix["*"]``, else the
     target's proportions), in a random order seeded by the prompt, so the same request and seeds always
-    give the same images. With ``method.route_named``, a prompt naming exactly one class
-    (:func:`named_class`) draws that class for all its images."""
+    give the same images. With ``method.route_named``, a prompt naming exactly one class (an explicit
+    group's ``names``, else its name as a word in the prompt: :func:`named_class`) draws that class for
+    all its images."""
     mix = method.mix or {}
     out: list[str] = []
     for e in entries:
-        named = named_class(e.prompt, target.groups) if method.route_named else None
+        named = (e.names or named_class(e.prompt, target.groups)) if method.route_named else None
         if named is not None:  # the prompt asks for a class: its adapter, whatever the mix
             out += [named] * n
             continue

@@ -211,7 +211,8 @@ def verify_mix(
     Args:
         endpoints: What :func:`mix_endpoints` returned.
         request: ``{concept: {class: share}}`` (``"*"``: every concept).
-        prompts: The prompt groups (explicit groups too: they are generated with their concept's mix).
+        prompts: The prompt groups (explicit groups too: generated with their concept's mix, or
+            with ``route_named`` by the adapter of the class they name).
         out: Output folder (comparisons cached in ``out/<name>/``).
         backbone: The base model.
         judges: The judges the endpoints were measured with.
@@ -240,7 +241,9 @@ def verify_mix(
     )  # fmt: skip
     cfg = CompareConfig(
         methods=[method], prompts=groups_for(prompts, set(found)), backbone=backbone.config, judges=judges,
-        target=target, generation=gen, frechet_roles=[r for r in ROLES if r != "explicit"],
+        target=target, generation=gen,
+        # routed, the explicit prompts are each one class's images: the distance is the neutral prompts'
+        frechet_roles=[r for r in ROLES if not (route_named and r == "explicit")],
     )  # fmt: skip
     out = Path(out)
     metrics, _ = compare_methods(cfg, backbone=backbone, progress=progress, cache_dir=out / name)

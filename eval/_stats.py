@@ -94,18 +94,20 @@ def half_width(ci: Sequence[float] | None) -> float | None:
 
 def prediction_interval(summary: Mapping, sampling_sd: float | None = None) -> list[float] | None:
     """The 95% prediction interval of one more run (a newcomer's seed) under the Student-t model of a
-    :func:`seed_summary`: ``mean ± t·√(sd²·(1 + 1/n) + s²)``, where ``s`` (``sampling_sd``, e.g. the
-    mean over seeds of :func:`fairtune.eval.sampling_sd`) is the spread one run's figure has from the
-    sampling of its images alone; without it, the interval of the mean (``ci``) widened by ``√(n + 1)``.
-    ``None`` where the summary has no interval (fewer than two values)."""
+    :func:`seed_summary`: ``mean ± t·sd·√(1 + 1/n)``, the interval of the mean (``ci``) widened by
+    ``√(n + 1)``. With ``sampling_sd`` (``s``: the spread one run's figure has from the sampling of its
+    images alone, e.g. the root mean square over seeds of :func:`fairtune.eval.sampling_sd`), the two
+    parts add in quadrature: ``mean ± √((t·sd·√(1 + 1/n))² + (z·s)²)``, ``z`` the normal quantile (``s``
+    comes from many resamples, not from the ``n`` seeds). ``None`` where the summary has no interval
+    (fewer than two values)."""
     if summary.get("ci") is None:
         return None
     half = half_width(summary["ci"]) * math.sqrt(summary["n"] + 1)
     if sampling_sd:
         from scipy import stats
 
-        t = float(stats.t.ppf(0.975, summary["n"] - 1))
-        half = math.sqrt(half**2 + (t * sampling_sd) ** 2)
+        z = float(stats.norm.ppf(1 - ALPHA / 2))
+        half = math.sqrt(half**2 + (z * sampling_sd) ** 2)
     return [summary["mean"] - half, summary["mean"] + half]
 
 

@@ -322,6 +322,9 @@ def test_a_prompt_that_names_a_class_is_routed_to_that_classs_adapter_whatever_t
     adapters = {"red": str(adapter_dir), "blue": str(adapter_dir)}
     routed = MethodConfig("m", kind="class_adapters", class_adapters=adapters, mix=all_blue, route_named=True)
     assert mix_classes(routed, entries, target, 4) == ["blue"] * 4 + ["red"] * 4
+    # an explicit group's named class first (whatever words its prompt uses), else a class word
+    worded = [PromptEntry("e/9", "e", "explicit", "digit 9", "a crimson digit 9", names="red"), entries[0]]
+    assert mix_classes(routed, worded, target, 2) == ["red", "red", "blue", "blue"]
     plain = MethodConfig("m", kind="class_adapters", class_adapters=adapters, mix=all_blue)
     assert mix_classes(plain, entries, target, 4) == ["blue"] * 8  # the explicit prompt follows the mix
     with pytest.raises(ValueError, match="class_adapters"):

@@ -171,3 +171,21 @@ def test_the_demos_committed_result_carries_its_check_against_the_pairs_range(tm
     checks = {c["metric"]: c["inside"] for c in payload["beside_committed"]["checks"]}
     assert checks == {"mean_dev_seen": True, "mean_dev_heldout": False}
     assert "1 of 2 inside" in md and "**outside**" in md
+
+
+def test_the_pair_is_judged_by_the_demos_comparison_only_where_it_can_be(tmp_path):
+    """The demo's comparison judges a red/blue pair on the demo's base model at a uniform target: any
+    other request is refused before any training, naming the way out."""
+    config = tmp_path / "config.yaml"
+    shipped = {"model": {"backbone": {"kind": "tiny", "pretrained": "colored-digits-16"}}}
+    config.write_text(yaml.safe_dump(shipped))
+    adapters = {"red": tmp_path / "r", "blue": tmp_path / "b"}
+    cfg = dependable.pair_compare_config(adapters, config, 1.5)
+    assert [m.name for m in cfg.methods] == ["class_pair"] and cfg.methods[0].adapter_scale == 1.5
+    with pytest.raises(ValueError, match="red and blue"):
+        dependable.pair_compare_config({"red": tmp_path / "r"}, config, 1.5)
+    config.write_text(yaml.safe_dump({"model": {"backbone": {"kind": "tiny", "pretrained": "other-model"}}}))
+    with pytest.raises(ValueError, match="judge sweep"):
+        dependable.pair_compare_config(adapters, config, 1.5)
+    with pytest.raises(ValueError, match="uniform"):
+        dependable.pair_report(dependable.PAIR_SPEC, run=True, target="skewed")

@@ -88,10 +88,11 @@ def test_the_prediction_interval_widens_by_one_runs_sampling_spread():
     # a figure every seed scored alike has no spread over seeds, yet its images are a sample
     s = seed_summary([0.0, 0.0, 0.0, 0.0, 0.0], prediction=True)
     assert s["range"] == [0.0, 0.0]
-    t = stats.t.ppf(0.975, 4)
+    z = stats.norm.ppf(0.975)
     widened = seed_summary([0.0] * 5, prediction=True, sampling_sd=0.004)
-    assert widened["range"] == pytest.approx([-t * 0.004, t * 0.004]) and widened["sampling_sd"] == 0.004
+    assert widened["range"] == pytest.approx([-z * 0.004, z * 0.004]) and widened["sampling_sd"] == 0.004
     v = [0.1, 0.2, 0.4]
-    sd, t2 = np.std(v, ddof=1), stats.t.ppf(0.975, 2)
+    sd, t = np.std(v, ddof=1), stats.t.ppf(0.975, 2)
     both = seed_summary(v, prediction=True, sampling_sd=0.05)
-    assert half_width(both["range"]) == pytest.approx(t2 * math.sqrt(sd**2 * (1 + 1 / 3) + 0.05**2))
+    expected = math.sqrt((t * sd) ** 2 * (1 + 1 / 3) + (z * 0.05) ** 2)
+    assert half_width(both["range"]) == pytest.approx(expected)
