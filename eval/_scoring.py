@@ -35,7 +35,7 @@ from ._metrics import (
     proportions,
     shen_bias,
 )
-from ._stats import ALPHA, half_width, share_box
+from ._stats import ALPHA, half_width, resample_counts, share_box
 
 ROLES = ("seen", "named", "heldout", "paraphrase", "explicit")
 METRICS = ("dev", "fd", "kl", "bias")
@@ -313,7 +313,7 @@ def sampling_sd(
         labels = np.empty_like(attr)
         idx = np.empty(len(attr), dtype=np.int64)
         for c, p in zip(cells, smoothed):
-            labels[c] = np.repeat(np.arange(-1, k), rng.multinomial(len(c), p))
+            labels[c] = np.repeat(np.arange(-1, k), resample_counts(len(c), p, rng))
             half = rng.choice(c, size=(len(c) + 1) // 2, replace=False)
             idx[c] = np.repeat(half, 2)[: len(c)]
         rep = {"attribute": labels, **{key: None if v is None else v[idx] for key, v in others.items()}}

@@ -149,6 +149,12 @@ def resample_shares(shares, n: int, n_boot: int, rng: np.random.Generator) -> np
     return rng.multinomial(n, shares, size=n_boot) / n
 
 
+def resample_counts(n: int, shares, rng: np.random.Generator) -> np.ndarray:
+    """The class counts of one set of ``n`` labels drawn with the given ``shares`` (one parametric
+    resample of a labelled set)."""
+    return rng.multinomial(n, shares)
+
+
 def bootstrap_means(values, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """``(n_boot,)`` means of resamples (with replacement, same size) of ``values``."""
     d = np.asarray(values)
