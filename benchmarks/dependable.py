@@ -97,6 +97,12 @@ PAIR_NOTE = (
 )
 
 
+# Where each column can lie (its range of one run is clipped to it): shares and deviations in [0, 1].
+BOUNDS = {k: (0.0, 1.0) for k, _, _ in COLUMNS if k not in ("frechet", "train_seconds")} | {
+    "frechet": (0.0, float("inf"))
+}
+
+
 def pooled_sd(sds) -> float | None:
     """The root mean square of per-seed standard deviations (``None`` where none is given)."""
     v = [float(x) for x in sds if x is not None]
@@ -468,6 +474,7 @@ def pair_report(
                 [r.get(k) for r in per_seed.values()],
                 prediction=True,
                 sampling_sd=pooled_sd([(r.get("sampling_sd") or {}).get(k) for r in per_seed.values()]),
+                bounds=BOUNDS.get(k),
             )  # fmt: skip
             for k, _, _ in COLUMNS
         },

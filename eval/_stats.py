@@ -112,11 +112,16 @@ def prediction_interval(summary: Mapping, sampling_sd: float | None = None) -> l
 
 
 def seed_summary(
-    values: Sequence[float | None], *, prediction: bool = False, sampling_sd: float | None = None
+    values: Sequence[float | None],
+    *,
+    prediction: bool = False,
+    sampling_sd: float | None = None,
+    bounds: tuple[float, float] | None = None,
 ) -> dict:
     """One metric over seeds: ``mean``, its 95% Student-t interval ``ci`` (``None`` with one value),
     ``n`` and the ``values`` (``None`` and ``nan`` dropped); with ``prediction``, also ``range``
-    (:func:`prediction_interval`, widened by ``sampling_sd``, kept as ``sampling_sd``)."""
+    (:func:`prediction_interval`, widened by ``sampling_sd``, kept as ``sampling_sd``, and clipped to
+    the metric's ``bounds``, e.g. ``(0, 1)`` for a share)."""
     v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
     if not v:
         out = {"mean": None, "ci": None, "n": 0, "values": []}
@@ -127,6 +132,8 @@ def seed_summary(
         out = {"mean": mean, "ci": [lo, hi], "n": len(v), "values": v}
     if prediction:
         out["range"] = prediction_interval(out, sampling_sd)
+        if out["range"] is not None and bounds is not None:
+            out["range"] = [max(out["range"][0], bounds[0]), min(out["range"][1], bounds[1])]
         if sampling_sd is not None:
             out["sampling_sd"] = float(sampling_sd)
     return out

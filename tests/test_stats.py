@@ -96,3 +96,6 @@ def test_the_prediction_interval_widens_by_one_runs_sampling_spread():
     both = seed_summary(v, prediction=True, sampling_sd=0.05)
     expected = math.sqrt((t * sd) ** 2 * (1 + 1 / 3) + (z * 0.05) ** 2)
     assert half_width(both["range"]) == pytest.approx(expected)
+    # clipped to where the metric can lie (a deviation is never below 0)
+    clipped = seed_summary([0.0] * 5, prediction=True, sampling_sd=0.004, bounds=(0.0, 1.0))
+    assert clipped["range"] == pytest.approx([0.0, z * 0.004])
