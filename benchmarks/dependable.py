@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from _common import RESULTS, ROOT, cell, interval_cell, write_results
+from fairtune.colored_digits._demo import CHECKED as DEMO_CHECKED
 from fairtune.eval import Goal, check_goal, half_width, seed_summary
 
 SPEC = ROOT / "benchmarks" / "specs" / "dependable.yaml"
@@ -259,9 +260,10 @@ def committed_row(
     return row if row is not None and row.get("pair_key") == key else None
 
 
-# The comparison's summary keys under the names of :data:`COLUMNS` (its ``heldout`` role is the digit
-# never named; ``explicit_kept`` the share of explicit prompts' images in the named ink).
-FROM_COMPARE = {"mean_dev_heldout": "mean_dev_unnamed", "explicit_kept": "explicit_follow"}
+# The comparison's summary keys under the names of :data:`COLUMNS`: the demo's own mapping (its
+# ``heldout`` role is the digit never named; ``explicit_kept`` the share of explicit prompts' images in
+# the named ink).
+FROM_COMPARE = {key: column for key, column, _ in DEMO_CHECKED if key != column}
 # Bootstrap resamples of every seed's images: each figure's sampling spread, which widens the range a
 # newcomer's run is checked against.
 SAMPLING_BOOT = 100
