@@ -1,22 +1,33 @@
-"""ColoredDigits-SD (issue 25), first part: a latent diffusion model's frozen parts, trained on the
-benchmark's own images and saved in Stable Diffusion's layout.
+"""ColoredDigits-SD (issue 25): a latent diffusion model trained on the benchmark's own images and saved
+in Stable Diffusion's layout, with a CLIP that really sees, and the base model measured.
 
     python benchmarks/colored_digits_sd.py data      # render ColoredDigits-Bias at 32 px (same skew)
     python benchmarks/colored_digits_sd.py vae       # AutoencoderKL: 32x32x3 <-> 8x8x4 latents
     python benchmarks/colored_digits_sd.py clip      # CLIPModel (vision + text) trained contrastively
     python benchmarks/colored_digits_sd.py assemble  # OUT/init: the SD folder (trained VAE, CLIP's text
                                                      # tower as text encoder, a random UNet)
-    python benchmarks/colored_digits_sd.py all       # the four in order, each skipped when done
+    python benchmarks/colored_digits_sd.py judges    # the benchmark's judges at 32 px (hue, digit CNN)
+    python benchmarks/colored_digits_sd.py unet      # the UNet pretrained on cached latents by the
+                                                     # product's own trainer: `fairtune fit --config
+                                                     # configs/base/pretrain_colored_digits_sd.yaml`
+    python benchmarks/colored_digits_sd.py measure   # the base model through diffusers alone, judged by
+                                                     # the hue judge and the CLIP: benchmarks/results/
+                                                     # colored_digits_sd_base.{json,md}
+    python benchmarks/colored_digits_sd.py all       # the seven in order, each skipped when done
+    python benchmarks/colored_digits_sd.py ship      # copy the model and the CLIP into
+                                                     # colored_digits/checkpoints/ (shipped names
+                                                     # colored-digits-sd32, colored-digits-sd32-clip)
 
-Then the UNet is pretrained on latents by the product's own trainer, as a user pretrains on SD:
-``fairtune fit --config configs/base/pretrain_colored_digits_sd.yaml`` (its ``model/`` folder is the
-biased base model; ``StableDiffusionPipeline.from_pretrained`` loads it with no fairtune code).
+The UNet is pretrained as a user pretrains on SD (``unet`` runs that command; its ``model/`` folder is
+the biased base model; ``StableDiffusionPipeline.from_pretrained`` loads it with no fairtune code, and
+``measure`` generates through exactly that).
 
 The CLIP (``OUT/clip``, the hub layout ``CLIPModel`` loads) is the judge that "really sees": its text
 tower is the SD model's text encoder, as in SD. Captions name the ink and the digit ("a red
 handwritten digit 3") for most images and only the digit for the rest, so the text tower also
 encodes the neutral prompts the model is asked for. Every write goes to a temporary folder first, so
-a killed step leaves nothing half-written and runs again from the start.
+a killed step leaves nothing half-written and runs again from the start (the UNet's training resumes
+from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -46,8 +57,9 @@ class Options:
         data: ColoredDigits-Bias rendered at 32 px (``data`` renders it).
         out: Output folder: ``vae/``, ``clip/``, ``init/`` (the SD folder to pretrain), ``build.json``.
         vae_steps: AutoencoderKL optimizer steps.
+        vae_batch_size: Images per AutoencoderKL step.
         clip_steps: CLIP optimizer steps.
-        batch_size: Images per step (both).
+        batch_size: Images per CLIP step.
         lr: AdamW learning rate (both; cosine decay).
         kl_weight: Weight of the VAE's KL term (small: a near-deterministic autoencoder, as SD's).
         neutral_share: Share of CLIP captions naming only the digit.
@@ -55,11 +67,17 @@ class Options:
         seed: Seed of the initialisation and the batches.
         threads: torch CPU threads.
         device: ``auto``: a GPU where there is one.
+        unet_steps: The UNet's pretraining steps (``None``: the config's).
+        n_per_prompt: ``measure``: images per prompt.
+        sampling_steps: ``measure``: DDIM steps.
+        guidance_scale: ``measure``: classifier-free guidance.
+        results: ``measure``: where ``colored_digits_sd_base.{json,md}`` go.
     """
 
     data: Path = ROOT / "runs" / "data" / "colored-digits-32"
     out: Path = ROOT / "runs" / "colored-digits-sd32"
-    vae_steps: int = 3000
+    vae_steps: int = 2000
+    vae_batch_size: int = 32
     clip_steps: int = 3000
     batch_size: int = 128
     lr: float = 1e-3
@@ -69,6 +87,11 @@ class Options:
     seed: int = 0
     threads: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    unet_steps: int | None = None
+    n_per_prompt: int = 64
+    sampling_steps: int = 20
+    guidance_scale: float = 2.0
+    results: Path = ROOT / "benchmarks" / "results"
 
 
 def _device(opt: Options) -> torch.device:
@@ -89,7 +112,8 @@ def load_split(data: Path, split: str = "train") -> tuple[torch.Tensor, list[int
 
 
 def build_vae():
-    """The AutoencoderKL: three encoder blocks (32 -> 16 -> 8), 4 latent channels, as SD's but small."""
+    """The AutoencoderKL: three encoder blocks (32 -> 16 -> 8), 4 latent channels, as SD's but small
+    (16/32/64 channels: on 2 CPU cores a step costs a third of 32/64/64's)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -97,10 +121,10 @@ def build_vae():
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        norm_num_groups=8,
         sample_size=32,
     )
 
@@ -125,7 +149,7 @@ def train_vae(images: torch.Tensor, opt: Options, *, log=print) -> tuple[object,
     g = torch.Generator().manual_seed(opt.seed)
     recent: list[float] = []
     for step in range(opt.vae_steps):
-        x = images[torch.randint(len(images), (opt.batch_size,), generator=g)].to(dev)
+        x = images[torch.randint(len(images), (opt.vae_batch_size,), generator=g)].to(dev)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         mse = F.mse_loss(rec, x)
@@ -245,6 +269,189 @@ def assemble(vae_folder: Path, clip_folder: Path, out: Path, *, seed: int = 0) -
     return out
 
 
+PRETRAIN_CONFIG = ROOT / "configs" / "base" / "pretrain_colored_digits_sd.yaml"
+SHIPPED = ROOT / "colored_digits" / "checkpoints"
+
+
+def pretrain_unet(opt: Options) -> Path:
+    """The UNet pretrained on cached latents by ``fairtune fit`` (the command a user runs on SD), in
+    ``OUT/pretrain``; started again, it resumes from its last checkpoint. Returns its ``model/``."""
+    import subprocess
+
+    cmd = [
+        sys.executable, "-m", "fairtune.cli", "fit", "--config", str(PRETRAIN_CONFIG),
+        "--model.backbone.pretrained", str(opt.out / "init"),
+        "--data.source.path", str(opt.data / "table"),
+        "--data.latents.dir", str(opt.out / "latents"),
+        "--trainer.default_root_dir", str(opt.out / "pretrain"),
+        "--trainer.enable_progress_bar", "false",
+        *(["--trainer.max_steps", str(opt.unet_steps)] if opt.unet_steps is not None else []),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return opt.out / "pretrain" / "model"
+
+
+def generate_sd(
+    model: Path, prompts: list[str], seeds: list[int], *, steps: int, guidance_scale: float,
+    batch_size: int = 64, device: torch.device | str = "cpu",
+) -> torch.Tensor:  # fmt: skip
+    """Images ``(N, 3, H, W)`` in [0, 1] from diffusers' own ``StableDiffusionPipeline`` on ``model``
+    (no fairtune code), DDIM, image i from ``seeds[i]`` alone."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
+        res = pipe(prompts[i : i + batch_size], height=size, width=size, num_inference_steps=steps,
+                   guidance_scale=guidance_scale, generator=gens, output_type="pt")  # fmt: skip
+        out.append(res.images.float().cpu())
+    return torch.cat(out)
+
+
+def measure_base(opt: Options, *, log=print) -> dict:
+    """The base model's figures: per prompt (each digit's neutral prompt and both inks' explicit ones,
+    ``n_per_prompt`` images from seeds 0..n-1) the hue judge's red share (the ground truth), the digit
+    CNN's fidelity, and the CLIP zero-shot judge's labels: its agreement with the hue judge, the
+    confusion, and whether its shares corrected for its error on real held-out renders
+    (:func:`fairtune.eval.corrected_shares`) cover the hue judge's share."""
+    from fairtune.colored_digits import load_judges
+    from fairtune.eval import corrected_shares, judge_agreement
+    from fairtune.models import CLIPZeroShotClassifier
+
+    dev = _device(opt)
+    judges = load_judges(opt.out / "judges")
+    inks = list(judges.colors)
+    n = opt.n_per_prompt
+    rows = [("neutral", d, None, NEUTRAL.format(digit=d)) for d in range(10)]
+    rows += [("explicit", d, c, CAPTIONS[0].format(color=c, digit=d)) for c in inks for d in range(10)]
+    t0 = time.perf_counter()
+    images = generate_sd(opt.out / "pretrain" / "model", [r[3] for r in rows for _ in range(n)],
+                         [i for _ in rows for i in range(n)], steps=opt.sampling_steps,
+                         guidance_scale=opt.guidance_scale, device=dev)  # fmt: skip
+    gen_s = time.perf_counter() - t0
+    hue = judges.color(images).numpy()
+    digit = judges.digit(images).numpy()
+    clip_judge = CLIPZeroShotClassifier(str(opt.out / "clip"), inks, "a {label} handwritten digit").to(dev)
+    clip = clip_judge.predict(images.to(dev), batch_size=256).numpy()
+    real, _, real_inks = load_split(opt.data, "heldout")
+    cal_true = np.array([inks.index(c) for c in real_inks])
+    cal_clip = clip_judge.predict(((real + 1) / 2).to(dev), batch_size=256).numpy()
+    cal_hue = judges.color((real + 1) / 2).numpy()
+    red = inks.index("red")
+    per_prompt = []
+    for p, (kind, d, ink, text) in enumerate(rows):
+        sl = slice(p * n, (p + 1) * n)
+        h, c = hue[sl], clip[sl]
+        placed = h >= 0
+        hue_red = float((h[placed] == red).mean()) if placed.any() else float("nan")
+        corr = corrected_shares(c, cal_true, cal_clip, len(inks), n_boot=1000, seed=p)
+        low, high = float(corr["low"][red]), float(corr["high"][red])
+        per_prompt.append({
+            "prompt": text, "kind": kind, "digit": d, "ink": ink,
+            "hue_red": hue_red, "hue_undetermined": float((~placed).mean()),
+            "clip_red": float((c == red).mean()), "corrected_red": float(corr["corrected"][red]),
+            "corrected_low": low, "corrected_high": high, "covered": bool(low <= hue_red <= high),
+            "fidelity": float((digit[sl] == d).mean()),
+            "explicit_kept": None if ink is None else float((h == inks.index(ink)).mean()),
+        })  # fmt: skip
+    neutral = [r for r in per_prompt if r["kind"] == "neutral"]
+    explicit = [r for r in per_prompt if r["kind"] == "explicit"]
+    confusion = [[int(((hue == a) & (clip == b)).sum()) for b in [*range(len(inks)), -1]]
+                 for a in [*range(len(inks)), -1]]  # fmt: skip
+    return {
+        "model": str((opt.out / "pretrain" / "model").relative_to(ROOT))
+        if opt.out.is_relative_to(ROOT)
+        else str(opt.out / "pretrain" / "model"),
+        "settings": {
+            "n_per_prompt": n,
+            "sampling_steps": opt.sampling_steps,
+            "guidance_scale": opt.guidance_scale,
+            "scheduler": "DDIM",
+            "seeds": f"0..{n - 1}",
+        },
+        "inks": inks,
+        "skew": float(np.mean([abs(r["hue_red"] - 0.5) for r in neutral])),
+        "red_share_neutral": {str(r["digit"]): r["hue_red"] for r in neutral},
+        "fidelity_neutral": float(np.mean([r["fidelity"] for r in neutral])),
+        "fidelity_explicit": float(np.mean([r["fidelity"] for r in explicit])),
+        "explicit_kept": float(np.mean([r["explicit_kept"] for r in explicit])),
+        "hue_undetermined": float((hue < 0).mean()),
+        "clip_vs_hue": judge_agreement(hue, clip, len(inks)),
+        "confusion_hue_rows_clip_cols": {"labels": [*inks, "undetermined"], "counts": confusion},
+        "coverage": float(np.mean([r["covered"] for r in per_prompt])),
+        "coverage_neutral": float(np.mean([r["covered"] for r in neutral])),
+        "clip_accuracy_real_heldout": float((cal_clip == cal_true).mean()),
+        "hue_accuracy_real_heldout": float((cal_hue == cal_true).mean()),
+        "n_real_heldout": int(len(cal_true)),
+        "generation_seconds": gen_s,
+        "per_prompt": per_prompt,
+    }
+
+
+def base_markdown(r: dict, build: dict) -> str:
+    """The base model's table (benchmarks/results/colored_digits_sd_base.md)."""
+    s = r["settings"]
+    a = r["clip_vs_hue"]
+    lines = [
+        "# ColoredDigits-SD: the base model (`python benchmarks/colored_digits_sd.py all`)",
+        "",
+        f"Generated by diffusers' own `StableDiffusionPipeline.from_pretrained` on the pretrained folder "
+        f"(no fairtune code), DDIM {s['sampling_steps']} steps, guidance {s['guidance_scale']}, "
+        f"{s['n_per_prompt']} images per prompt (seeds {s['seeds']}); the hue judge is the ground truth.",
+        "",
+        "| measure | value | goal |",
+        "|---|---|---|",
+        f"| skew: mean over digits of \\|red − 0.5\\| (neutral prompts) | {r['skew']:.3f} | ≥ 0.25 |",
+        f"| fidelity (digit CNN), neutral prompts | {r['fidelity_neutral']:.3f} | ≥ 0.90 |",
+        f"| fidelity, explicit prompts | {r['fidelity_explicit']:.3f} | |",
+        f"| explicit kept ('a red …' judged red) | {r['explicit_kept']:.3f} | |",
+        f"| CLIP zero-shot vs hue: agreement (kappa) | {a['agreement']:.3f} ({a['kappa']:.3f}) | ≥ 0.95 |",
+        f"| corrected CLIP shares' 95% interval covers the hue share | {r['coverage']:.3f} of "
+        f"{len(r['per_prompt'])} prompts ({r['coverage_neutral']:.3f} of neutral) | ≥ 0.90 |",
+        f"| CLIP zero-shot accuracy on real held-out renders | {r['clip_accuracy_real_heldout']:.3f} | |",
+        "",
+        "Red share per digit (neutral prompt, hue judge): "
+        + ", ".join(f"{d}: {v:.2f}" for d, v in r["red_share_neutral"].items()) + ".",
+        "",
+        "| prompt | hue red | CLIP red | corrected [95%] | covered | fidelity |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for p in r["per_prompt"]:
+        interval = f"{p['corrected_red']:.3f} [{p['corrected_low']:.3f}, {p['corrected_high']:.3f}]"
+        covered = "yes" if p["covered"] else "no"
+        lines.append(f"| {p['prompt']} | {p['hue_red']:.3f} | {p['clip_red']:.3f} | {interval} | {covered} "
+                     f"| {p['fidelity']:.3f} |")  # fmt: skip
+    conf = r["confusion_hue_rows_clip_cols"]
+    labels = conf["labels"]
+    lines += ["", "Confusion on the base's images (rows: hue judge, columns: CLIP zero-shot):", "",
+              "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]  # fmt: skip
+    lines += [f"| {lab} | " + " | ".join(map(str, row)) + " |" for lab, row in zip(labels, conf["counts"])]
+    times = {k: build[k]["seconds"] for k in ("vae", "clip", "unet") if k in build and "seconds" in build[k]}
+    if times:
+        lines += ["", "Build time (`build.json`, this machine): "
+                  + ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items()) + "."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def ship(opt: Options) -> None:
+    """Copy the pretrained model (``colored-digits-sd32``) and the CLIP (``colored-digits-sd32-clip``)
+    into colored_digits/checkpoints/, weights as safetensors only."""
+    import shutil
+
+    parts = ((opt.out / "pretrain" / "model", "colored-digits-sd32"),
+             (opt.out / "clip", "colored-digits-sd32-clip"))  # fmt: skip
+    for src, name in parts:
+        if not src.is_dir():
+            raise FileNotFoundError(f"{src} is missing: run the steps before `ship`")
+        _save_atomic(SHIPPED / name, lambda tmp, src=src: shutil.copytree(src, tmp, dirs_exist_ok=True,
+                     ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.ckpt")))  # fmt: skip
+
+
 def _record(opt: Options, key: str, value: dict) -> None:
     from fairtune.data import atomic_write_json
 
@@ -255,13 +462,20 @@ def _record(opt: Options, key: str, value: dict) -> None:
     atomic_write_json(path, rec, indent=2)
 
 
-def main(step: Literal["data", "vae", "clip", "assemble", "all"], opt: Options | None = None) -> None:
-    """Run one step (or ``all`` in order); a step whose output exists is skipped."""
+STEPS = ("data", "vae", "clip", "assemble", "judges", "unet", "measure")
+
+
+def main(
+    step: Literal["data", "vae", "clip", "assemble", "judges", "unet", "measure", "all", "ship"],
+    opt: Options | None = None,
+) -> None:
+    """Run one step (``all``: :data:`STEPS` in order); a step whose output exists is skipped
+    (``measure`` always runs)."""
     opt = opt or Options()
     torch.set_num_threads(opt.threads)
     opt.out.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    steps = ["data", "vae", "clip", "assemble"] if step == "all" else [step]
+    steps = list(STEPS) if step == "all" else [step]
     if "data" in steps and not (opt.data / "stats.json").is_file():
         from fairtune.colored_digits import ColoredDigitsConfig, build_colored_digits
 
@@ -293,6 +507,27 @@ def main(step: Literal["data", "vae", "clip", "assemble", "all"], opt: Options |
     if "assemble" in steps and not (opt.out / "init" / "model_index.json").is_file():
         assemble(opt.out / "vae", opt.out / "clip", opt.out / "init", seed=opt.seed)
         log(f"[assemble] {opt.out / 'init'}: pretrain it with configs/base/pretrain_colored_digits_sd.yaml")
+    if "judges" in steps and not (opt.out / "judges" / "judges.json").is_file():
+        from fairtune.colored_digits import train_judges
+
+        log(f"[judges] training the judges at 32 px into {opt.out / 'judges'}")
+        train_judges(opt.data, opt.out / "judges")
+    if "unet" in steps and not (opt.out / "pretrain" / "model" / "model_index.json").is_file():
+        t0 = time.perf_counter()
+        pretrain_unet(opt)
+        _record(opt, "unet", {"seconds": time.perf_counter() - t0, "steps": opt.unet_steps or "config"})
+    if "measure" in steps:
+        from fairtune.data import atomic_write_json, atomic_write_text
+
+        r = measure_base(opt, log=log)
+        build = json.loads((opt.out / "build.json").read_text()) if (opt.out / "build.json").is_file() else {}
+        r["build"] = {k: v for k, v in build.items() if k != "options"}
+        opt.results.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(opt.results / "colored_digits_sd_base.json", r, indent=2)
+        atomic_write_text(opt.results / "colored_digits_sd_base.md", base_markdown(r, build))
+        log(base_markdown(r, build))
+    if step == "ship":
+        ship(opt)
 
 
 if __name__ == "__main__":

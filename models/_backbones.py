@@ -249,7 +249,7 @@ class Backbone(nn.Module):
 
         if config.pretrained is None:
             raise ValueError("backbone.kind='sd' needs backbone.pretrained (a folder or hub id)")
-        src = config.pretrained
+        src = str(resolve_shipped(config.pretrained))  # a folder, a registered name, else a hub id
         kw = {"use_safetensors": True}
         unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
         vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)

@@ -19,10 +19,36 @@ import colored_digits_sd as sd  # noqa: E402
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
-    opt = sd.Options(data=root / "data", out=root / "out", vae_steps=2, clip_steps=2, batch_size=4, threads=1,
-                     device="cpu")  # fmt: skip
-    sd.main("all", opt)
+    opt = sd.Options(data=root / "data", out=root / "out", vae_steps=2, vae_batch_size=4, clip_steps=2,
+                     batch_size=4, threads=1, device="cpu", n_per_prompt=2, sampling_steps=2,
+                     results=root / "results")  # fmt: skip
+    for step in ("data", "vae", "clip", "assemble"):  # `all` goes on to a full-length judge and UNet training
+        sd.main(step, opt)
     return opt
+
+
+def test_measure_generates_through_diffusers_and_scores_both_judges(built):
+    """The measurement on the untrained folder (as if pretrained): every figure present and in range,
+    the hue share of each prompt checked against the corrected CLIP interval."""
+    import shutil
+
+    from fairtune.colored_digits import JudgeTrainConfig, train_judges
+
+    train_judges(built.data, built.out / "judges", JudgeTrainConfig(digit_epochs=1, color_epochs=1))
+    shutil.copytree(built.out / "init", built.out / "pretrain" / "model")
+    sd.main("measure", built)
+    r = json.loads((built.results / "colored_digits_sd_base.json").read_text())
+    assert len(r["per_prompt"]) == 30 and r["settings"]["n_per_prompt"] == 2
+    assert 0.0 <= r["fidelity_neutral"] <= 1.0
+    placed = [p for p in r["per_prompt"] if p["kind"] == "neutral" and p["hue_red"] == p["hue_red"]]
+    assert (0.0 <= r["skew"] <= 0.5) if len(placed) == 10 else r["skew"] != r["skew"]  # nan: a digit unplaced
+    for p in r["per_prompt"]:
+        if p["hue_red"] == p["hue_red"]:  # not nan: some image placed
+            assert p["covered"] == (p["corrected_low"] <= p["hue_red"] <= p["corrected_high"])
+    conf = r["confusion_hue_rows_clip_cols"]["counts"]
+    assert sum(map(sum, conf)) == 60 and sum(conf[-1]) / 60 == pytest.approx(r["hue_undetermined"])
+    md = (built.results / "colored_digits_sd_base.md").read_text()
+    assert "StableDiffusionPipeline.from_pretrained" in md and "| a red handwritten digit 3 |" in md
 
 
 def test_the_assembled_folder_is_a_stable_diffusion_checkpoint(built):
