@@ -75,6 +75,9 @@ class Options:
         n_per_prompt: ``measure``: images per prompt.
         sampling_steps: ``measure``: DDIM steps.
         guidance_scale: ``measure``: classifier-free guidance.
+        correction_boot: ``measure``: bootstrap replicates of each corrected CLIP interval.
+        n_calibration: ``measure``: at most this many real held-out renders calibrate the CLIP
+            (``None``: all).
         results: ``measure``/``pair``: where ``colored_digits_sd_{base,pair}.{json,md}`` go.
         pair_out: ``pair``: the sweep's folder (its training runs and the comparisons).
         pair_seeds: ``pair``: the spec's seeds to train and judge (``None``: all).
@@ -98,6 +101,8 @@ class Options:
     n_per_prompt: int = 64
     sampling_steps: int = 20
     guidance_scale: float = 2.0
+    correction_boot: int = 1000
+    n_calibration: int | None = None
     results: Path = ROOT / "benchmarks" / "results"
     pair_out: Path = ROOT / "runs" / "colored-digits-sd32-pair"
     pair_seeds: list[int] | None = None
@@ -173,7 +178,8 @@ def train_vae(images: torch.Tensor, opt: Options, *, log=print) -> tuple[object,
             log(f"[vae] step {step}/{opt.vae_steps}: reconstruction MSE {np.mean(recent):.4f}")
     vae.eval()
     with torch.no_grad():
-        z = torch.cat([vae.encode(images[i : i + 256].to(dev)).latent_dist.mean for i in range(0, 2048, 256)])
+        sample = images[:2048]  # the latents' spread on (up to) 2048 training images
+        z = torch.cat([vae.encode(x.to(dev)).latent_dist.mean for x in sample.split(256)])
     factor = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=factor)
     return vae.cpu(), {"reconstruction_mse": float(np.mean(recent)), "scaling_factor": factor}
@@ -361,6 +367,9 @@ def measure_base(opt: Options, *, log=print) -> dict:
     clip_judge = CLIPZeroShotClassifier(str(opt.out / "clip"), inks, INK_PROMPTS).to(dev)
     clip = clip_judge.predict(images.to(dev), batch_size=256).numpy()
     real, _, real_inks = load_split(opt.data, "heldout")
+    if opt.n_calibration is not None and opt.n_calibration < len(real):  # a seeded subset, every digit
+        keep = np.random.default_rng(opt.seed).permutation(len(real))[: opt.n_calibration]
+        real, real_inks = real[torch.from_numpy(keep)], [real_inks[i] for i in keep]
     cal_true = np.array([inks.index(c) for c in real_inks])
     cal_clip = clip_judge.predict(((real + 1) / 2).to(dev), batch_size=256).numpy()
     cal_hue = judges.color((real + 1) / 2).numpy()
@@ -371,7 +380,7 @@ def measure_base(opt: Options, *, log=print) -> dict:
         h, c = hue[sl], clip[sl]
         placed = h >= 0
         hue_red = float((h[placed] == red).mean()) if placed.any() else float("nan")
-        corr = corrected_shares(c, cal_true, cal_clip, len(inks), n_boot=1000, seed=p)
+        corr = corrected_shares(c, cal_true, cal_clip, len(inks), n_boot=opt.correction_boot, seed=p)
         low, high = float(corr["low"][red]), float(corr["high"][red])
         per_prompt.append({
             "prompt": text, "kind": kind, "digit": d, "ink": ink,

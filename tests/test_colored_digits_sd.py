@@ -21,7 +21,11 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
     opt = sd.Options(data=root / "data", out=root / "out", vae_steps=2, vae_batch_size=4, clip_steps=2,
                      batch_size=4, threads=1, device="cpu", n_per_prompt=2, sampling_steps=2,
-                     results=root / "results")  # fmt: skip
+                     results=root / "results", correction_boot=50, n_calibration=400)  # fmt: skip
+    from fairtune.colored_digits import ColoredDigitsConfig, build_colored_digits
+
+    # one render per source image (a quarter of the data): the `data` step then finds it and skips
+    build_colored_digits(ColoredDigitsConfig(size=32, renders_per_image=1, heldout_renders=1), opt.data)
     for step in ("data", "vae", "clip", "assemble"):  # `all` goes on to a full-length judge and UNet training
         sd.main(step, opt)
     return opt
