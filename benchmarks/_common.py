@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -62,9 +61,10 @@ def interval_cell(s: dict | None, digits: int) -> str:
 
 
 def write_results(name: str, payload: dict, markdown: str, results: Path = RESULTS) -> None:
-    results.mkdir(parents=True, exist_ok=True)
-    (results / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    (results / f"{name}.md").write_text(markdown)
+    from fairtune.data import atomic_write_json, atomic_write_text
+
+    atomic_write_json(results / f"{name}.json", payload, indent=2)  # a killed run keeps the last file whole
+    atomic_write_text(results / f"{name}.md", markdown)
     print(markdown)
     print(f"wrote {results / name}.json and .md", file=sys.stderr)
 

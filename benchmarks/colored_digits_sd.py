@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
+from _common import cell, interval_cell, write_results
+
 ROOT = Path(__file__).resolve().parent.parent
 CAPTIONS = ("a {color} handwritten digit {digit}", "a handwritten digit {digit} in {color} ink")
 NEUTRAL = "a handwritten digit {digit}"
@@ -583,14 +585,7 @@ def pair_markdown(r: dict) -> str:
         "|---" * (len(PAIR_COLUMNS) + 2) + "|",
     ]
 
-    def cell(v, d):
-        return "" if v is None or v != v else f"{v:.{d}f}"
-
-    cells = []
-    for k, _, d in PAIR_COLUMNS:
-        s = r["class_pair"].get(k) or {}
-        ci = s.get("ci")
-        cells.append(cell(s.get("mean"), d) + (f" [{ci[0]:.{d}f}, {ci[1]:.{d}f}]" if ci else ""))
+    cells = [interval_cell(r["class_pair"].get(k), d) for k, _, d in PAIR_COLUMNS]
     rows = {name: f"| {name} | | " + " | ".join(cell(m.get(k), d) for k, _, d in PAIR_COLUMNS) + " |"
             for name, m in r["methods"].items()}  # fmt: skip
     pair_row = f"| class_pair | {len(r['seeds'])} | " + " | ".join(cells) + " |"
@@ -602,11 +597,6 @@ def pair_markdown(r: dict) -> str:
         lines.append(f"| {seed} | " + " | ".join(cell(row.get(k), d) for k, _, d in PAIR_COLUMNS)
                      + f" | {cell(row.get('train_seconds'), 0)} |")  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def _recorded(opt: Options, key: str) -> dict:
-    path = opt.out / "build.json"
-    return json.loads(path.read_text()).get(key, {}) if path.is_file() else {}
 
 
 def _record(opt: Options, key: str, value: dict) -> None:
@@ -665,25 +655,15 @@ def main(
         pretrain_unet(opt)
         _record(opt, "unet", {"seconds": time.perf_counter() - t0, "steps": opt.unet_steps or "config"})
     if "measure" in steps:
-        from fairtune.data import atomic_write_json, atomic_write_text
-
-        _record(opt, "clip", {**_recorded(opt, "clip"), **clip_zero_shot_figures(opt, log=log)})
         r = measure_base(opt, log=log)
         build = json.loads((opt.out / "build.json").read_text()) if (opt.out / "build.json").is_file() else {}
         r["build"] = {k: v for k, v in build.items() if k != "options"}
-        opt.results.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(opt.results / "colored_digits_sd_base.json", r, indent=2)
-        atomic_write_text(opt.results / "colored_digits_sd_base.md", base_markdown(r, build))
-        log(base_markdown(r, build))
+        write_results("colored_digits_sd_base", r, base_markdown(r, build), opt.results)
     if step == "ship":
         ship(opt)
     if step == "pair":
-        from fairtune.data import atomic_write_json, atomic_write_text
-
         r = pair(opt, log=log)
-        atomic_write_json(opt.results / "colored_digits_sd_pair.json", r, indent=2)
-        atomic_write_text(opt.results / "colored_digits_sd_pair.md", pair_markdown(r))
-        log(pair_markdown(r))
+        write_results("colored_digits_sd_pair", r, pair_markdown(r), opt.results)
 
 
 if __name__ == "__main__":

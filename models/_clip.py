@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from fairtune.data import atomic_path, atomic_write_json
 
+from ._shipped import resolve_shipped
+
 PROBE_WEIGHTS = "probe.safetensors"
 PROBE_CONFIG = "probe.json"
 LABEL = "{label}"
@@ -217,8 +219,6 @@ class CLIPImageFeatures(nn.Module):
         self, clip: str, *, normalize: bool = True, projection: bool = True, dtype: str = "float32"
     ) -> None:
         super().__init__()
-        from ._shipped import resolve_shipped
-
         self.clip = str(resolve_shipped(str(clip)))  # a folder, a registered name, else a hub id
         self.preprocess = ClipPreprocess(self.clip)
         self.vision, proj, full = _load_vision(self.clip, _dtype(dtype))
