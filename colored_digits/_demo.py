@@ -115,7 +115,7 @@ def demo_compare_config(
 def demo(
     out: Path = Path("runs/demo"),
     *,
-    steps: int = 400,
+    steps: int = 200,
     n_per_prompt: int = 128,
     sampling_steps: int = 15,
     batch_size: int | None = None,
@@ -138,7 +138,9 @@ def demo(
         out: Run folder: ``runs/<hash>/`` (the training runs; ``red``, ``blue``, ``debiased`` and
             ``naive`` link to those trained), ``compare/`` (``metrics.json``, ``report.md``,
             ``report.html``), ``demo.json``.
-        steps: Training steps of each adapter (every arm gets the same budget and seed).
+        steps: Training steps of each adapter (every arm gets the same budget and seed). The
+            committed single adapter (``--single``) was measured at 400: ``--steps 400`` to compare
+            with it.
         n_per_prompt: Images per prompt and method.
         sampling_steps: DDIM steps of every method at comparison time.
         batch_size: Images per UNet batch when generating (default: the backbone's choice, 64 on a
@@ -244,9 +246,10 @@ COMMITTED = "benchmarks/results/dependable.json"
 
 
 def committed_pair(scale: float = 1.0) -> str:
-    """The committed results of the pair (benchmarks/dependable.py ``pair --scale``) at ``scale``."""
+    """The committed results of the demo's pair (benchmarks/dependable.py ``pair --scale`` on the
+    200-step spec) at ``scale``."""
     return (
-        "benchmarks/results/class_adapters_datafree_wordings_pair"
+        "benchmarks/results/class_adapters_datafree_wordings_200_pair"
         + ("" if scale == 1.0 else f"_x{scale:g}")
         + ".json"
     )
