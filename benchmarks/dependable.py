@@ -36,7 +36,9 @@ PAIR_SPEC = ROOT / "benchmarks" / "specs" / "class_adapters_datafree_wordings_20
 # The pair's results in the README: every adapter fused at the demo's scale
 # (configs/compare/colored_digits.yaml's class_pair; a test checks they agree).
 PAIR_SCALE = 1.5
-PAIR_RESULTS = {f"class_pair x{PAIR_SCALE:g}": f"class_adapters_datafree_wordings_200_pair_x{PAIR_SCALE:g}.json"}
+PAIR_RESULTS = {
+    f"class_pair x{PAIR_SCALE:g}": f"class_adapters_datafree_wordings_200_pair_x{PAIR_SCALE:g}.json",
+}
 
 # (metric key, header, decimals)
 COLUMNS = [
@@ -390,6 +392,7 @@ def readme_block(results: dict, pairs: dict[str, dict] | None = None) -> str:
     """The README's result block, rendered from ``benchmarks/results/dependable.json`` and (given) the
     class-adapter pairs' results (``PAIR_RESULTS``: README row name to that file's payload): one row
     per arm, then each arm's missed goals."""
+
     # Each trained row names its budget: the single adapter and the demo's pair train different counts.
     def label(arm: str, payload: dict) -> str:
         return arm if arm == "base" or payload.get("steps") is None else f"{arm}, {payload['steps']} steps"

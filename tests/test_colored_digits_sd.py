@@ -31,14 +31,22 @@ def built(tmp_path_factory):
     return opt
 
 
-def test_measure_generates_through_diffusers_and_scores_both_judges(built):
+@pytest.fixture(scope="module")
+def judged(built):
+    """The toy build with its judges (one epoch each)."""
+    from fairtune.colored_digits import JudgeTrainConfig, train_judges
+
+    if not (built.out / "judges" / "judges.json").is_file():
+        train_judges(built.data, built.out / "judges", JudgeTrainConfig(digit_epochs=1, color_epochs=1))
+    return built
+
+
+def test_measure_generates_through_diffusers_and_scores_both_judges(judged):
     """The measurement on the untrained folder (as if pretrained): every figure present and in range,
     the hue share of each prompt checked against the corrected CLIP interval."""
     import shutil
 
-    from fairtune.colored_digits import JudgeTrainConfig, train_judges
-
-    train_judges(built.data, built.out / "judges", JudgeTrainConfig(digit_epochs=1, color_epochs=1))
+    built = judged
     shutil.copytree(built.out / "init", built.out / "pretrain" / "model")
     sd.main("measure", built)
     r = json.loads((built.results / "colored_digits_sd_base.json").read_text())
@@ -207,3 +215,14 @@ def test_the_shipped_model_runs_in_diffusers_alone_and_its_clip_sees_the_ink():
     tower = CLIPModel.from_pretrained(resolve_shipped("colored-digits-sd32-clip")).text_model.state_dict()
     enc = {k.removeprefix("text_model."): v for k, v in pipe.text_encoder.state_dict().items()}
     assert enc.keys() == tower.keys() and all(torch.equal(enc[k], v) for k, v in tower.items())
+
+
+def test_fair_diffusion_on_the_shipped_model_equals_diffusers_semantic_pipeline(judged):
+    """The comparison's Fair Diffusion (its SEGA settings, steps, guidance and seeds) on the shipped
+    colored-digits-sd32, through fairtune's sampler, equals diffusers' SemanticStableDiffusionPipeline
+    image for image, each image pushed toward the ink drawn for it."""
+    r = sd.fd_parity(judged, n_per_prompt=3, prompts=["a handwritten digit 7", "a blue handwritten digit 0"])
+    assert r["n_images"] == 6 and r["model"] == "colored-digits-sd32"
+    assert r["settings"]["edit_warmup_steps"] == 2 and r["settings"]["steps"] == 15
+    assert r["max_abs_pixel_diff"] < 1e-4 and r["same_hue_label"] == 1.0
+    assert "| 6 |" in sd.fd_parity_markdown(r)
