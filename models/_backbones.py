@@ -98,6 +98,10 @@ class BackboneConfig:
             activation memory for about one more forward pass per step.
         attention: ``sdpa``: PyTorch's fused scaled-dot-product attention (flash / memory-efficient
             kernels on GPU); ``eager``: the plain matmul-softmax-matmul (a reference, and for debugging).
+        prompt_cache: Cached text embeddings: the frozen text encoder's states of up to this many
+            distinct prompts are kept (in CPU memory, least recently used dropped), so a prompt is
+            encoded once, not at every step; exact, since the encoder never trains. ``0``: every
+            prompt encoded at every call, as a plain training loop does.
     """
 
     kind: Literal["tiny", "sd", "sdxl"] = "tiny"
@@ -110,6 +114,11 @@ class BackboneConfig:
     resolution: int | None = None
     gradient_checkpointing: bool = False
     attention: Literal["sdpa", "eager"] = "sdpa"
+    prompt_cache: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.prompt_cache < 0:
+            raise ValueError(f"backbone.prompt_cache must be >= 0 (0: no cache), got {self.prompt_cache}")
 
 
 class TinyTextToImagePipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -329,24 +338,26 @@ class Backbone(nn.Module):
         ).to(device)
         return self.text_encoder(tok["input_ids"])[0]
 
-    PROMPT_CACHE_SIZE = 4096
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Token states ``(B, L, D)`` of the frozen text encoder.
 
         Distinct prompts are encoded one at a time (so a prompt's states never depend on what it was
-        batched with) and kept on the CPU in a bounded LRU cache.
+        batched with) and kept on the CPU in a bounded LRU cache (``config.prompt_cache`` prompts;
+        with ``0`` the whole list is encoded in one call every time).
         """
+        size = getattr(self.config, "prompt_cache", 4096)
+        device = next(self.unet.parameters()).device
+        if size == 0:
+            return self._encode_uncached(list(prompts)).to(device)
         cache = self._prompt_cache
         for p in dict.fromkeys(prompts):
             if p in cache:
                 cache.move_to_end(p)
             else:
                 cache[p] = self._encode_uncached([p])[0].cpu()
-                if len(cache) > self.PROMPT_CACHE_SIZE:
+                if len(cache) > size:
                     cache.popitem(last=False)
-        device = next(self.unet.parameters()).device
         return torch.stack([cache[p] for p in prompts]).to(device)
 
     # ----------------------------------------------------------------- image space

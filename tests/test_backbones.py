@@ -110,3 +110,21 @@ def test_attention_and_checkpointing_switches_keep_the_outputs_and_gradients(tin
     assert grads.keys() == ref_grads.keys()
     for k in grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-3, atol=1e-5)
+
+
+def test_cached_text_embeddings_are_exact_and_switchable(tiny_sd):
+    """``backbone.prompt_cache``: the text encoder runs once per distinct prompt with the cache (the
+    default), at every call with 0, and both give the same states; a negative size is refused."""
+    calls = []
+    states = {}
+    for size in (4096, 0):
+        bb = Backbone.from_config(BackboneConfig(kind="sd", pretrained=str(tiny_sd), prompt_cache=size))
+        hook = bb.text_encoder.register_forward_hook(lambda *_: calls.append(size))
+        prompts = ["a red digit 3", "a blue digit 3", "a red digit 3"]
+        states[size] = [bb.encode_prompts(prompts) for _ in range(3)][-1]
+        hook.remove()
+    assert calls.count(4096) == 2  # two distinct prompts, each encoded once over three steps
+    assert calls.count(0) == 3  # one batched call per step
+    torch.testing.assert_close(states[0], states[4096], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="prompt_cache must be >= 0"):
+        BackboneConfig(kind="sd", prompt_cache=-1)
