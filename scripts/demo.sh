@@ -4,7 +4,8 @@
 # base model, compares their mix (each image from one adapter, fused at the compare config's scale)
 # with the base model, Fair Diffusion and prompt augmentation on the same prompts, seeds and judges,
 # and writes runs/demo/compare/report.{md,html}. Extra options go to `fairtune demo` (e.g. --single
-# true adds the single debiased adapter, --control true the naive control; --steps 200).
+# true adds the single debiased adapter, --control true the naive control; --steps 400 trains each
+# adapter twice as long as the default 200).
 # Started again, it skips what is finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
