@@ -259,7 +259,9 @@ def test_a_run_stopped_mid_epoch_resumes_from_its_step_checkpoint_to_the_same_ad
     # every 2 steps and never at an epoch end (Lightning's ModelCheckpoint refuses both set; with only
     # every_n_epochs 0 it wrote nothing); stopped at step 3: the checkpoint is step 2's
     cfg = _config(digits_dir, tmp_path / "run", **over)
-    every = ["--checkpoint.every_n_train_steps", "2", "--checkpoint.every_n_epochs", "0"]
+    # (and the newest two step checkpoints kept beside last.ckpt: diffusers' checkpoints_total_limit)
+    every = ["--checkpoint.every_n_train_steps", "2", "--checkpoint.every_n_epochs", "0",
+             "--checkpoint.keep_last", "2"]  # fmt: skip
     stop = [
         "--trainer.callbacks",
         json.dumps([{"class_path": f"{__name__}.StopAfter", "init_args": {"step": 3}}]),
@@ -282,6 +284,9 @@ def test_a_run_stopped_mid_epoch_resumes_from_its_step_checkpoint_to_the_same_ad
     assert ref.keys() == got.keys()
     for k in ref:  # bit for bit: the rest of epoch 0 was drawn as the uninterrupted run drew it
         torch.testing.assert_close(got[k], ref[k], atol=0, rtol=0)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*.ckpt"))
+    assert kept == ["step-00000004.ckpt", "step-00000006.ckpt"]  # step 2's deleted
+    assert torch.load(last.with_name(kept[-1]), weights_only=True)["global_step"] == 6
 
 
 PIXEL_SIDES: list[int] = []

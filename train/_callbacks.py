@@ -179,6 +179,9 @@ class EpochCheckpoint(ModelCheckpoint):
         every_n_train_steps: Save every n optimizer steps (``0``/``None``: never).
         every_n_epochs: Save at the end of every n-th epoch (``0``/``None``: never).
         train_time_interval: Save when this much time has passed since the last save (``None``: never).
+        keep_last: Also keep the newest ``keep_last`` checkpoints as ``step-<N>.ckpt`` beside the one a
+            run resumes from, older ones deleted (diffusers' ``--checkpoints_total_limit``); ``0``: only
+            that one.
         **kwargs: The other arguments of Lightning's ``ModelCheckpoint`` (``dirpath``, ``filename``, ...).
     """
 
@@ -187,9 +190,13 @@ class EpochCheckpoint(ModelCheckpoint):
         every_n_train_steps: int | None = 100,
         every_n_epochs: int | None = 1,
         train_time_interval: timedelta | None = None,
+        keep_last: int = 0,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)  # Lightning's triggers are mutually exclusive: ours are set below
+        if keep_last < 0:
+            raise ValueError(f"checkpoint.keep_last={keep_last}: must be >= 0 (0: only the last one)")
+        self.keep_last = keep_last
         for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and value < 0:
                 raise ValueError(f"checkpoint.{name}={value}: must be >= 0 (0 or null: never)")
@@ -214,7 +221,17 @@ class EpochCheckpoint(ModelCheckpoint):
         if at_epoch or at_step or at_time:
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            if self.keep_last:
+                self._keep_step_checkpoint(trainer)
             self._last_time_checked = time.monotonic()
+
+    def _keep_step_checkpoint(self, trainer) -> None:
+        """Save ``step-<N>.ckpt`` and delete all but the newest ``keep_last`` of them."""
+        folder = Path(self.dirpath)
+        trainer.save_checkpoint(str(folder / f"step-{trainer.global_step:08d}.ckpt"))
+        if trainer.is_global_zero:
+            for old in sorted(folder.glob("step-*.ckpt"))[: -self.keep_last]:
+                old.unlink(missing_ok=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pass
