@@ -520,6 +520,14 @@ def sd_compare_config(opt: Options, adapters: dict[str, Path] | None):
     return cfg
 
 
+def pair_scale() -> float:
+    """The scale :data:`SD_COMPARE` fuses the pair's adapters at."""
+    import yaml
+
+    methods = yaml.safe_load(SD_COMPARE.read_text())["methods"]
+    return next(float(m.get("adapter_scale", 1.0)) for m in methods if m["kind"] == "class_adapters")
+
+
 def pair(opt: Options, *, log=print) -> dict:
     """The demo's class adapters on ColoredDigits-SD (:data:`PAIR_SPEC`, trained by the sweep runner
     into ``opt.pair_out``: a finished run is skipped, a cut-off one resumes), each seed's pair judged by
@@ -564,6 +572,7 @@ def pair(opt: Options, *, log=print) -> dict:
         "spec": str(PAIR_SPEC.relative_to(ROOT)),
         "compare": str(SD_COMPARE.relative_to(ROOT)),
         "n_per_prompt": opt.pair_n_per_prompt,
+        "adapter_scale": pair_scale(),
         "seeds": sorted(per_seed),
         "class_pair": summary,
         "per_seed": {str(k): v for k, v in per_seed.items()},
@@ -579,7 +588,8 @@ def pair_markdown(r: dict) -> str:
         "(`python benchmarks/colored_digits_sd.py pair`)",
         "",
         f"Spec `{r['spec']}` (200 steps per adapter), judged by `{r['compare']}`: N = {r['n_per_prompt']} "
-        "per prompt, 15 DDIM steps, guidance 2, the hue judge at 32 px; CLIP agrees = the CLIP zero-shot "
+        f"per prompt, 15 DDIM steps, guidance 2, the pair fused at {r.get('adapter_scale')}, the hue judge "
+        "at 32 px; CLIP agrees = the CLIP zero-shot "
         "judge's agreement with the hue judge on the images both place. class_pair: mean over training "
         "seeds [95% t-interval]; the other methods do not depend on the training seed.",
         "",
