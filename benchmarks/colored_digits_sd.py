@@ -83,6 +83,8 @@ class Options:
         n_calibration: ``measure``: at most this many real held-out renders calibrate the CLIP
             (``None``: all).
         results: ``measure``/``pair``: where ``colored_digits_sd_{base,pair}.{json,md}`` go.
+        pair_spec: ``pair``: the sweep spec of the class adapters (one arm per ink); its ``name`` names
+            the results files.
         pair_out: ``pair``: the sweep's folder (its training runs and the comparisons).
         pair_seeds: ``pair``: the spec's seeds to train and judge (``None``: all).
         pair_n_per_prompt: ``pair``: images per prompt and method.
@@ -108,6 +110,7 @@ class Options:
     correction_boot: int = 1000
     n_calibration: int | None = None
     results: Path = ROOT / "benchmarks" / "results"
+    pair_spec: Path = ROOT / "benchmarks" / "specs" / "colored_digits_sd_pair.yaml"
     pair_out: Path = ROOT / "runs" / "colored-digits-sd32-pair"
     pair_seeds: list[int] | None = None
     pair_n_per_prompt: int = 128
@@ -488,7 +491,7 @@ def ship(opt: Options) -> None:
                      ignore=shutil.ignore_patterns("*.bin", "*.pt", "*.ckpt")))  # fmt: skip
 
 
-PAIR_SPEC = ROOT / "benchmarks" / "specs" / "colored_digits_sd_pair.yaml"
+PAIR_SPEC = Options.pair_spec  # the demo's pair
 SD_COMPARE = ROOT / "configs" / "compare" / "colored_digits_sd.yaml"
 # (summary key, column, decimals): the demo's columns, and the CLIP's agreement with the hue judge
 PAIR_COLUMNS = [
@@ -539,7 +542,7 @@ def pair(opt: Options, *, log=print) -> dict:
     from fairtune.data import atomic_write_json
     from fairtune.eval import compare_methods, seed_summary
 
-    spec = load_spec(PAIR_SPEC)
+    spec = load_spec(opt.pair_spec)
     runs = [r for r in spec.runs if r.train and (opt.pair_seeds is None or r.seed in opt.pair_seeds)]
     run_sweep(dataclasses.replace(spec, runs=runs), opt.pair_out, workers=1, aggregate=False)
     methods: dict[str, dict] = {}
@@ -549,7 +552,9 @@ def pair(opt: Options, *, log=print) -> dict:
         if any(read_status(d).get("state") != "done" for d in dirs.values()):
             log(f"[pair] seed {seed}: not every adapter trained; skipped")
             continue
-        cache = opt.pair_out / "compare" / f"seed{seed}.json"
+        # keyed by the runs (another spec's pair is judged again); the base model and the baselines'
+        # images are cached per seed, shared by every spec
+        cache = opt.pair_out / "compare" / ("-".join(sorted(d.name for d in dirs.values())) + ".json")
         if not cache.is_file():
             cfg = sd_compare_config(opt, {a: d / "adapter" for a, d in dirs.items()})
             if seed != min(r.seed for r in runs):
@@ -569,7 +574,8 @@ def pair(opt: Options, *, log=print) -> dict:
     keys = [k for k, _, _ in PAIR_COLUMNS] + ["train_seconds"]
     summary = {k: seed_summary([row.get(k) for row in per_seed.values()]) for k in keys}
     return {
-        "spec": str(PAIR_SPEC.relative_to(ROOT)),
+        "name": spec.name,
+        "spec": str(Path(opt.pair_spec).resolve().relative_to(ROOT)),
         "compare": str(SD_COMPARE.relative_to(ROOT)),
         "n_per_prompt": opt.pair_n_per_prompt,
         "adapter_scale": pair_scale(),
@@ -581,13 +587,16 @@ def pair(opt: Options, *, log=print) -> dict:
 
 
 def pair_markdown(r: dict) -> str:
-    """The pair's table (benchmarks/results/colored_digits_sd_pair.md)."""
+    """The pair's table (benchmarks/results/<spec name>.md)."""
     head = "| method | seeds | " + " | ".join(c for _, c, _ in PAIR_COLUMNS) + " |"
+    demos = r["spec"] == str(PAIR_SPEC.relative_to(ROOT))
     lines = [
-        "# ColoredDigits-SD: the demo's class adapters against the inference-time baselines "
-        "(`python benchmarks/colored_digits_sd.py pair`)",
+        f"# ColoredDigits-SD: {'the demo' if demos else r['spec']}'s class adapters against the "
+        "inference-time baselines (`python benchmarks/colored_digits_sd.py pair"
+        + ("" if demos else f" --opt.pair_spec {r['spec']}")
+        + "`)",
         "",
-        f"Spec `{r['spec']}` (200 steps per adapter), judged by `{r['compare']}`: N = {r['n_per_prompt']} "
+        f"Spec `{r['spec']}`, judged by `{r['compare']}`: N = {r['n_per_prompt']} "
         f"per prompt, 15 DDIM steps, guidance 2, the pair fused at {r.get('adapter_scale')}, the hue judge "
         "at 32 px; CLIP agrees = the CLIP zero-shot "
         "judge's agreement with the hue judge on the images both place. class_pair: mean over training "
@@ -769,7 +778,7 @@ def main(
         ship(opt)
     if step == "pair":
         r = pair(opt, log=log)
-        write_results("colored_digits_sd_pair", r, pair_markdown(r), opt.results)
+        write_results(r["name"], r, pair_markdown(r), opt.results)
     if step == "fd_parity":
         r = fd_parity(opt, log=log)
         write_results("colored_digits_sd_fd_parity", r, fd_parity_markdown(r), opt.results)
