@@ -552,9 +552,11 @@ def pair(opt: Options, *, log=print) -> dict:
         if any(read_status(d).get("state") != "done" for d in dirs.values()):
             log(f"[pair] seed {seed}: not every adapter trained; skipped")
             continue
-        # keyed by the runs (another spec's pair is judged again); the base model and the baselines'
-        # images are cached per seed, shared by every spec
-        cache = opt.pair_out / "compare" / ("-".join(sorted(d.name for d in dirs.values())) + ".json")
+        # keyed by the runs, the images per prompt and the scale (another pair or budget is judged
+        # again; judges rebuilt in place are not seen: delete the folder); the base model's and the
+        # baselines' images are cached per seed (by what generates them), shared by every spec
+        key = "-".join(sorted(d.name for d in dirs.values())) + f"-n{opt.pair_n_per_prompt}-x{pair_scale():g}"
+        cache = opt.pair_out / "compare" / f"{key}.json"
         if not cache.is_file():
             cfg = sd_compare_config(opt, {a: d / "adapter" for a, d in dirs.items()})
             if seed != min(r.seed for r in runs):
@@ -575,6 +577,7 @@ def pair(opt: Options, *, log=print) -> dict:
     summary = {k: seed_summary([row.get(k) for row in per_seed.values()]) for k in keys}
     return {
         "name": spec.name,
+        "steps": next((r.overrides.get("trainer.max_steps") for r in spec.runs if r.train), None),
         "spec": str(Path(opt.pair_spec).resolve().relative_to(ROOT)),
         "compare": str(SD_COMPARE.relative_to(ROOT)),
         "n_per_prompt": opt.pair_n_per_prompt,
@@ -596,9 +599,9 @@ def pair_markdown(r: dict) -> str:
         + ("" if demos else f" --opt.pair_spec {r['spec']}")
         + "`)",
         "",
-        f"Spec `{r['spec']}`, judged by `{r['compare']}`: N = {r['n_per_prompt']} "
-        f"per prompt, 15 DDIM steps, guidance 2, the pair fused at {r.get('adapter_scale')}, the hue judge "
-        "at 32 px; CLIP agrees = the CLIP zero-shot "
+        f"Spec `{r['spec']}` ({r.get('steps')} steps per adapter), judged by `{r['compare']}`: "
+        f"N = {r['n_per_prompt']} per prompt, 15 DDIM steps, guidance 2, the pair fused at "
+        f"{r.get('adapter_scale')}, the hue judge at 32 px; CLIP agrees = the CLIP zero-shot "
         "judge's agreement with the hue judge on the images both place. class_pair: mean over training "
         "seeds [95% t-interval]; the other methods do not depend on the training seed.",
         "",
@@ -688,7 +691,7 @@ def fd_parity(opt: Options, *, n_per_prompt: int = 16, prompts: list[str] | None
         "max_abs_pixel_diff": float(diff.max()),
         "mean_abs_pixel_diff": float(diff.mean()),
         "same_hue_label": float((a == b).mean()),
-        "drawn_red_share": float(np.mean([c == inks[0] for c in drawn])),
+        "drawn_share": {k: float(np.mean([c == k for c in drawn])) for k in inks},
         "fairtune_seconds": ours_s,
         "diffusers_seconds": theirs_s,
     }

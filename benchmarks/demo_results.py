@@ -83,9 +83,9 @@ def render(demo: str, wall_seconds: float | None = None) -> tuple[dict, str]:
     if pair is not None:
         # The demo's own check, again: against the committed pair at the demo's scale (the compare
         # config's; 1.5 when the run predates recording it).
-        committed = committed_pair(pair.get("adapter_scale", 1.5))
-        seed = payload.get("seed", 0)
         steps = settings["steps"]
+        committed = committed_pair(pair.get("adapter_scale", 1.5), steps)
+        seed = payload.get("seed", 0)
         checks = beside_committed(pair, steps=steps, seed=seed, path=ROOT / committed, arm="class_pair")
         payload["beside_committed"] = {"file": committed, "checks": checks}
     t = payload["timings_s"]

@@ -7,7 +7,7 @@ result table rendered from the committed results (never typed by hand).
     python benchmarks/dependable.py report --spec benchmarks/specs/distill_split.yaml   # any multi-seed spec
 
 The spec (``benchmarks/specs/dependable.yaml``) trains the demo's arm (``configs/demo/sweep.yaml``'s
-``debiased``: the same overlays and values, checked by a test) at the demo's budget and judges it as
+``debiased``: the same overlays and values, checked by a test) at 400 steps and judges it as
 the demo judges. Results: ``benchmarks/results/dependable.{json,md}``: per arm, the mean and the 95%
 Student-t interval over seeds of every column, each seed's value, and the goals.
 """

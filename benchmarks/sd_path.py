@@ -353,17 +353,19 @@ def markdown(r: dict) -> str:
             "jobs' share of it; wall times are beside it)."
         ),
         "",
-        "Both loops: the same tiny SD, data (ColoredDigits-Bias digits 0-7), batch, LoRA (rank, attention "
-        "projections), AdamW and steps. They differ where a plain loop usually does: it shuffles the table "
-        "uniformly and encodes every prompt at every step; `fairtune fit` draws with its epoch sampler, "
-        "drops 10% of prompts for guidance and keeps prompt encodings in an LRU cache.",
+        f"Both loops: the same model ({r.get('model', 'tiny Stable Diffusion')}), data (ColoredDigits-Bias "
+        "digits 0-7), batch, LoRA (rank, attention projections), AdamW and steps. They differ where a plain "
+        "loop usually does: it shuffles the table uniformly and encodes every prompt at every step; "
+        "`fairtune fit` draws with its epoch sampler, drops 10% of prompts for guidance and keeps prompt "
+        "encodings in an LRU cache (`model.backbone.prompt_cache`; the run with `prompt_cache: 0` encodes "
+        "them at every step, in one batch, as the plain loop does).",
         "",
         f"Latent cache: built once in {r['cache']['encode_seconds']:.2f} s for {r['cache']['records']} "
         f"records ({r['cache']['variants']} variant(s)) in the cached run's setup; VAE encoder calls during "
         f"the training steps: {cached['vae_encoder_calls_in_training']} cached, "
         f"{fit['vae_encoder_calls_in_training']} encoding every step. The cache saves what the VAE encoder "
         f"and the image decode cost per step: here {100 * (1 - 1 / r['cached_speedup']):.0f}% of it, "
-        "because the tiny SD's VAE is small next to its UNet's forward and backward passes.",
+        "the rest is the UNet's forward and backward passes.",
         "",
         f"## Mix drawn from shards vs the table sampler ({m['draws']} draws, 2 ranks x 2 workers)",
         "",
@@ -423,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         data = Path(args.data) if args.data else work / "data"
         if not (data / "table").exists():
             build_colored_digits(ColoredDigitsConfig(), data)
-        if args.pretrained:
+        if args.pretrained:  # (--latent-size is the tiny SD's; a model's own size is its UNet's)
             from fairtune.models import resolve_shipped
 
             sd = Path(resolve_shipped(args.pretrained))

@@ -39,7 +39,7 @@ NO_RESULT_KEYS = (
     "trainer.strategy", "trainer.default_root_dir", "trainer.profiler", "ckpt_path", "lr_monitor",
     "batch_mix", "samples", "allow_config_change", "config",
     "checkpoint.every_n_train_steps", "checkpoint.every_n_epochs", "checkpoint.train_time_interval",
-    "checkpoint.keep_last", "model.backbone.prompt_cache",
+    "checkpoint.keep_last",
     # it acts through data.image_size, which is compared (and it was recorded, unread, as 512 before)
     "model.backbone.resolution",
 )  # fmt: skip

@@ -236,7 +236,7 @@ def demo(
     if pair and pair_method is not None:
         beside_committed(
             metrics["methods"].get("class_pair", {}).get("summary"), steps=steps, seed=seed,
-            path=Path(committed_pair(pair_method.adapter_scale)), arm="class_pair",
+            path=Path(committed_pair(pair_method.adapter_scale, steps)), arm="class_pair",
         )  # fmt: skip
     return metrics
 
@@ -245,14 +245,11 @@ def demo(
 COMMITTED = "benchmarks/results/dependable.json"
 
 
-def committed_pair(scale: float = 1.0) -> str:
-    """The committed results of the demo's pair (benchmarks/dependable.py ``pair --scale`` on the
-    200-step spec) at ``scale``."""
-    return (
-        "benchmarks/results/class_adapters_datafree_wordings_200_pair"
-        + ("" if scale == 1.0 else f"_x{scale:g}")
-        + ".json"
-    )
+def committed_pair(scale: float = 1.0, steps: int = 200) -> str:
+    """The committed results of the demo's pair (benchmarks/dependable.py ``pair --scale``) at ``scale``,
+    trained ``steps`` per adapter: the 200-step spec (the demo's default), or the 400-step one."""
+    spec = "class_adapters_datafree_wordings" + ("" if steps == 400 else "_200")
+    return f"benchmarks/results/{spec}_pair" + ("" if scale == 1.0 else f"_x{scale:g}") + ".json"
 
 
 CHECKED = [

@@ -273,7 +273,8 @@ def method_key(config: CompareConfig, method: MethodConfig, backbone: BackboneCo
     parts = {
         "method": described,
         "adapter_sha256": adapter,
-        "backbone": asdict(backbone),
+        # how prompts are encoded (cached or not), not what is generated: earlier caches stay valid
+        "backbone": {k: v for k, v in asdict(backbone).items() if k != "prompt_cache"},
         "prompts": [asdict(g) for g in config.prompts],
         "judges": asdict(config.judges),
         "target": asdict(config.target),

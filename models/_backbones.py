@@ -100,8 +100,8 @@ class BackboneConfig:
             kernels on GPU); ``eager``: the plain matmul-softmax-matmul (a reference, and for debugging).
         prompt_cache: Cached text embeddings: the frozen text encoder's states of up to this many
             distinct prompts are kept (in CPU memory, least recently used dropped), so a prompt is
-            encoded once, not at every step; exact, since the encoder never trains. ``0``: every
-            prompt encoded at every call, as a plain training loop does.
+            encoded once, not at every step (the encoder never trains). ``0``: every call encodes its
+            prompts in one batch, as a plain training loop does: the same states up to float rounding.
     """
 
     kind: Literal["tiny", "sd", "sdxl"] = "tiny"
@@ -350,15 +350,16 @@ class Backbone(nn.Module):
         device = next(self.unet.parameters()).device
         if size == 0:
             return self._encode_uncached(list(prompts)).to(device)
-        cache = self._prompt_cache
+        cache, states = self._prompt_cache, {}
         for p in dict.fromkeys(prompts):
             if p in cache:
                 cache.move_to_end(p)
+                states[p] = cache[p]
             else:
-                cache[p] = self._encode_uncached([p])[0].cpu()
-                if len(cache) > size:
-                    cache.popitem(last=False)
-        return torch.stack([cache[p] for p in prompts]).to(device)
+                states[p] = cache[p] = self._encode_uncached([p])[0].cpu()
+        while len(cache) > size:  # after the lookups: a call may need more prompts than the cache keeps
+            cache.popitem(last=False)
+        return torch.stack([states[p] for p in prompts]).to(device)
 
     # ----------------------------------------------------------------- image space
     def vae_fingerprint(self) -> str:

@@ -126,5 +126,9 @@ def test_cached_text_embeddings_are_exact_and_switchable(tiny_sd):
     assert calls.count(4096) == 2  # two distinct prompts, each encoded once over three steps
     assert calls.count(0) == 3  # one batched call per step
     torch.testing.assert_close(states[0], states[4096], atol=1e-5, rtol=0)
+    # a cache smaller than one call's distinct prompts still answers the call, then keeps its size
+    bb = Backbone.from_config(BackboneConfig(kind="sd", pretrained=str(tiny_sd), prompt_cache=1))
+    torch.testing.assert_close(bb.encode_prompts(prompts), states[4096], atol=1e-5, rtol=0)
+    assert list(bb._prompt_cache) == ["a blue digit 3"]
     with pytest.raises(ValueError, match="prompt_cache must be >= 0"):
         BackboneConfig(kind="sd", prompt_cache=-1)

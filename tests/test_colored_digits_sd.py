@@ -225,4 +225,5 @@ def test_fair_diffusion_on_the_shipped_model_equals_diffusers_semantic_pipeline(
     assert r["n_images"] == 6 and r["model"] == "colored-digits-sd32"
     assert r["settings"]["edit_warmup_steps"] == 2 and r["settings"]["steps"] == 15
     assert r["max_abs_pixel_diff"] < 1e-4 and r["same_hue_label"] == 1.0
+    assert 0 < r["drawn_share"]["red"] < 1  # both directions: some images pushed toward each ink
     assert "| 6 |" in sd.fd_parity_markdown(r)

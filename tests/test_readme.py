@@ -21,7 +21,7 @@ def test_readme_table_matches_the_committed_results():
     )
 
 
-def test_the_benchmark_trains_the_demos_arm_at_the_demos_budget():
+def test_the_benchmarks_train_the_demos_arms_and_the_pair_at_the_demos_budget():
     bench = yaml.safe_load(dependable.SPEC.read_text())
     demo = yaml.safe_load((ROOT / "configs/demo/sweep.yaml").read_text())
     arm, demo_arm = bench["arms"]["debiased"], demo["arms"]["debiased"]
@@ -117,6 +117,9 @@ def test_the_pair_report_keeps_committed_seeds_only_for_the_same_runs(tmp_path):
 
     scaled_file = dependable.PAIR_RESULTS[f"class_pair x{dependable.PAIR_SCALE:g}"]
     assert committed_pair(dependable.PAIR_SCALE) == f"benchmarks/results/{scaled_file}"
+    # a demo run at 400 steps is checked against the 400-step pair's results
+    assert committed_pair(1.5, 400) == "benchmarks/results/class_adapters_datafree_wordings_pair_x1.5.json"
+    assert (ROOT / committed_pair(1.5, 400)).is_file()
     committed = {
         str(seeds[0]): {"mean_dev_seen": 0.03, "pair_key": key},
         str(seeds[1]): {"mean_dev_seen": 0.05, "pair_key": "another-run-uniform-compare"},

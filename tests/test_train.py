@@ -270,6 +270,7 @@ def test_a_run_stopped_mid_epoch_resumes_from_its_step_checkpoint_to_the_same_ad
         main(["fit", "--config", str(cfg), *every, *stop])
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 2
+    assert [p.name for p in last.parent.glob("step-*.ckpt")] == ["step-00000002.ckpt"]
     adapter = tmp_path / "run" / "adapter" / LORA_WEIGHT_NAME
     assert not adapter.exists()
 

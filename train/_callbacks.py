@@ -228,10 +228,10 @@ class EpochCheckpoint(ModelCheckpoint):
     def _keep_step_checkpoint(self, trainer) -> None:
         """Save ``step-<N>.ckpt`` and delete all but the newest ``keep_last`` of them."""
         folder = Path(self.dirpath)
-        trainer.save_checkpoint(str(folder / f"step-{trainer.global_step:08d}.ckpt"))
-        if trainer.is_global_zero:
-            for old in sorted(folder.glob("step-*.ckpt"))[: -self.keep_last]:
-                old.unlink(missing_ok=True)
+        trainer.save_checkpoint(str(folder / f"step-{trainer.global_step:08d}.ckpt"), self.save_weights_only)
+        # every rank lists and removes: the strategy deletes on rank zero, files or sharded folders alike
+        for old in sorted(folder.glob("step-*.ckpt"))[: -self.keep_last]:
+            trainer.strategy.remove_checkpoint(old)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pass
