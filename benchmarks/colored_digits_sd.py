@@ -554,7 +554,8 @@ def pair(opt: Options, *, log=print) -> dict:
             continue
         # keyed by the runs, the images per prompt and the scale (another pair or budget is judged
         # again; judges rebuilt in place are not seen: delete the folder); the base model's and the
-        # baselines' images are cached per seed (by what generates them), shared by every spec
+        # baselines' images are cached per seed (by what generates them), shared by every spec (a
+        # pair's images too, under one name: judging another spec's pair regenerates this one's)
         key = "-".join(sorted(d.name for d in dirs.values())) + f"-n{opt.pair_n_per_prompt}-x{pair_scale():g}"
         cache = opt.pair_out / "compare" / f"{key}.json"
         if not cache.is_file():
