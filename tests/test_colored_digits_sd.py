@@ -217,6 +217,8 @@ def test_the_shipped_model_runs_in_diffusers_alone_and_its_clip_sees_the_ink():
     assert enc.keys() == tower.keys() and all(torch.equal(enc[k], v) for k, v in tower.items())
 
 
+@pytest.mark.slow  # the default suite checks the same parity on a tiny SD (tests/test_baselines.py); the
+# shipped model's, at the comparison's settings: benchmarks/results/colored_digits_sd_fd_parity.md
 def test_fair_diffusion_on_the_shipped_model_equals_diffusers_semantic_pipeline(judged):
     """The comparison's Fair Diffusion (its SEGA settings, steps, guidance and seeds) on the shipped
     colored-digits-sd32, through fairtune's sampler, equals diffusers' SemanticStableDiffusionPipeline
