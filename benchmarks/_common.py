@@ -60,6 +60,11 @@ def interval_cell(s: dict | None, digits: int) -> str:
     return f"{s['mean']:.{digits}f} [{s['ci'][0]:.{digits}f}, {s['ci'][1]:.{digits}f}]"
 
 
+def spec_steps(spec) -> int | None:
+    """The training steps a sweep spec's trained runs are given (its ``trainer.max_steps`` override)."""
+    return next((r.overrides.get("trainer.max_steps") for r in spec.runs if r.train), None)
+
+
 def write_results(name: str, payload: dict, markdown: str, results: Path = RESULTS) -> None:
     from fairtune.data import atomic_write_json, atomic_write_text
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_cosine_schedule_with_warmup
 
-from _common import cell, interval_cell, write_results
+from _common import cell, interval_cell, spec_steps, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTIONS = ("a {color} handwritten digit {digit}", "a handwritten digit {digit} in {color} ink")
@@ -578,7 +578,7 @@ def pair(opt: Options, *, log=print) -> dict:
     summary = {k: seed_summary([row.get(k) for row in per_seed.values()]) for k in keys}
     return {
         "name": spec.name,
-        "steps": next((r.overrides.get("trainer.max_steps") for r in spec.runs if r.train), None),
+        "steps": spec_steps(spec),
         "spec": str(Path(opt.pair_spec).resolve().relative_to(ROOT)),
         "compare": str(SD_COMPARE.relative_to(ROOT)),
         "n_per_prompt": opt.pair_n_per_prompt,

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from _common import RESULTS, ROOT, cell, interval_cell, write_results
+from _common import RESULTS, ROOT, cell, interval_cell, spec_steps, write_results
 from fairtune.colored_digits._demo import CHECKED as DEMO_CHECKED
 from fairtune.eval import Goal, check_goal, half_width, seed_summary
 
@@ -218,7 +218,7 @@ def report(run: bool = False, workers: int = 1, spec_path: Path = SPEC) -> dict:
         arm: {str(s): {k: r.get(k) for k, _, _ in COLUMNS} for s, r in sorted(runs.items())}
         for arm, runs in arms.items()
     }
-    steps = next((r.overrides.get("trainer.max_steps") for r in spec.runs if r.train), None)
+    steps = spec_steps(spec)
     payload = {"spec": str(spec_rel), "steps": steps, "arms": rows, "goals": goals,
                "per_seed": per_seed}  # fmt: skip
     write_results(name, payload, "\n".join(lines) + "\n")
@@ -536,7 +536,7 @@ def pair_report(
         val = "" if g["value"] is None else f"{g['value']:.4g}"
         label = g["metric"] + (" interval half-width" if g["kind"] == "halfwidth" else "")
         lines.append(f"- {label} = {val} (goal {g['goal']}): {verdict}")
-    steps = next((r.overrides.get("trainer.max_steps") for r in spec.runs if r.train), None)
+    steps = spec_steps(spec)
     payload = {"spec": str(spec_rel), "target": target, "scale": scale, "judge": judge, "steps": steps,
                "arms": rows,
                "goals": {arm: goals},
