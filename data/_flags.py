@@ -12,9 +12,9 @@ installed: ``pip install psycopg``) when many reviewers work on one database. Th
 by the project on first use and migrated forward when an older file is opened; its version lives in
 the ``schema_version`` table.
 
-:func:`write_prompt_file` writes flagged (and proposed) prompts as a prompt file, the kind that
-``fairtune audit --prompts`` and the fairness loss's ``extra_prompts_file`` read
-(:func:`read_prompt_pairs`). The ``fairtune flag`` commands on the store live in ``fairtune.cli``.
+``fairtune flag export`` writes flagged (and proposed) prompts as a prompt file (``data/_prompts.py``),
+the kind ``fairtune audit --prompts`` and the fairness loss's ``extra_prompts_file`` read. The
+``fairtune flag`` commands on the store live in ``fairtune.cli``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Literal
 
 import sqlalchemy as sa
-
-from ._io import atomic_write_text
 
 SCHEMA_VERSION = 2
 """The schema this code writes. History: 1 = flags (image flags only); 2 = adds ``flags.scope``
@@ -333,82 +331,3 @@ class FlagStore:
             if prompt not in out.setdefault(concept, []):
                 out[concept].append(prompt)
         return out
-
-
-# ======================================================================================= prompt files
-def write_prompt_file(prompts: dict[str, list[str]], path: str | os.PathLike) -> Path:
-    """Write concept -> prompts as a prompt file, atomically: YAML/JSON (the mapping: a concept's
-    first prompt is audited as ``seen``, the others as ``paraphrase``) or, for any other suffix, text
-    (one prompt per line, each its own concept).
-
-    Raises:
-        ValueError: No prompt to write.
-    """
-    path = Path(path)
-    if not any(prompts.values()):
-        raise ValueError(f"no prompt to write to {str(path)!r} (no flag matched)")
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        text = json.dumps(prompts, indent=2) + "\n"
-    elif suffix in (".yaml", ".yml"):
-        import yaml
-
-        text = "# flagged prompts (fairtune flag export): concept -> prompts\n" + yaml.safe_dump(
-            prompts, sort_keys=False, allow_unicode=True
-        )
-    else:
-        text = "".join(p + "\n" for ps in prompts.values() for p in ps)
-    atomic_write_text(path, text)
-    return path
-
-
-def read_prompt_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """(concept, prompt) pairs from a prompt file, in the formats ``fairtune audit --prompts`` reads:
-    text (one prompt per line, ``#`` comments; each prompt its own concept); YAML/JSON holding a list
-    of prompts, a mapping concept -> prompt or -> list of prompts, ``{prompts: ...}``, or a list of
-    prompt groups (``{prompts: {concept: prompt}}`` or ``{template, values, concept}``).
-
-    Raises:
-        FileNotFoundError: The file does not exist.
-        ValueError: It holds no prompt or an unreadable structure (naming the file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml", ".json"):
-        import yaml
-
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    else:
-        data = [s.strip() for s in text.splitlines() if s.strip() and not s.strip().startswith("#")]
-    if isinstance(data, dict) and set(data) == {"prompts"}:
-        data = data["prompts"]
-    pairs: list[tuple[str, str]] = []
-    if isinstance(data, list):
-        for item in data:
-            if isinstance(item, str):
-                pairs.append((item, item))
-            elif isinstance(item, dict) and isinstance(item.get("prompts"), dict):
-                pairs += [(str(c), str(p)) for c, p in item["prompts"].items()]
-            elif isinstance(item, dict) and "template" in item:
-                concept = item.get("concept", "{value}")
-                pairs += [
-                    (concept.format(value=v), item["template"].format(value=v))
-                    for v in item.get("values", [])
-                ]
-            else:
-                raise ValueError(f"prompts file {str(path)!r}: cannot read entry {item!r}")
-    elif isinstance(data, dict):
-        for c, ps in data.items():
-            for p in [ps] if isinstance(ps, str) else list(ps or []):
-                if not isinstance(p, str):
-                    raise ValueError(f"prompts file {str(path)!r}: concept {c!r} maps to a non-string {p!r}")
-                pairs.append((str(c), p))
-    elif data is not None:
-        raise ValueError(
-            f"prompts file {str(path)!r}: expected a list or a mapping, got {type(data).__name__}"
-        )
-    if not pairs:
-        raise ValueError(f"prompts file {str(path)!r} holds no prompt")
-    return pairs

@@ -8,14 +8,13 @@ class).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fairtune.data import TargetConfig
+from fairtune.data import TargetConfig, read_prompt_data
 from fairtune.models import (
     LORA_WEIGHT_NAME,
     BackboneConfig,
@@ -411,25 +410,7 @@ def load_prompt_file(path: str | Path) -> list[PromptGroup]:
         FileNotFoundError: The file does not exist.
         ValueError: The file holds no prompt or an unreadable structure.
     """
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(
-            f"prompts file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})"
-        ) from e
-    if path.suffix.lower() in (".yaml", ".yml", ".json"):
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    else:
-        data = [
-            line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")
-        ]
-    if isinstance(data, dict) and set(data) == {"prompts"}:
-        data = data["prompts"]
+    data = read_prompt_data(path)
     if not data:
         raise ValueError(f"prompts file {str(path)!r} holds no prompt")
     if isinstance(data, list) and all(isinstance(p, str) for p in data):

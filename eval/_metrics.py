@@ -12,56 +12,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fairtune.data import deviation, proportions, share_pair, share_vector  # noqa: F401 - the facade re-exports the first two
+
 KL_EPS = 1e-3
 """Smoothing for :func:`kl_divergence`: p and q are mixed with ``eps`` of the uniform vector."""
 
 
-def _vec(x: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
-    v = np.asarray(x, dtype=np.float64)
-    if v.ndim != 1 or v.size < 2:
-        raise ValueError(f"{name} must be a 1-D vector over at least two classes, got shape {v.shape}")
-    return v
-
-
-def _pair(p_hat, target) -> tuple[np.ndarray, np.ndarray]:
-    p, q = _vec(p_hat, "p_hat"), _vec(target, "target")
-    if p.shape != q.shape:
-        raise ValueError(f"p_hat has {p.size} classes but target has {q.size}")
-    return p, q
-
-
-def proportions(labels: Sequence[int] | np.ndarray, *, num_classes: int) -> tuple[np.ndarray, int, int]:
-    """Judged class proportions.
-
-    Returns:
-        ``(p_hat, n, undetermined)``: proportions over the placed images, how many were placed,
-        how many were not (label -1). ``p_hat`` is all-NaN when no image was placed.
-    """
-    y = np.asarray(labels, dtype=np.int64)
-    if np.any((y < -1) | (y >= num_classes)):
-        raise ValueError(f"labels must be in [-1, {num_classes - 1}], got {sorted(set(y.tolist()))}")
-    placed = y[y >= 0]
-    counts = np.bincount(placed, minlength=num_classes).astype(np.float64)
-    n = int(placed.size)
-    p = counts / n if n else np.full(num_classes, np.nan)
-    return p, n, int(y.size - n)
-
-
-def deviation(p_hat, *, target) -> float:
-    """``max_k |p̂_k − q_k|``: the largest gap of any class from its target share."""
-    p, q = _pair(p_hat, target)
-    return float(np.max(np.abs(p - q)))
-
-
 def fairness_discrepancy(p_hat, *, target) -> float:
     """``||p̂ − q||_2`` (Choi et al., 2020)."""
-    p, q = _pair(p_hat, target)
+    p, q = share_pair(p_hat, target)
     return float(np.linalg.norm(p - q))
 
 
 def kl_divergence(p_hat, *, target, eps: float = KL_EPS) -> float:
     """``KL(p̃ || q̃)`` in nats, where ``x̃ = (1 − eps)·x + eps/K`` keeps empty classes finite."""
-    p, q = _pair(p_hat, target)
+    p, q = share_pair(p_hat, target)
     k = p.size
     p = (1 - eps) * p + eps / k
     q = (1 - eps) * q + eps / k
@@ -70,14 +35,14 @@ def kl_divergence(p_hat, *, target, eps: float = KL_EPS) -> float:
 
 def shen_bias(p_hat) -> float:
     """Shen et al.'s bias against a uniform target: ``mean_{i<j} |p̂_i − p̂_j|`` (2|p̂ − ½| for K=2)."""
-    p = _vec(p_hat, "p_hat")
+    p = share_vector(p_hat, "p_hat")
     gaps = [abs(p[i] - p[j]) for i in range(p.size) for j in range(i + 1, p.size)]
     return float(np.mean(gaps))
 
 
 def noise_floor(target, *, n: int) -> np.ndarray:
     """Per class, the sampling standard deviation ``sqrt(q(1−q)/N)`` of a perfectly fair model."""
-    q = _vec(target, "target")
+    q = share_vector(target, "target")
     return np.sqrt(q * (1 - q) / max(n, 1))
 
 

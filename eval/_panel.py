@@ -12,11 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from fairtune.data import AttributeSpec, Target, TargetConfig, images_from_table, load_table
-from fairtune.models import ClassifierConfig, import_function, load_classifier
+from fairtune.models import ClassifierConfig, import_function, judged_labels, load_classifier
 
 from ._clip_judge import attach_measurement, build_clip_judge
 from ._config import JudgeConfig
-from ._correction import UNDETERMINED
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -178,14 +177,8 @@ def _classifier_fn(cfg: ClassifierConfig, *, n_classes: int, min_confidence: flo
     model = load_classifier(cfg)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
-        logits = model(x)
-        if logits.ndim != 2 or logits.shape[1] != n_classes:
-            raise ValueError(
-                f"{what} ({cfg.module}) returned logits of shape {tuple(logits.shape)}, "
-                f"expected (batch, {n_classes}) for its {n_classes} named classes"
-            )
-        conf, label = torch.softmax(logits.float() / cfg.temperature, dim=1).max(1)
-        return torch.where(conf >= min_confidence, label, torch.full_like(label, UNDETERMINED))
+        return judged_labels(model(x), temperature=cfg.temperature, min_confidence=min_confidence,
+                             n_classes=n_classes, what=f"{what} ({cfg.module})")  # fmt: skip
 
     return model, predict
 

@@ -102,6 +102,28 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> Non
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
+def judged_labels(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    min_confidence: float = 0.0,
+    n_classes: int | None = None,
+    what: str = "classifier",
+) -> torch.Tensor:
+    """Class index per image from a judge's logits: the softmax (at ``temperature``) argmax, ``-1``
+    (undetermined) where its probability is below ``min_confidence``. The one place judged labels are
+    made (the comparison's panel, the training audit, CLIP's zero-shot and probe classifiers).
+
+    Raises:
+        ValueError: ``logits`` is not ``(batch, n_classes)``; the message names ``what``.
+    """
+    if logits.ndim != 2 or (n_classes is not None and logits.shape[1] != n_classes):
+        want = f"(batch, {n_classes}) for its {n_classes} named classes" if n_classes else "(batch, classes)"
+        raise ValueError(f"{what} returned logits of shape {tuple(logits.shape)}, expected {want}")
+    conf, label = torch.softmax(logits.float() / temperature, dim=1).max(1)
+    return torch.where(conf >= min_confidence, label, torch.full_like(label, -1))
+
+
 @torch.no_grad()
 def predict_batched(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Class predictions in batches."""

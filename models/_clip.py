@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from fairtune.data import atomic_path, atomic_write_json
 
+from ._classifiers import judged_labels
 from ._shipped import resolve_shipped
 
 PROBE_WEIGHTS = "probe.safetensors"
@@ -296,11 +297,9 @@ class _Predicts:
         out = []
         for i in range(0, len(images), batch_size):
             logits = self.judge_logits(images[i : i + batch_size])
-            probs = logits.softmax(-1)
-            conf, label = probs.max(-1)
-            k = len(self.classes)
-            ok = (label < k) & (conf >= self.min_confidence)
-            out.append(torch.where(ok, label, torch.full_like(label, -1)).cpu())
+            label = judged_labels(logits, min_confidence=self.min_confidence)
+            # columns past the named classes (a probe's "none of them") place no image either
+            out.append(torch.where(label < len(self.classes), label, torch.full_like(label, -1)).cpu())
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
     def judge_logits(self, images: torch.Tensor) -> torch.Tensor:

@@ -131,9 +131,14 @@ def test_importing_the_library_loads_no_database_driver_or_server():
         "import fairtune.data, fairtune.models, fairtune.train, fairtune.eval\n"
         "fairtune.data.Target\n"
         "print('LOADED', sorted(m for m in ('sqlalchemy', 'http.server', 'torch') if m in sys.modules))\n"
+        # the prompt-file readers (lever 3's extra prompts, the audit's) need no database either
+        "import fairtune.train._fairness, fairtune.eval._config\n"
+        "fairtune.data.read_prompt_pairs, fairtune.data.write_prompt_file\n"
+        "print('READERS', sorted(m for m in ('sqlalchemy', 'http.server') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert "LOADED []" in out.stdout, (out.stdout[-500:], out.stderr[-2000:])
+    assert "READERS []" in out.stdout, (out.stdout[-500:], out.stderr[-2000:])
 
 
 def test_the_core_knows_nothing_of_the_benchmark():

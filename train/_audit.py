@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from fairtune.data import atomic_path
-from fairtune.models import ClassifierConfig, load_classifier
+from fairtune.data import atomic_path, deviation, proportions
+from fairtune.models import ClassifierConfig, judged_labels, load_classifier
 
 from ._monitors import step_is_due
 
@@ -198,15 +198,13 @@ class TrainingAudit(L.Callback):
         model = self._model.to(device)
         labels = []
         for i in range(0, len(images), self.batch_size):
-            logits = model(images[i : i + self.batch_size].to(device)).float()
-            if logits.ndim != 2 or logits.shape[1] != len(self._to_group):
-                raise ValueError(
-                    f"audit.judge ({self.judge.module}) returned logits of shape {tuple(logits.shape)}, "
-                    f"expected (batch, {len(self._to_group)})"
-                )
-            conf, label = torch.softmax(logits / self.judge.temperature, 1).max(1)
-            group = torch.tensor(self._to_group, device=label.device)[label]
-            labels.append(torch.where(conf >= self.min_confidence, group, torch.full_like(group, -1)).cpu())
+            label = judged_labels(
+                model(images[i : i + self.batch_size].to(device)), temperature=self.judge.temperature,
+                min_confidence=self.min_confidence, n_classes=len(self._to_group),
+                what=f"audit.judge ({self.judge.module})",
+            )  # fmt: skip
+            group = torch.tensor(self._to_group, device=label.device)[label.clamp(min=0)]
+            labels.append(torch.where(label >= 0, group, torch.full_like(group, -1)).cpu())
         return torch.cat(labels).numpy()
 
     def audit(self, trainer, pl_module) -> list[dict]:
@@ -233,15 +231,12 @@ class TrainingAudit(L.Callback):
         k, n = len(self._groups), self.n_per_prompt
         rows = []
         for b, (concept, prompt) in enumerate(self._entries):
-            y = labels[b * n : (b + 1) * n]
-            placed = y[y >= 0]
             q = np.asarray(target.proportions(concept), dtype=np.float64)
-            share = np.bincount(placed, minlength=k) / len(placed) if len(placed) else np.full(k, np.nan)
-            row = {"step": step, "concept": concept, "prompt": prompt, "n": n,
-                   "undetermined": int((y < 0).sum())}  # fmt: skip
+            share, placed, undetermined = proportions(labels[b * n : (b + 1) * n], num_classes=k)
+            row = {"step": step, "concept": concept, "prompt": prompt, "n": n, "undetermined": undetermined}
             row.update({f"share/{g}": float(s) for g, s in zip(self._groups, share)})
             row.update({f"target/{g}": float(t) for g, t in zip(self._groups, q)})
-            row["gap"] = float(np.abs(share - q).max()) if len(placed) else float("nan")
+            row["gap"] = deviation(share, target=q) if placed else float("nan")
             row["seconds"] = seconds
             rows.append(row)
         self._history += rows
