@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fairtune.data import atomic_path, atomic_write_text
 from fairtune.eval import Goal, check_goal, t_interval
 
 from ._sweep_spec import RunSpec, Spec, SweepError, read_status, run_states
@@ -66,7 +67,7 @@ def write_report(spec: Spec, out: Path) -> dict[str, Path]:
     paths = {"csv": out / "ablation.csv", "md": out / "ablation.md", "png": out / "ablation.png"}
     fields = ["arm", "arm_name", "values", "n", "n_failed", "n_pending", "seeds"]
     fields += [f"{m}_{s}" for m in metrics for s in ("mean", "std", "ci_low", "ci_high")]
-    with open(paths["csv"], "w", newline="") as f:
+    with atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for row in rows:
@@ -106,7 +107,7 @@ def write_report(spec: Spec, out: Path) -> dict[str, Path]:
             )
     lines += goal_lines(spec, rows)
     lines += ["", f"Spec: `{spec.path}`; runs in `runs/<hash>/`; every metric in `ablation.csv`."]
-    paths["md"].write_text("\n".join(lines) + "\n")
+    atomic_write_text(paths["md"], "\n".join(lines) + "\n")
     _plot(rows, shown[:6], paths["png"], spec.name)
     return paths
 
@@ -139,7 +140,8 @@ def _plot(rows: list[dict], metrics: list[str], path: Path, title: str) -> None:
         ax.set_title(m, fontsize=9)
     fig.suptitle(f"{title}: mean and 95% t-interval over seeds", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix[1:] or "png")
     plt.close(fig)
 
 
@@ -235,7 +237,7 @@ def write_slurm(spec: Spec, spec_path: Path, out: Path) -> dict[str, Path]:
         f'{base} --index "$SLURM_ARRAY_TASK_ID"',
     ]
     sbatch = out / "sweep.sbatch"
-    sbatch.write_text("\n".join(header + [""] + body) + "\n")
+    atomic_write_text(sbatch, "\n".join(header + [""] + body) + "\n")
     logs = out / "slurm"
     array_args = shlex.join(
         [f"--job-name=ft-{name}", f"--output={_slurm_pattern(logs, '%A_%a.out')}", str(sbatch)]
@@ -254,7 +256,8 @@ def write_slurm(spec: Spec, spec_path: Path, out: Path) -> dict[str, Path]:
         ]
     )
     submit = out / "submit.sh"
-    submit.write_text(
+    atomic_write_text(
+        submit,
         "\n".join(
             [
                 "#!/bin/bash",
@@ -266,7 +269,7 @@ def write_slurm(spec: Spec, spec_path: Path, out: Path) -> dict[str, Path]:
                 'echo "submitted array $jid, report ${rid%%;*}"',
             ]
         )
-        + "\n"
+        + "\n",
     )
     submit.chmod(0o755)
     return {"sbatch": sbatch, "submit": submit}
