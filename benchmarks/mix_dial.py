@@ -148,13 +148,13 @@ def run(args: Options) -> dict:
         "train_seconds": train_s,
         "endpoints": ends,
         "checks": checks,
-        "summary": summarize(checks),
+        "summary": error_summary(checks),
         "seconds": seconds,
         "threads": torch.get_num_threads(),
     }
 
 
-def summarize(checks: dict) -> dict:
+def error_summary(checks: dict) -> dict:
     """Mean and worst |landed − requested| over the requests: on the digits trained with data and named
     (seen + named) and on the never-named digit (heldout), apart."""
     out = {}
