@@ -14,6 +14,8 @@ in Stable Diffusion's layout, with a CLIP that really sees, and the base model m
                                                      # the hue judge and the CLIP: benchmarks/results/
                                                      # colored_digits_sd_base.{json,md}
     python benchmarks/colored_digits_sd.py all       # the seven in order, each skipped when done
+    python benchmarks/colored_digits_sd.py levers    # the three levers by `fairtune fit` (lever 3's
+                                                     # classifier a CLIP probe), judged as the pair is
     python benchmarks/colored_digits_sd.py fd_parity # Fair Diffusion on it: fairtune's against
                                                      # diffusers' SemanticStableDiffusionPipeline
     python benchmarks/colored_digits_sd.py ship      # copy the model and the CLIP into
@@ -88,6 +90,8 @@ class Options:
         pair_out: ``pair``: the sweep's folder (its training runs and the comparisons).
         pair_seeds: ``pair``: the spec's seeds to train and judge (``None``: all).
         pair_n_per_prompt: ``pair``: images per prompt and method.
+        levers_spec: ``levers``: the sweep spec of the lever arms (one adapter each).
+        levers_out: ``levers``: the sweep's folder.
     """
 
     data: Path = ROOT / "runs" / "data" / "colored-digits-32"
@@ -114,6 +118,8 @@ class Options:
     pair_out: Path = ROOT / "runs" / "colored-digits-sd32-pair"
     pair_seeds: list[int] | None = None
     pair_n_per_prompt: int = 128
+    levers_spec: Path = ROOT / "benchmarks" / "specs" / "colored_digits_sd_levers.yaml"
+    levers_out: Path = ROOT / "runs" / "colored-digits-sd32-levers"
 
 
 def _device(opt: Options) -> torch.device:
@@ -624,6 +630,86 @@ def pair_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+SHIPPED_CLIP = "colored-digits-sd32-clip"
+
+
+def color_probe(opt: Options, *, log=print) -> Path:
+    """Lever 3's classifier on this model: a linear probe on the shipped CLIP's image embeddings of the
+    labelled 32 px renders (``fairtune classifier clip-probe``), at ``OUT/color-probe``."""
+    from fairtune.models import train_clip_probe
+
+    out = opt.out / "color-probe"
+    if not (out / "probe.json").is_file():
+        log(f"[levers] training the CLIP probe into {out}")
+        train_clip_probe(
+            opt.data / "table", out, clip=SHIPPED_CLIP, attribute="color", classes=["red", "blue"]
+        )
+    return out
+
+
+def levers(opt: Options, *, log=print) -> dict:
+    """The lever arms of :attr:`Options.levers_spec` trained by the sweep runner into
+    ``opt.levers_out`` (a finished run is skipped), each adapter judged by :func:`sd_compare_config`
+    beside the base model and the inference-time baselines (their images shared with ``pair``'s cache)."""
+    import dataclasses
+
+    from fairtune.cli import load_spec, read_status, run_sweep
+    from fairtune.eval import MethodConfig, compare_methods
+
+    color_probe(opt, log=log)
+    spec = load_spec(opt.levers_spec)
+    run_sweep(spec, opt.levers_out, workers=1, aggregate=False)
+    cfg = sd_compare_config(opt, None)
+    train_s = {}
+    for r in spec.runs:
+        status = read_status(opt.levers_out / "runs" / r.hash)
+        if status.get("state") != "done":
+            log(f"[levers] {r.arm} seed {r.seed}: not trained; skipped")
+            continue
+        name = r.arm if len(spec.seeds) == 1 else f"{r.arm}_s{r.seed}"
+        adapter = opt.levers_out / "runs" / r.hash / "adapter"
+        cfg.methods.append(MethodConfig(name=name, kind="adapter", adapter=str(adapter)))
+        train_s[name] = (status.get("metrics") or {}).get("train_seconds")
+    metrics, _ = compare_methods(
+        dataclasses.replace(cfg), cache_dir=opt.pair_out / "compare" / "seed0", progress=False
+    )
+    methods = {}
+    for name, m in metrics["methods"].items():
+        row = dict(m["summary"])
+        row.pop("per_concept", None)
+        row["train_seconds"] = train_s.get(name)
+        methods[name] = row
+    return {
+        "name": spec.name,
+        "steps": spec_steps(spec),
+        "spec": str(Path(opt.levers_spec).resolve().relative_to(ROOT)),
+        "compare": str(SD_COMPARE.relative_to(ROOT)),
+        "n_per_prompt": opt.pair_n_per_prompt,
+        "seeds": list(spec.seeds),
+        "methods": methods,
+    }
+
+
+def levers_markdown(r: dict) -> str:
+    """The levers' table (benchmarks/results/<spec name>.md)."""
+    cols = [*PAIR_COLUMNS, ("train_seconds", "train s", 0)]
+    lines = [
+        "# ColoredDigits-SD: the three levers as `fairtune fit` trains them "
+        "(`python benchmarks/colored_digits_sd.py levers`)",
+        "",
+        f"Spec `{r['spec']}` ({r['steps']} steps per adapter, training seeds "
+        f"{', '.join(map(str, r['seeds']))}: one run per seed, a direction rather than an interval), "
+        f"judged by `{r['compare']}`: N = {r['n_per_prompt']} per prompt, the hue judge at 32 px; "
+        "target uniform.",
+        "",
+        "| method | " + " | ".join(c for _, c, _ in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for name, m in r["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(cell(m.get(k), d) for k, _, d in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def fd_parity(opt: Options, *, n_per_prompt: int = 16, prompts: list[str] | None = None, log=print) -> dict:
     """Fair Diffusion on the shipped model, fairtune's against diffusers': the comparison's
     ``fair_diffusion`` method (configs/compare/colored_digits_sd.yaml: its SEGA settings, DDIM steps,
@@ -731,7 +817,18 @@ STEPS = ("data", "vae", "clip", "assemble", "judges", "unet", "measure")
 
 def main(
     step: Literal[
-        "data", "vae", "clip", "assemble", "judges", "unet", "measure", "all", "ship", "pair", "fd_parity"
+        "data",
+        "vae",
+        "clip",
+        "assemble",
+        "judges",
+        "unet",
+        "measure",
+        "all",
+        "ship",
+        "pair",
+        "fd_parity",
+        "levers",
     ],
     opt: Options | None = None,
 ) -> None:
@@ -783,6 +880,9 @@ def main(
     if step == "pair":
         r = pair(opt, log=log)
         write_results(r["name"], r, pair_markdown(r), opt.results)
+    if step == "levers":
+        r = levers(opt, log=log)
+        write_results(r["name"], r, levers_markdown(r), opt.results)
     if step == "fd_parity":
         r = fd_parity(opt, log=log)
         write_results("colored_digits_sd_fd_parity", r, fd_parity_markdown(r), opt.results)

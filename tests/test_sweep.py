@@ -21,7 +21,7 @@ import yaml
 from scipy import stats
 from test_distributed import tiny_base, tiny_config  # noqa: F401 - tiny_base is a fixture
 
-from fairtune.cli import SweepError, load_spec, main, run_sweep
+from fairtune.cli import SweepError, check_goals, load_spec, main, read_status, run_sweep
 from fairtune.cli._sweep import _error_summary
 from fairtune.eval import t_interval
 from fairtune.models import LORA_WEIGHT_NAME
@@ -45,6 +45,8 @@ def _spec(tmp_path, base, quick_judges, **extra) -> Path:
         "name": "tiny",
         "base": [str(base)],
         "arms": {
+            # nothing trained: the base model judged as it is (a seed of its own, no fit subprocess)
+            "base": {"configs": [], "train": False, "seeds": [0]},
             "naive": [str(ABLATIONS / "naive.yaml")],
             # a misspelt key: fairtune fit refuses it before training
             "broken": {
@@ -67,6 +69,10 @@ def _spec(tmp_path, base, quick_judges, **extra) -> Path:
             },
         },
         "report": {"metrics": ["mean_dev_seen", "fidelity"]},
+        "goals": [
+            {"arm": "naive", "metric": "mean_dev_seen", "max": 1.0},
+            {"arm": "naive", "metric": "fidelity", "relative_to": "base", "min": 2.0},  # cannot be met
+        ],
         **extra,
     }
     path = tmp_path / "sweep.yaml"
@@ -85,15 +91,20 @@ def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges,
     out = tmp_path / "sweep"
     spec = load_spec(spec_path)
     assert [(r.arm, r.seed) for r in spec.runs] == [
-        ("naive", 0), ("naive", 1), ("broken", 0), ("sampler", 0),
+        ("base", 0), ("naive", 0), ("naive", 1), ("broken", 0), ("sampler", 0),
     ]  # fmt: skip
-    assert len({r.hash for r in spec.runs}) == 4
+    assert len({r.hash for r in spec.runs}) == 5
 
-    # --- interrupted half-way: only the first two runs get done
-    first = run_sweep(spec_path, out, max_runs=2, workers=2)
-    naive = [out / "runs" / r.hash for r in spec.runs[:2]]
-    assert sorted(first["ran"]) == sorted(p.name for p in naive)
-    assert len(first["done"]) == 2 and len(first["pending"]) == 2 and not first["failed"]
+    # --- interrupted: only the first three runs get done (the untrained base arm and naive's two)
+    first = run_sweep(spec_path, out, max_runs=3, workers=2)
+    base_run = out / "runs" / spec.runs[0].hash
+    naive = [out / "runs" / r.hash for r in spec.runs[1:3]]
+    assert sorted(first["ran"]) == sorted([base_run.name] + [p.name for p in naive])
+    assert len(first["done"]) == 3 and len(first["pending"]) == 2 and not first["failed"]
+    # the untrained arm: judged as it is, nothing trained
+    assert (base_run / "config.yaml").is_file() and not (base_run / "adapter").exists()
+    assert not (base_run / "fit.log").exists()
+    assert "mean_dev_seen" in read_status(base_run)["metrics"]
     for run in naive:
         status = json.loads((run / "status.json").read_text())
         assert status["state"] == "done" and 0 <= status["metrics"]["mean_dev_seen"] <= 1
@@ -103,9 +114,9 @@ def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges,
 
     # --- restarted: only the missing runs train; the bad override fails alone
     second = run_sweep(spec_path, out, workers=2)
-    broken, sampler = spec.runs[2], spec.runs[3:]
+    broken, sampler = spec.runs[3], spec.runs[4:]
     assert sorted(second["ran"]) == sorted([broken.hash] + [r.hash for r in sampler])
-    assert len(second["done"]) == 3 and second["failed"] == [broken.hash] and not second["pending"]
+    assert len(second["done"]) == 4 and second["failed"] == [broken.hash] and not second["pending"]
     for run in naive:  # finished runs untouched: not retrained, not re-judged
         assert _mtimes(run) == before[run]
         assert (run / "fit.log").read_text().count("\n$ ") == 1
@@ -113,7 +124,7 @@ def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges,
     assert failed["state"] == "failed" and failed["stage"] == "train" and "rnk" in failed["error"]
     events = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
     states = [e["state"] for e in events]
-    assert states.count("done") == 3 and states.count("failed") == 1
+    assert states.count("done") == 4 and states.count("failed") == 1
 
     # --- started again without retrying failures: nothing to do
     assert run_sweep(spec_path, out, retry_failed=False)["ran"] == []
@@ -128,10 +139,10 @@ def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges,
     # --- the aggregate: one row per arm, mean and t-interval over the seeds' metrics
     with open(out / "ablation.csv") as f:
         rows = {r["arm"]: r for r in csv.DictReader(f)}
-    assert list(rows) == ["naive", "broken", "sampler"]
+    assert list(rows) == ["base", "naive", "broken", "sampler"]
     assert rows["broken"]["n"] == "0" and rows["broken"]["n_failed"] == "1"
     assert rows["sampler"]["n"] == "1"
-    for arm, runs in (("naive", spec.runs[:2]),):
+    for arm, runs in (("naive", spec.runs[1:3]),):
         vals = [json.loads((out / "runs" / r.hash / "status.json").read_text())["metrics"] for r in runs]
         devs = [v["mean_dev_seen"] for v in vals]
         mean = sum(devs) / 2
@@ -146,6 +157,14 @@ def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges,
     assert f"{float(rows['naive']['mean_dev_seen_mean']):.4g} ±" in md
     assert "## Failed runs" in md and broken.hash in md
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the spec's goals, checked against the arms' means (one relative to the untrained base arm)
+    assert "## Goals" in md and "missed by" in md and ": met" in md
+    means = [{"arm_name": "base", "fidelity_mean": 0.5},
+             {"arm_name": "naive", "fidelity_mean": 0.75, "mean_dev_seen_mean": 0.5}]  # fmt: skip
+    checks = check_goals(spec, means)
+    assert checks[0]["met"] is True
+    assert checks[1]["value"] == pytest.approx(0.25) and checks[1]["met"] is False
+    assert checks[1]["missed_by"] == pytest.approx(1.75)
 
     # --- the CLI: the report alone, and a SLURM job array instead of running
     (out / "ablation.md").unlink()
@@ -153,19 +172,20 @@ def test_sweep_resumes_records_failures_and_aggregates(digits_dir, quick_judges,
     assert "| sampler | 1 |" in (out / "ablation.md").read_text()
     main(["sweep", str(spec_path), "--out", str(out), "--slurm", "true"])
     sbatch = (out / "sweep.sbatch").read_text()
-    assert "#SBATCH --array=0-3" in sbatch and '--index "$SLURM_ARRAY_TASK_ID"' in sbatch
+    assert "#SBATCH --array=0-4" in sbatch and '--index "$SLURM_ARRAY_TASK_ID"' in sbatch
     assert "--aggregate_only true" in (out / "submit.sh").read_text()
     # an array task whose run is done does nothing
     assert run_sweep(spec_path, out, index=0)["ran"] == []
 
     # --- other judge settings: every done run is judged again, none is trained again
-    done = [out / "runs" / r.hash for r in spec.runs if r.arm != "broken"]
+    done = [out / "runs" / r.hash for r in spec.runs if r.arm not in ("broken", "base")]
     ckpts = {run: (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns for run in done}
     raw = yaml.safe_load(spec_path.read_text())
     raw["judge"]["options"]["n_per_prompt"] = 3
     spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     third = run_sweep(spec_path, out, retry_failed=False)
-    assert sorted(third["ran"]) == sorted(run.name for run in done) and len(third["done"]) == 3
+    assert sorted(third["ran"]) == sorted([base_run.name] + [run.name for run in done])
+    assert len(third["done"]) == 4
     for run in done:
         assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == ckpts[run]
         assert (run / "fit.log").read_text().count("\n$ ") == 1
@@ -245,48 +265,11 @@ def test_the_shipped_ablation_spec_expands_to_commands_fit_accepts():
         assert cfg.trainer.default_root_dir == "/tmp/never-written"
 
 
-def test_an_untrained_arm_is_judged_as_it_is_and_goals_come_from_the_spec(
-    digits_dir,
-    quick_judges,
-    tiny_base,  # noqa: F811
-    tmp_path,
-):
-    from fairtune.cli import check_goals, read_status
-
-    base = tiny_config(digits_dir, tiny_base, tmp_path / "tiny.yaml", **{"trainer.max_steps": 2})
-    spec_path = _spec(
-        tmp_path,
-        base,
-        quick_judges,
-        seeds=[0],
-        goals=[
-            {"arm": "naive", "metric": "mean_dev_seen", "max": 1.0},
-            {"arm": "naive", "metric": "fidelity", "relative_to": "base", "min": 2.0},  # cannot be met
-        ],
-    )
-    raw = yaml.safe_load(spec_path.read_text())
-    raw["arms"] = {"base": {"configs": [], "train": False}, "naive": [str(ABLATIONS / "naive.yaml")]}
+def test_a_goal_naming_no_arm_of_the_spec_is_refused(tmp_path):
+    raw = {"name": "g", "base": [], "arms": {"naive": [str(ABLATIONS / "naive.yaml")]}, "judge": None,
+           "goals": [{"arm": "nope", "metric": "fidelity", "max": 1}]}  # fmt: skip
+    spec_path = tmp_path / "g.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
-    out = tmp_path / "sweep"
-    summary = run_sweep(spec_path, out)
-    spec = load_spec(spec_path)
-    assert len(summary["done"]) == 2 and not summary["failed"]
-    base_run = out / "runs" / spec.runs[0].hash
-    assert (base_run / "config.yaml").is_file() and not (base_run / "adapter").exists()
-    assert not (base_run / "fit.log").exists()  # nothing was trained
-    assert "mean_dev_seen" in read_status(base_run)["metrics"]
-
-    report = (out / "ablation.md").read_text()
-    assert "## Goals" in report and "missed by" in report and ": met" in report
-    naive = read_status(out / "runs" / spec.runs[1].hash)["metrics"]
-    rows = [{"arm_name": "base", "fidelity_mean": 0.5}, {"arm_name": "naive", "fidelity_mean": 0.75}]
-    rows[1]["mean_dev_seen_mean"] = naive["mean_dev_seen"]
-    checks = check_goals(spec, rows)
-    assert checks[1]["value"] == pytest.approx(0.25) and checks[1]["met"] is False
-    assert checks[1]["missed_by"] == pytest.approx(1.75)
-
-    bad = dict(raw, goals=[{"arm": "nope", "metric": "fidelity", "max": 1}])
-    spec_path.write_text(yaml.safe_dump(bad))
     with pytest.raises(SweepError, match="names arm 'nope'"):
         load_spec(spec_path)
 
