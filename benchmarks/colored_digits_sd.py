@@ -537,6 +537,17 @@ def pair_scale() -> float:
     return next(float(m.get("adapter_scale", 1.0)) for m in methods if m["kind"] == "class_adapters")
 
 
+def _results_head(spec, spec_path: Path, opt: Options) -> dict:
+    """What every trained arm's results file starts with: the spec, its budget and the comparison."""
+    return {
+        "name": spec.name,
+        "steps": spec_steps(spec),
+        "spec": str(Path(spec_path).resolve().relative_to(ROOT)),
+        "compare": str(SD_COMPARE.relative_to(ROOT)),
+        "n_per_prompt": opt.pair_n_per_prompt,
+    }
+
+
 def pair(opt: Options, *, log=print) -> dict:
     """The demo's class adapters on ColoredDigits-SD (:data:`PAIR_SPEC`, trained by the sweep runner
     into ``opt.pair_out``: a finished run is skipped, a cut-off one resumes), each seed's pair judged by
@@ -583,11 +594,7 @@ def pair(opt: Options, *, log=print) -> dict:
     keys = [k for k, _, _ in PAIR_COLUMNS] + ["train_seconds"]
     summary = {k: seed_summary([row.get(k) for row in per_seed.values()]) for k in keys}
     return {
-        "name": spec.name,
-        "steps": spec_steps(spec),
-        "spec": str(Path(opt.pair_spec).resolve().relative_to(ROOT)),
-        "compare": str(SD_COMPARE.relative_to(ROOT)),
-        "n_per_prompt": opt.pair_n_per_prompt,
+        **_results_head(spec, opt.pair_spec, opt),
         "adapter_scale": pair_scale(),
         "seeds": sorted(per_seed),
         "class_pair": summary,
@@ -680,11 +687,7 @@ def levers(opt: Options, *, log=print) -> dict:
         row["train_seconds"] = train_s.get(name)
         methods[name] = row
     return {
-        "name": spec.name,
-        "steps": spec_steps(spec),
-        "spec": str(Path(opt.levers_spec).resolve().relative_to(ROOT)),
-        "compare": str(SD_COMPARE.relative_to(ROOT)),
-        "n_per_prompt": opt.pair_n_per_prompt,
+        **_results_head(spec, opt.levers_spec, opt),
         "seeds": list(spec.seeds),
         "methods": methods,
     }
