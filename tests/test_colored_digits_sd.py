@@ -146,11 +146,12 @@ def test_the_unet_pretrains_on_cached_latents_with_the_product_trainer(built, tm
     assert list((tmp_path / "latents").iterdir())  # from the latent cache
 
 
-def test_the_sd_lever_recipe_trains_every_lever_with_a_clip_probe_classifier(built, tmp_path):
+def test_the_sd_lever_recipe_trains_every_lever_from_shards_and_from_cached_latents(built, tmp_path):
     """configs/colored_digits_sd/fairness.yaml (lever 3 written as the occupations recipe writes it: a
     CLIP classifier, preservation in latent space) with the sampler and the adversary, on the shipped
     model through the product's CLI: the probe trains on the labelled renders with the shipped CLIP and
-    tells the inks apart, and one fit step of every lever's loss runs on it."""
+    tells the inks apart, and a fit step of every lever's loss runs from webdataset shards (the
+    streaming sampler) and from the table with cached VAE latents."""
     from fairtune.cli import FairtuneCLI
     from fairtune.data import AttributeDataModule
     from fairtune.models import train_clip_probe
@@ -161,21 +162,31 @@ def test_the_sd_lever_recipe_trains_every_lever_with_a_clip_probe_classifier(bui
                               classes=["red", "blue"])  # fmt: skip
     assert report["val_accuracy"] >= 0.95, report["val_accuracy"]
     recipe = ROOT / "configs" / "colored_digits_sd"
-    args = ["--config", str(recipe / "lora.yaml"), "--config", str(recipe / "fairness.yaml"),
-            "--data.source.path", str(built.data / "table"), "--data.rebalance", '{"unknown": "keep"}',
-            "--data.batch_size", "4", "--data.samples_per_epoch", "8",
-            "--model.adversary", '{"weight": 0.5, "warmup_steps": 0}',
-            "--model.fairness.classifier.init_args.probe", str(probe), "--model.fairness.start_step", "0",
-            "--model.fairness.ramp_steps", "0", "--model.fairness.every_k_steps", "1",
-            "--model.fairness.concepts_per_step", "1", "--model.fairness.samples_per_concept", "2",
-            "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-            "--trainer.default_root_dir", str(tmp_path / "run")]  # fmt: skip
-    cli = FairtuneCLI(DebiasModule, AttributeDataModule, args=args, run=False)
-    assert cli.model.fairness.preservation.features == "latent"
-    cli.trainer.fit(cli.model, cli.datamodule)
-    logged = cli.trainer.logged_metrics
-    for key in ("adversary/head_loss", "fairness/align", "fairness/preserve", "train/loss"):
-        assert key in logged and torch.isfinite(logged[key]), key
+    shards = sorted((built.data / "shards").glob("train-*.tar"))
+    assert shards
+    sources = {
+        "shards": ["--data.source.path", str(shards[0])],
+        "latents": ["--data.source.path", str(built.data / "table"),
+                    "--data.latents", json.dumps({"dir": str(tmp_path / "latents")})],
+    }  # fmt: skip
+    for name, source in sources.items():
+        args = ["--config", str(recipe / "lora.yaml"), "--config", str(recipe / "fairness.yaml"), *source,
+                "--data.rebalance", '{"unknown": "keep"}', "--data.batch_size", "4",
+                "--data.samples_per_epoch", "8", "--model.adversary", '{"weight": 0.5, "warmup_steps": 0}',
+                "--model.fairness.classifier.init_args.probe", str(probe), "--model.fairness.start_step", "0",
+                "--model.fairness.ramp_steps", "0", "--model.fairness.every_k_steps", "1",
+                "--model.fairness.concepts_per_step", "1", "--model.fairness.samples_per_concept", "2",
+                "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                "--trainer.default_root_dir", str(tmp_path / name)]  # fmt: skip
+        cli = FairtuneCLI(DebiasModule, AttributeDataModule, args=args, run=False)
+        assert cli.model.fairness.preservation.features == "latent"
+        cli.trainer.fit(cli.model, cli.datamodule)
+        logged = cli.trainer.logged_metrics
+        for key in ("adversary/head_loss", "fairness/align", "fairness/preserve", "train/loss"):
+            assert key in logged and torch.isfinite(logged[key]), (name, key)
+        assert cli.datamodule.source.is_shards() == (name == "shards")
+        assert (cli.datamodule.latent_entry is not None) == (name == "latents"), name
+    assert list((tmp_path / "latents").iterdir())  # the entry the latents run encoded
 
 
 def test_the_sd_pair_trains_the_demos_arms_and_is_judged_as_the_demo_judges():
