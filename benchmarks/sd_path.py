@@ -314,12 +314,21 @@ def mix(data: Path, n: int) -> dict:
     }
 
 
+def _ratio(r: dict, key: str) -> str:
+    """A ratio: one run's, or the median over the repeats with their range."""
+    runs = (r.get("ratios") or {}).get(key) or [r[key]]
+    if len(runs) == 1:
+        return f"{r[key]:.2f}x"
+    return f"{r[key]:.2f}x (median of {len(runs)} runs, {min(runs):.2f}-{max(runs):.2f})"
+
+
 def markdown(r: dict) -> str:
     a = r["args"]
     m = r["mix"]
     fit, cached, plain = r["fit"], r["cached"], r["plain"]
     unit = "wall s" if a["device"] == "cuda" else "CPU s"
     uncached = r.get("uncached")
+    n = len((r.get("ratios") or {}).get("fit_over_plain") or [None])
     lines = [
         f"# sd_path: {r.get('model', 'tiny Stable Diffusion')}, {a['image_size']} px, "
         f"batch {a['batch_size']}, "
@@ -331,20 +340,26 @@ def markdown(r: dict) -> str:
         "|---|---|---|---|---|",
         f"| plain diffusers + peft loop | {plain['step_s']:.4f} | {plain['wall_step_s']:.4f} | 1.00 | |",
         f"| `fairtune fit` (naive arm) | {fit['step_s']:.4f} | {fit['wall_step_s']:.4f} | "
-        f"{r['fit_over_plain']:.2f}x plain | <= 1.10x |",
+        f"{_ratio(r, 'fit_over_plain')} plain | <= 1.10x |",
         f"| `fairtune fit`, cached latents | {cached['step_s']:.4f} | {cached['wall_step_s']:.4f} | "
-        f"{r['cached_speedup']:.2f}x faster than encoding the images every step | >= 2x |",
+        f"{_ratio(r, 'cached_speedup')} faster than encoding the images every step | >= 2x |",
         *(
             [
                 f"| `fairtune fit`, images and prompts encoded every step (`prompt_cache: 0`) | "
                 f"{uncached['step_s']:.4f} | {uncached['wall_step_s']:.4f} | cached latents + text "
-                f"embeddings {r['cached_all_speedup']:.2f}x faster than this | >= 2x |",
+                f"embeddings {_ratio(r, 'cached_all_speedup')} faster than this | >= 2x |",
             ]
             if uncached
             else []
         ),
         "",
-        f"Step time: the median over {fit['steps_timed']} steps after {a['warmup']} warm-up steps of "
+        (
+            f"Step times in the table: the last of {n} runs (each path timed once per run, interleaved); "
+            "ratios: the median over the runs and their range. "
+            if n > 1
+            else ""
+        )
+        + f"Step time: the median over {fit['steps_timed']} steps after {a['warmup']} warm-up steps of "
         + (
             "the wall time between steps (CUDA synchronised)."
             if a["device"] == "cuda"
@@ -400,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--draws", type=int, default=50000)
+    ap.add_argument("--repeats", type=int, default=1, help="time every path this many times (interleaved)")
     ap.add_argument(
         "--data", default=None, help="a ColoredDigits-Bias folder (default: rendered to a temp dir)"
     )
@@ -432,16 +448,26 @@ def main(argv: list[str] | None = None) -> None:
         else:
             sd = make_tiny_stable_diffusion(work / "sd", sample_size=args.latent_size or args.image_size // 2)
 
-        print("sd_path: plain diffusers + peft loop ...", file=sys.stderr)
-        plain = plain_loop_step_times(args, sd, data)
-        print("sd_path: fairtune fit (encoding every step) ...", file=sys.stderr)
-        fit = fit_step_times(args, work, sd, data, "fit")
-        print("sd_path: fairtune fit (encoding images and prompts every step) ...", file=sys.stderr)
-        uncached = fit_step_times(args, work, sd, data, "uncached", backbone_over={"prompt_cache": 0})
-        print("sd_path: fairtune fit (cached latents, built in its setup) ...", file=sys.stderr)
-        cache_dir = work / "latents"
-        cached = fit_step_times(args, work, sd, data, "cached", latents={"dir": str(cache_dir)})
+        runs = []  # every path once per repeat, interleaved, so a slow spell of the machine hits them all
+        for k in range(args.repeats):
+            cache_dir = work / f"latents-{k}"  # a fresh cache each repeat: its build is timed each time
+            print(f"sd_path: run {k + 1}/{args.repeats}: plain diffusers + peft loop ...", file=sys.stderr)
+            plain = plain_loop_step_times(args, sd, data)
+            print("sd_path: fairtune fit (encoding every step) ...", file=sys.stderr)
+            fit = fit_step_times(args, work, sd, data, f"fit-{k}")  # a run folder each: a done one skips
+            print("sd_path: fairtune fit (encoding images and prompts every step) ...", file=sys.stderr)
+            uncached = fit_step_times(
+                args, work, sd, data, f"uncached-{k}", backbone_over={"prompt_cache": 0}
+            )
+            print("sd_path: fairtune fit (cached latents, built in its setup) ...", file=sys.stderr)
+            cached = fit_step_times(args, work, sd, data, f"cached-{k}", latents={"dir": str(cache_dir)})
+            runs.append({"plain": plain, "fit": fit, "uncached": uncached, "cached": cached})
         meta = json.loads(next(cache_dir.glob("*/meta.json")).read_text())
+        ratios = {
+            "fit_over_plain": [r["fit"]["step_s"] / r["plain"]["step_s"] for r in runs],
+            "cached_speedup": [r["fit"]["step_s"] / r["cached"]["step_s"] for r in runs],
+            "cached_all_speedup": [r["uncached"]["step_s"] / r["cached"]["step_s"] for r in runs],
+        }
         print("sd_path: mix from shards vs the table sampler ...", file=sys.stderr)
         result = {
             "argv": argv,
@@ -453,9 +479,11 @@ def main(argv: list[str] | None = None) -> None:
             "model": args.pretrained or "tiny Stable Diffusion",
             "cached": cached,
             "uncached": uncached,
-            "fit_over_plain": fit["step_s"] / plain["step_s"],
-            "cached_speedup": fit["step_s"] / cached["step_s"],
-            "cached_all_speedup": uncached["step_s"] / cached["step_s"],
+            # each ratio: the median over the repeats (one run's ratio with --repeats 1); every run's in
+            # "runs" and "ratios"; each path's step times above are the last run's
+            **{k: float(np.median(v)) for k, v in ratios.items()},
+            "ratios": ratios,
+            "runs": runs,
             "cache": {
                 "encode_seconds": meta["encode_seconds"],
                 "records": meta["count"],
@@ -467,9 +495,11 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    from fairtune.data import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / f"{args.name}.json", result, indent=2)
     md = markdown(result)
-    (out / f"{args.name}.md").write_text(md)
+    atomic_write_text(out / f"{args.name}.md", md)
     print(md)
     print(f"wrote {out / args.name}.json and .md", file=sys.stderr)
 
