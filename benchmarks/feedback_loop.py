@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from jsonargparse import CLI
@@ -58,14 +59,17 @@ def _fairtune(*args: str, log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _audit(adapter: Path, prompts: Path, out: Path, n: int, steps: int, log: Path) -> tuple[dict, float]:
+def _audit(
+    adapter: Path, prompts: Path, out: Path, n: int, steps: int, log: Path, *, model: str, judges: Path,
+    reference: Path,
+) -> tuple[dict, float]:  # fmt: skip
     if (out / "metrics.json").exists():  # a finished audit is kept (a restarted benchmark skips it)
         return json.loads((out / "metrics.json").read_text()), 0.0
     seconds = _fairtune(
-        "audit", "--model", "colored-digits-16", "--adapter", adapter, "--prompts", prompts, "--out", out,
+        "audit", "--model", model, "--adapter", adapter, "--prompts", prompts, "--out", out,
         "--name", "adapter", "--judges", CONFIGS / "judges" / "colored_digits.yaml",
-        "--judges.options", json.dumps({"path": str(JUDGES), "color_judge": "hue"}),
-        "--judges.reference", DATA, "--target.attributes", "[color]",
+        "--judges.options", json.dumps({"path": str(judges), "color_judge": "hue"}),
+        "--judges.reference", reference, "--target.attributes", "[color]",
         "--target.proportions", "uniform", "--generation.n_per_prompt", n, "--generation.steps", steps,
         "--generation.guidance_scale", 2.0, "--generation.seed", 0, log=log,
     )  # fmt: skip
@@ -85,6 +89,16 @@ def main(
     sampling_steps: int = 25,
     round_overlay: Path = CONFIGS / "colored_digits" / "feedback_round.yaml",
     fit_args: list[str] = [],
+    model: str = "colored-digits-16",
+    judges: Path = JUDGES,
+    data: Path = DATA,
+    recipe: list[Path] = [CONFIGS / "colored_digits" / "lora.yaml", CONFIGS / "ablations" / "all.yaml"],
+    classifier_args: list[str] = [
+        "--model.fairness.classifier.weights",
+        str(CLASSIFIER / "classifier.safetensors"),
+    ],
+    name: str = "feedback_loop",
+    preset: Literal["pixel", "sd"] = "pixel",
 ) -> None:
     """Audit, flag the worst prompts, train one round on the flags, audit again; write the table.
 
@@ -97,7 +111,32 @@ def main(
         sampling_steps: DDIM steps of the audits.
         round_overlay: The round's config overlay, after lora.yaml and ablations/all.yaml.
         fit_args: Extra ``fairtune fit`` options (``--key value`` items) for the round.
+        model: The base model the adapter was trained on (a folder or shipped name).
+        judges: The benchmark's judges at the model's size (``fairtune judges train``).
+        data: The ColoredDigits data folder: the round's training table and the audits' Fréchet reference.
+        recipe: The round's configs before ``round_overlay`` (the adapter's own recipe and levers).
+        classifier_args: ``fairtune fit`` options naming lever 3's classifier for ``recipe``.
+        name: The results files' name (``benchmarks/results/<name>.{json,md}``).
+        preset: ``sd``: ColoredDigits-SD instead, from the levers benchmark's ``all`` adapter (every
+            lever; lever 3's classifier the CLIP probe): ``python benchmarks/colored_digits_sd.py
+            levers`` first. It sets ``adapter``, ``out``, ``model``, ``judges``, ``data``, ``recipe``,
+            ``classifier_args``, the sampler in ``fit_args``, and ``name`` (``feedback_loop_sd``).
     """
+    if preset == "sd":
+        import colored_digits_sd as sd
+
+        from fairtune.cli import load_spec
+
+        opt = sd.Options()
+        (run_all,) = [r for r in load_spec(opt.levers_spec).runs if r.arm == "all"]
+        adapter, out = opt.levers_out / "runs" / run_all.hash / "adapter", out.with_name(name + "_sd")
+        model, judges, data, name = "colored-digits-sd32", opt.out / "judges", opt.data, name + "_sd"
+        recipe = [
+            CONFIGS / "colored_digits_sd" / "lora.yaml",
+            CONFIGS / "colored_digits_sd" / "fairness.yaml",
+        ]
+        classifier_args = ["--model.fairness.classifier.init_args.probe", str(sd.color_probe(opt))]
+        fit_args = ["--data.rebalance", json.dumps({"unknown": "keep"}), *fit_args]  # the all arm's sampler
     if not (adapter / "pytorch_lora_weights.safetensors").exists():
         sys.exit(
             f"no adapter at {adapter}: run `bash scripts/demo.sh --single true` first (or pass --adapter DIR)"
@@ -109,7 +148,10 @@ def main(
     prompts.write_text(yaml.safe_dump(UNSEEN, sort_keys=False))
 
     # 1. audit the adapter on prompts it never trained on
-    before, t_audit = _audit(adapter, prompts, out / "audit-before", n_per_prompt, sampling_steps, log)
+    where = {"model": model, "judges": judges, "reference": data}
+    before, t_audit = _audit(
+        adapter, prompts, out / "audit-before", n_per_prompt, sampling_steps, log, **where
+    )
     rows_before = _per_prompt(before)
     classes = before["classes"]
 
@@ -124,7 +166,7 @@ def main(
             r = rows_before[key]
             over = max(range(len(classes)), key=lambda k: r["p_hat"][k] - r["target"][k])
             _fairtune(
-                "flag", "add", "--db", db, "--model", "colored-digits-16", "--adapter", adapter,
+                "flag", "add", "--db", db, "--model", model, "--adapter", adapter,
                 "--prompt", r["prompt"], "--concept", r["concept"], "--attribute", "color",
                 "--direction", classes[over], "--audit_run", out / "audit-before", "--reviewer", "benchmark",
                 "--note", f"judged {classes[over]} {r['p_hat'][over]:.2f}", log=log,
@@ -137,16 +179,16 @@ def main(
     t_fit = 0.0
     if not (run / "adapter" / "pytorch_lora_weights.safetensors").exists():
         t_fit = _fairtune(
-            "fit", "--config", CONFIGS / "colored_digits" / "lora.yaml",
-            "--config", CONFIGS / "ablations" / "all.yaml", "--config", round_overlay,
-            "--data.source.path", DATA / "table",
-            "--model.fairness.classifier.weights", CLASSIFIER / "classifier.safetensors",
+            "fit", *[a for c in [*recipe, round_overlay] for a in ("--config", c)],
+            "--data.source.path", Path(data) / "table", *classifier_args,
             "--model.lora.init_from", adapter, "--model.fairness.extra_prompts_file", flagged_file,
             "--trainer.default_root_dir", run, *fit_args, log=log,
         )  # fmt: skip
 
     # 4. audit the new adapter on the same prompts, seeds and judges
-    after, t_audit2 = _audit(run / "adapter", prompts, out / "audit-after", n_per_prompt, sampling_steps, log)
+    after, t_audit2 = _audit(
+        run / "adapter", prompts, out / "audit-after", n_per_prompt, sampling_steps, log, **where
+    )
     rows_after = _per_prompt(after)
 
     table, flagged_dev, other_moves = [], [[], []], []
@@ -178,7 +220,8 @@ def main(
         "frechet_before": sb["frechet"], "frechet_after": sa["frechet"],
         "seconds": {"audit_before": t_audit, "flag_and_export": t_flag, "fit_round": t_fit,
                     "audit_after": t_audit2},
-        "round_overlay": _rel(round_overlay), "fit_args": fit_args, "prompts": table,
+        "round_overlay": _rel(round_overlay), "fit_args": fit_args, "prompts": table, "model": model,
+        "recipe": [_rel(c) for c in recipe], "classifier_args": classifier_args, "name": name,
     }  # fmt: skip
     goals = [
         ("flagged mean dev falls by at least half", Goal("flagged_reduction", ">=", 0.5),
@@ -188,7 +231,7 @@ def main(
         ("fidelity within 0.01", Goal("fidelity_change", "<=", 0.01), abs(sa["fidelity"] - sb["fidelity"])),
     ]  # fmt: skip
     result["goals"] = {name: check_goal(goal, value)["met"] for name, goal, value in goals}
-    write_results("feedback_loop", result, _markdown(result))
+    write_results(name, result, _markdown(result))
 
 
 def _rel(p: Path | str) -> str:
@@ -200,13 +243,23 @@ def _markdown(r: dict) -> str:
     f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
     ci = lambda c: "" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]"  # noqa: E731
     s = r["seconds"]
+    if r.get("model", "colored-digits-16") == "colored-digits-16":
+        command = (
+            "Command: `python benchmarks/feedback_loop.py` (after `bash scripts/demo.sh --single true`); "
+            "adapter "
+        )
+    else:
+        command = (
+            "Command: `python benchmarks/feedback_loop.py --preset sd` (after `python "
+            f"benchmarks/colored_digits_sd.py levers`); model `{r['model']}`, adapter "
+        )
     lines = [
-        f"# feedback_loop: one round on the {len(r['flagged'])} worst of "
+        f"# {r.get('name', 'feedback_loop')}: one round on the {len(r['flagged'])} worst of "
         f"{r['n_prompts']} unseen prompts (N={r['n_per_prompt']}, {r['sampling_steps']} DDIM steps, "
         "hue judge)",
         "",
-        "Command: `python benchmarks/feedback_loop.py` (after `bash scripts/demo.sh --single true`); adapter "
-        f"`{_rel(r['adapter'])}`, round overlay `{r['round_overlay']}`"
+        command
+        + f"`{_rel(r['adapter'])}`, round overlay `{r['round_overlay']}`"
         + (f", fit args `{' '.join(r['fit_args'])}`" if r["fit_args"] else "")
         + ".",
         "",
