@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -68,6 +69,16 @@ class Options:
         results: Folder of the result files.
         name: Result file name.
         threads: Torch threads.
+        runs_dir: The sweep folder the spec's runs trained into (``runs/<hash>/adapter``).
+        kind: The base model's backbone kind (``sd`` for ColoredDigits-SD).
+
+    ColoredDigits-SD (the SD pair that also learns from its ink's data, seed 0, fused at 1.5 as its
+    comparison draws it)::
+
+        python benchmarks/mix_dial.py --spec benchmarks/specs/colored_digits_sd_pair_data.yaml \\
+          --runs_dir runs/colored-digits-sd32-pair --kind sd --model colored-digits-sd32 \\
+          --judges runs/colored-digits-sd32/judges --reference runs/data/colored-digits-32 \\
+          --adapter_scale 1.5 --out runs/bench/mix_dial_sd --name mix_dial_sd
     """
 
     spec: Path = ROOT / "benchmarks" / "specs" / "class_adapters.yaml"
@@ -87,6 +98,8 @@ class Options:
     results: Path = RESULTS
     name: str = "mix_dial"
     threads: int = 2
+    runs_dir: Path = ROOT / "runs" / "bench"
+    kind: Literal["tiny", "sd"] = "tiny"
 
 
 ROLES = [("seen", list(range(8))), ("named", [8]), ("heldout", [9])]
@@ -99,7 +112,7 @@ def adapters_of(args: Options) -> tuple[dict[str, str], dict[str, float | None]]
     for run in spec.runs:
         if run.seed != args.seed:
             continue
-        folder = ROOT / "runs" / "bench" / "runs" / run.hash
+        folder = Path(args.runs_dir) / "runs" / run.hash
         if not (folder / "adapter" / LORA_WEIGHT_NAME).is_file():
             sys.exit(f"mix_dial: arm {run.arm!r} is not trained: python benchmarks/arms.py {args.spec}")
         adapters[run.arm] = str(folder / "adapter")
@@ -125,7 +138,7 @@ def run(args: Options) -> dict:
     gen = GenerationConfig(
         n_per_prompt=args.n_per_prompt, steps=args.steps, guidance_scale=args.guidance_scale
     )
-    backbone = Backbone.from_config(BackboneConfig(kind="tiny", pretrained=args.model))
+    backbone = Backbone.from_config(BackboneConfig(kind=args.kind, pretrained=args.model))
     t0 = time.perf_counter()
     ends = mix_endpoints(
         class_adapters=adapters, prompts=neutral + explicit, out=args.out, backbone=backbone, judges=judges,
@@ -179,8 +192,9 @@ def markdown(p: dict) -> str:
         f'"a handwritten digit {{d}}", N = {o["n_per_prompt"]} per digit, '
         f"{o['steps']} DDIM steps, "
         f"guidance {o['guidance_scale']}, hue judge. Endpoints on seeds 0-{o['n_per_prompt'] - 1}; each "
-        f"request checked on seeds {o['n_per_prompt']}-{2 * o['n_per_prompt'] - 1}. Command: "
-        "`python benchmarks/mix_dial.py` (options in the JSON).",
+        f"request checked on seeds {o['n_per_prompt']}-{2 * o['n_per_prompt'] - 1}"
+        + (f"; model `{o['model']}`" if o.get("kind", "tiny") != "tiny" else "")
+        + ". Command: `python benchmarks/mix_dial.py` (options in the JSON).",
         "",
         "## Requested against landed (mean and worst |landed − requested| over all requests)",
         "",
