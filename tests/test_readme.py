@@ -200,3 +200,25 @@ def test_the_pair_is_judged_by_the_demos_comparison_only_where_it_can_be(tmp_pat
         dependable.pair_compare_config(adapters, config, 1.5)
     with pytest.raises(ValueError, match="uniform"):
         dependable.pair_report(dependable.PAIR_SPEC, run=True, target="skewed")
+
+
+def test_every_measured_figure_in_the_readme_is_in_the_results_its_paragraph_names():
+    """Outside the rendered block and code, a figure with three or more decimals (what the results files
+    hold; settings such as a scale 1.5 have fewer) is copied from a results file its paragraph names."""
+    import re
+
+    results = ROOT / "benchmarks" / "results"
+    text = (ROOT / "README.md").read_text()
+    text = re.sub(r"<!-- dependable:begin -->.*?<!-- dependable:end -->", "", text, flags=re.S)
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    checked = 0
+    for para in re.split(r"\n\s*\n", text):
+        figures = re.findall(r"\d+\.\d{3,}", re.sub(r"`[^`]*`|\]\([^)]*\)", "", para))
+        if not figures:
+            continue
+        named = [results / n for n in re.findall(r"([\w.]+\.(?:md|json))", para) if (results / n).is_file()]
+        assert named, f"README paragraph with figures {figures} names no results file: {para[:80]!r}"
+        source = "\n".join(p.read_text() for p in named)
+        assert not [x for x in figures if x not in source], (figures, [p.name for p in named])
+        checked += len(figures)
+    assert checked
