@@ -667,13 +667,13 @@ def levers(opt: Options, *, log=print) -> dict:
     spec = load_spec(opt.levers_spec)
     run_sweep(spec, opt.levers_out, workers=1, aggregate=False)
     cfg = sd_compare_config(opt, None)
-    train_s = {}
+    train_s, seeds = {}, sorted({r.seed for r in spec.runs})
     for r in spec.runs:
         status = read_status(opt.levers_out / "runs" / r.hash)
         if status.get("state") != "done":
             log(f"[levers] {r.arm} seed {r.seed}: not trained; skipped")
             continue
-        name = r.arm if len(spec.seeds) == 1 else f"{r.arm}_s{r.seed}"
+        name = r.arm if len(seeds) == 1 else f"{r.arm}_s{r.seed}"
         adapter = opt.levers_out / "runs" / r.hash / "adapter"
         cfg.methods.append(MethodConfig(name=name, kind="adapter", adapter=str(adapter)))
         train_s[name] = (status.get("metrics") or {}).get("train_seconds")
@@ -688,7 +688,7 @@ def levers(opt: Options, *, log=print) -> dict:
         methods[name] = row
     return {
         **_results_head(spec, opt.levers_spec, opt),
-        "seeds": list(spec.seeds),
+        "seeds": seeds,
         "methods": methods,
     }
 
