@@ -139,7 +139,13 @@ def main(
         fit_args = ["--data.rebalance", json.dumps({"unknown": "keep"}), *fit_args]  # the all arm's sampler
     if not (adapter / "pytorch_lora_weights.safetensors").exists():
         sys.exit(
-            f"no adapter at {adapter}: run `bash scripts/demo.sh --single true` first (or pass --adapter DIR)"
+            f"no adapter at {adapter}: run "
+            + (
+                "`python benchmarks/colored_digits_sd.py levers`"
+                if preset == "sd"
+                else "`bash scripts/demo.sh --single true`"
+            )
+            + " first (or pass --adapter DIR)"
         )
     ensure_assets()
     out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +228,7 @@ def main(
                     "audit_after": t_audit2},
         "round_overlay": _rel(round_overlay), "fit_args": fit_args, "prompts": table, "model": model,
         "recipe": [_rel(c) for c in recipe], "classifier_args": classifier_args, "name": name,
+        "preset": preset,
     }  # fmt: skip
     goals = [
         ("flagged mean dev falls by at least half", Goal("flagged_reduction", ">=", 0.5),
@@ -243,7 +250,7 @@ def _markdown(r: dict) -> str:
     f = lambda x: "" if x is None else f"{x:.3f}"  # noqa: E731
     ci = lambda c: "" if not c else f" [{c[0]:.3f}, {c[1]:.3f}]"  # noqa: E731
     s = r["seconds"]
-    if r.get("model", "colored-digits-16") == "colored-digits-16":
+    if r.get("preset", "pixel") == "pixel":
         command = (
             "Command: `python benchmarks/feedback_loop.py` (after `bash scripts/demo.sh --single true`); "
             "adapter "

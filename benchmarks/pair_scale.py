@@ -45,6 +45,7 @@ class Options:
         guidance_scale: Classifier-free guidance.
         name: Result file name.
         threads: Torch threads.
+        runs_dir: The sweep folder the spec's runs trained into.
     """
 
     spec: Path = ROOT / "benchmarks" / "specs" / "class_adapters_datafree_wordings.yaml"
@@ -59,6 +60,7 @@ class Options:
     guidance_scale: float = 2.0
     name: str = "pair_scale"
     threads: int = 2
+    runs_dir: Path = ROOT / "runs" / "bench"
 
 
 def run(args: Options) -> dict:

@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", default="sd_path")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
