@@ -663,7 +663,10 @@ def levers(opt: Options, *, log=print) -> dict:
     from fairtune.cli import load_spec, read_status, run_sweep
     from fairtune.eval import MethodConfig, compare_methods
 
-    color_probe(opt, log=log)
+    probe = color_probe(opt, log=log)
+    named = ROOT / "runs" / "colored-digits-sd32" / "color-probe"  # the one the lever-3 recipe names
+    if probe.resolve() != named.resolve():
+        sys.exit(f"levers: configs/colored_digits_sd/fairness.yaml reads its probe from {named}, not {probe}")
     spec = load_spec(opt.levers_spec)
     run_sweep(spec, opt.levers_out, workers=1, aggregate=False)
     cfg = sd_compare_config(opt, None)
