@@ -22,6 +22,14 @@ if TYPE_CHECKING:
     import torch
 
 
+def _created_mode(base: int) -> int:
+    """``base`` less the process umask: the mode ``open`` or ``mkdir`` gives a new file or folder
+    (``mkstemp`` and ``mkdtemp`` give 0o600 and 0o700, which would hide results from a cluster's group)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends
@@ -38,6 +46,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, _created_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -54,6 +64,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         yield tmp
+        os.chmod(tmp, _created_mode(0o777))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -165,3 +165,24 @@ def test_a_class_named_in_a_config_must_be_a_torch_module(tmp_path):
     cfg = ClassifierConfig(module="os.system", weights=str(tmp_path / "missing.safetensors"))
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         load_classifier(cfg)
+
+
+def test_atomic_writes_get_the_mode_a_plain_write_gets(tmp_path):
+    """A file or folder written through a temporary one is as readable as one written in place (the
+    process umask applies), not private to its owner as mkstemp/mkdtemp make them: a sweep's report on a
+    cluster's shared folder stays readable by the group."""
+    from fairtune.data import atomic_dir, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.md", "x")
+        (tmp_path / "plain.md").write_text("x")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "f").write_text("y")
+        (tmp_path / "plain_folder").mkdir()
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "a.md") == mode(tmp_path / "plain.md") == 0o644
+    assert mode(tmp_path / "folder") == mode(tmp_path / "plain_folder") == 0o755
+    assert (tmp_path / "folder" / "f").read_text() == "y"
