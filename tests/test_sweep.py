@@ -45,7 +45,7 @@ def _spec(tmp_path, base, quick_judges, **extra) -> Path:
         "name": "tiny",
         "base": [str(base)],
         "arms": {
-            # nothing trained: the base model judged as it is (a seed of its own, no fit subprocess)
+            # nothing trained: the base model judged as it is (its config resolved, no training)
             "base": {"configs": [], "train": False, "seeds": [0]},
             "naive": [str(ABLATIONS / "naive.yaml")],
             # a misspelt key: fairtune fit refuses it before training
