@@ -537,6 +537,19 @@ def pair_scale() -> float:
     return next(float(m.get("adapter_scale", 1.0)) for m in methods if m["kind"] == "class_adapters")
 
 
+def _summaries(metrics: dict) -> dict[str, dict]:
+    """Per method, the comparison's summary without its per-concept rows (what the results files keep)."""
+    methods = metrics["methods"].items()
+    return {name: {k: v for k, v in m["summary"].items() if k != "per_concept"} for name, m in methods}
+
+
+def _train_seconds(run: Path) -> float | None:
+    """A sweep run's training seconds, from its status."""
+    from fairtune.cli import read_status
+
+    return (read_status(run).get("metrics") or {}).get("train_seconds")
+
+
 def _results_head(spec, spec_path: Path, opt: Options) -> dict:
     """What every trained arm's results file starts with: the spec, its budget and the comparison."""
     return {
@@ -582,11 +595,8 @@ def pair(opt: Options, *, log=print) -> dict:
             metrics, _ = compare_methods(
                 cfg, cache_dir=opt.pair_out / "compare" / f"seed{seed}", progress=False
             )
-            row = {name: m["summary"] for name, m in metrics["methods"].items()}
-            for name, m in row.items():
-                m.pop("per_concept", None)
-            train_s = sum((read_status(d).get("metrics") or {}).get("train_seconds") or float("nan")
-                          for d in dirs.values())  # fmt: skip
+            row = _summaries(metrics)
+            train_s = sum(_train_seconds(d) or float("nan") for d in dirs.values())
             atomic_write_json(cache, {"methods": row, "train_seconds": train_s}, indent=2)
         got = json.loads(cache.read_text())
         per_seed[seed] = {**got["methods"]["class_pair"], "train_seconds": got["train_seconds"]}
@@ -640,12 +650,19 @@ def pair_markdown(r: dict) -> str:
 SHIPPED_CLIP = "colored-digits-sd32-clip"
 
 
+LEVER3_RECIPE = ROOT / "configs" / "colored_digits_sd" / "fairness.yaml"
+
+
 def color_probe(opt: Options, *, log=print) -> Path:
     """Lever 3's classifier on this model: a linear probe on the shipped CLIP's image embeddings of the
-    labelled 32 px renders (``fairtune classifier clip-probe``), at ``OUT/color-probe``."""
+    labelled 32 px renders (``fairtune classifier clip-probe``), in the folder :data:`LEVER3_RECIPE`
+    reads it from."""
+    import yaml
+
     from fairtune.models import train_clip_probe
 
-    out = opt.out / "color-probe"
+    recipe = yaml.safe_load(LEVER3_RECIPE.read_text())
+    out = ROOT / recipe["model"]["fairness"]["classifier"]["init_args"]["probe"]
     if not (out / "probe.json").is_file():
         log(f"[levers] training the CLIP probe into {out}")
         train_clip_probe(
@@ -658,37 +675,27 @@ def levers(opt: Options, *, log=print) -> dict:
     """The lever arms of :attr:`Options.levers_spec` trained by the sweep runner into
     ``opt.levers_out`` (a finished run is skipped), each adapter judged by :func:`sd_compare_config`
     beside the base model and the inference-time baselines (their images shared with ``pair``'s cache)."""
-    import dataclasses
-
     from fairtune.cli import load_spec, read_status, run_sweep
     from fairtune.eval import MethodConfig, compare_methods
 
-    probe = color_probe(opt, log=log)
-    named = ROOT / "runs" / "colored-digits-sd32" / "color-probe"  # the one the lever-3 recipe names
-    if probe.resolve() != named.resolve():
-        sys.exit(f"levers: configs/colored_digits_sd/fairness.yaml reads its probe from {named}, not {probe}")
+    color_probe(opt, log=log)
     spec = load_spec(opt.levers_spec)
     run_sweep(spec, opt.levers_out, workers=1, aggregate=False)
     cfg = sd_compare_config(opt, None)
-    train_s, seeds = {}, sorted({r.seed for r in spec.runs})
+    runs, seeds = {}, sorted({r.seed for r in spec.runs})
     for r in spec.runs:
-        status = read_status(opt.levers_out / "runs" / r.hash)
-        if status.get("state") != "done":
+        run = opt.levers_out / "runs" / r.hash
+        if read_status(run).get("state") != "done":
             log(f"[levers] {r.arm} seed {r.seed}: not trained; skipped")
             continue
         name = r.arm if len(seeds) == 1 else f"{r.arm}_s{r.seed}"
-        adapter = opt.levers_out / "runs" / r.hash / "adapter"
-        cfg.methods.append(MethodConfig(name=name, kind="adapter", adapter=str(adapter)))
-        train_s[name] = (status.get("metrics") or {}).get("train_seconds")
-    metrics, _ = compare_methods(
-        dataclasses.replace(cfg), cache_dir=opt.pair_out / "compare" / "seed0", progress=False
-    )
-    methods = {}
-    for name, m in metrics["methods"].items():
-        row = dict(m["summary"])
-        row.pop("per_concept", None)
-        row["train_seconds"] = train_s.get(name)
-        methods[name] = row
+        cfg.methods.append(MethodConfig(name=name, kind="adapter", adapter=str(run / "adapter")))
+        runs[name] = run
+    metrics, _ = compare_methods(cfg, cache_dir=opt.pair_out / "compare" / "seed0", progress=False)
+    methods = {
+        name: {**row, "train_seconds": _train_seconds(runs[name]) if name in runs else None}
+        for name, row in _summaries(metrics).items()
+    }
     return {
         **_results_head(spec, opt.levers_spec, opt),
         "seeds": seeds,
