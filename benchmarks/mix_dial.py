@@ -55,7 +55,8 @@ class Options:
         model: The base model.
         judges: The judges folder; the colour is judged by hue.
         reference: Real renders for the Fréchet distance (``None``: none).
-        requests: Requested red shares (every digit at once, one check each).
+        requests: Requested shares (every digit at once, one check each): of red with two classes;
+            with more, each share of every class in turn, the others splitting the rest equally.
         explicit_digits: Digits of the explicit prompts (endpoints only: each adapter alone).
         include_base: Also generate the base model with the endpoints (its red share, quality).
         adapter_scale: The scale every adapter is fused at, for the endpoints and the mixes.
@@ -79,6 +80,13 @@ class Options:
           --runs_dir runs/colored-digits-sd32-pair --kind sd --model colored-digits-sd32 \\
           --judges runs/colored-digits-sd32/judges --reference runs/data/colored-digits-32 \\
           --adapter_scale 1.5 --out runs/bench/mix_dial_sd --name mix_dial_sd
+
+    Three inks (benchmarks/specs/class_adapters_k3bg.yaml, on the three-ink base model)::
+
+        python benchmarks/mix_dial.py --spec benchmarks/specs/class_adapters_k3bg.yaml \\
+          --model colored-digits-16-k3bg --judges runs/judges/colored-digits-16-k3bg \\
+          --reference runs/data/colored-digits-16-k3bg --adapter_scale 1.5 --route_named true \\
+          --out runs/bench/mix_dial_k3bg --name mix_dial_k3bg
     """
 
     spec: Path = ROOT / "benchmarks" / "specs" / "class_adapters.yaml"
@@ -146,15 +154,16 @@ def run(args: Options) -> dict:
     )  # fmt: skip
     seconds = {"endpoints": time.perf_counter() - t0}
     checks = {}
-    for share in args.requests:
+    for key, focal, share, request in requests_of(ends["classes"], args.requests):
         t1 = time.perf_counter()
-        checks[f"{share:.2f}"] = verify_mix(
-            ends, {"*": {"red": share}}, prompts=neutral + (explicit if args.route_named else []),
+        checks[key] = verify_mix(
+            ends, {"*": request}, prompts=neutral + (explicit if args.route_named else []),
             out=args.out, backbone=backbone, judges=judges, generation=gen,
-            name=f"request_red_{share:.2f}" + ("_routed" if args.route_named else ""),
+            name=f"request_{focal}_{share:.2f}" + ("_routed" if args.route_named else ""),
             route_named=args.route_named,
         )  # fmt: skip
-        seconds[f"request {share:.2f}"] = time.perf_counter() - t1
+        checks[key]["request"] = request
+        seconds[f"request {key}"] = time.perf_counter() - t1
     return {
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(args).items()},
         "adapters": adapters,
@@ -165,6 +174,29 @@ def run(args: Options) -> dict:
         "seconds": seconds,
         "threads": torch.get_num_threads(),
     }
+
+
+def requests_of(classes: list[str], shares: list[float]) -> list[tuple[str, str, float, dict[str, float]]]:
+    """The requests checked: ``(key, focal class, share, {class: share})``. Two classes: each share
+    of the first class (the other is the rest; key ``"0.10"``). More: each share of every class in
+    turn, the other classes splitting the rest equally (key ``"red 0.10"``), so every class is asked
+    for every share."""
+    if len(classes) == 2:
+        return [(f"{s:.2f}", classes[0], s, {classes[0]: s}) for s in shares]
+    out = []
+    for c in classes:
+        for s in shares:
+            rest = (1.0 - s) / (len(classes) - 1)
+            out.append((f"{c} {s:.2f}", c, s, {k: (s if k == c else rest) for k in classes}))
+    return out
+
+
+def _request_label(check: dict, key: str) -> str:
+    """``red 0.10`` (two classes) or ``red 0.10, blue 0.45, green 0.45``."""
+    request = check.get("request")
+    if not request or len(request) < 3:
+        return f"red {key}" if " " not in key else key
+    return ", ".join(f"{c} {s:.2f}" for c, s in request.items())
 
 
 def error_summary(checks: dict) -> dict:
@@ -205,7 +237,8 @@ def markdown(p: dict) -> str:
         f"| 9 (never named) | {_f(s['heldout']['mean_abs_error'])} | {_f(s['heldout']['worst_abs_error'])} | "
         f"{s['heldout']['n']} |",
         "",
-        "## Each adapter alone (endpoints): red share per digit",
+        "## Each adapter alone (endpoints): "
+        + (f"{classes[0]} share per digit" if len(classes) == 2 else "its own ink's share per digit"),
         "",
     ]
     base = _base_shares(p) if p["options"]["include_base"] else None
@@ -214,7 +247,7 @@ def markdown(p: dict) -> str:
         "|---|" + "---|" * (len(classes) + (1 if base else 0)),
     ]
     for concept, rec in ends["concepts"].items():
-        cells = [_f(rec["share"][c][classes[0]], 2) for c in ends["adapters"]]
+        cells = [_f(rec["share"][c][classes[0] if len(classes) == 2 else c], 2) for c in ends["adapters"]]
         if base:
             cells.append(_f(base.get(concept), 2))
         lines.append(f"| {concept} | " + " | ".join(cells) + " |")
@@ -231,7 +264,8 @@ def markdown(p: dict) -> str:
     for share, c in p["checks"].items():
         m = c["metrics"]
         lines.append(
-            f"| mix, red {share} | {_f(m['explicit_kept']) if routed else 'n/a'} | {_f(m['fidelity'])} | "
+            f"| mix, {_request_label(c, share)} | {_f(m['explicit_kept']) if routed else 'n/a'} | "
+            f"{_f(m['fidelity'])} | "
             f"{_f(m['frechet'], 1)} | {_f(m['unet_evals_per_image'], 0)} |"
         )
     lines += [
@@ -245,7 +279,7 @@ def markdown(p: dict) -> str:
         "",
     ]
     for share, c in p["checks"].items():
-        lines += [f"## Request: red {share} on every digit", "", mix_markdown(c), ""]
+        lines += [f"## Request: {_request_label(c, share)} on every digit", "", mix_markdown(c), ""]
     t = p["train_seconds"]
     lines += [
         "Training: " + ", ".join(f"{c} adapter {_f(x, 0)} s" for c, x in t.items())
