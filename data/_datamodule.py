@@ -4,7 +4,7 @@ target mix (the table sampler, or its streaming form over shards)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import lightning as L
@@ -13,6 +13,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ._buckets import (
+    BucketBatchSampler,
+    BucketConfig,
+    assign_buckets,
+    bucket_pixels,
+    bucket_sizes,
+    fit_to_bucket,
+)
 from ._latents import LatentCacheConfig, LatentEntry, load_or_build
 from ._sampler import RebalanceConfig, WeightedEpochSampler, rebalance_weights
 from ._schema import AttributeSpec, Record, SchemaError, Target, TargetConfig
@@ -88,12 +96,16 @@ class _CachedSubset(Dataset):
 class _Subset(Dataset):
     def __init__(self, base: TableDataset, indices: list[int]):
         self.base, self.indices = base, indices
+        self.fit_to: list[tuple[int, int]] | None = None  # per record, its bucket's (width, height)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Record | None:
-        return self.base[self.indices[i]]
+        rec = self.base[self.indices[i]]
+        if rec is not None and self.fit_to is not None:
+            rec = replace(rec, image=fit_to_bucket(rec.image, self.fit_to[i]))
+        return rec
 
 
 class EpochLoader(DataLoader):
@@ -110,7 +122,7 @@ class EpochLoader(DataLoader):
         self._resume: dict | None = None
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self._yielded}
+        return {"epoch": self.batch_sampler.sampler.epoch, "batches": self._yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
@@ -121,13 +133,16 @@ class EpochLoader(DataLoader):
     def _batches(self):
         # Resolved at the first batch, after Lightning's set_epoch and load_state_dict.
         skip = 0
-        if self._resume is not None and self._resume["epoch"] == self.sampler.epoch:
+        if self._resume is not None and self._resume["epoch"] == self.batch_sampler.sampler.epoch:
             skip = self._resume["batches"]
         self._resume = None
         self._yielded = skip
         if skip >= len(self):
             return
-        self.sampler.skip = skip * self.batch_size  # (drop_last: whole batches only)
+        if isinstance(self.batch_sampler, BucketBatchSampler):
+            self.batch_sampler.skip = skip
+        else:
+            self.sampler.skip = skip * self.batch_size  # (drop_last: whole batches only)
         for batch in super().__iter__():
             self._yielded += 1
             yield batch
@@ -159,6 +174,9 @@ class AttributeDataModule(L.LightningDataModule):
             the choice from its per-step generator, so a run from cached latents makes the same choices).
         latents: Train from VAE latents encoded once into a shared cache (tables, models with a VAE);
             ``None`` encodes the images at every step.
+        buckets: Aspect-ratio buckets for images of mixed sizes (tables): each image resized to cover
+            and centre-cropped to the bucket nearest its aspect ratio, of about ``image_size``² pixels,
+            one bucket per batch; ``None`` resizes every image to ``image_size`` square.
     """
 
     def __init__(
@@ -175,6 +193,7 @@ class AttributeDataModule(L.LightningDataModule):
         seed: int = 0,
         random_flip: bool = False,
         latents: LatentCacheConfig | None = None,
+        buckets: BucketConfig | None = None,
     ) -> None:
         super().__init__()
         if source is None:
@@ -196,10 +215,18 @@ class AttributeDataModule(L.LightningDataModule):
         self.seed = seed
         self.random_flip = random_flip
         self.latents = latents
+        self.buckets = buckets
+        self.bucket_sizes: list[tuple[int, int]] = []
+        self.record_bucket: np.ndarray | None = None
         self.latent_entry: LatentEntry | None = None
         self.dataset: _Subset | _CachedSubset | StreamingRebalancedDataset | None = None
 
     def _setup_shards(self) -> None:
+        if self.buckets is not None:
+            raise SchemaError(
+                "data.buckets needs a table source (a bucket is chosen from every record's size up front); "
+                "with webdataset shards, resize the images upstream or leave data.buckets unset"
+            )
         ds = StreamingRebalancedDataset(
             self.source.shard_urls(),
             self.spec,
@@ -253,9 +280,22 @@ class AttributeDataModule(L.LightningDataModule):
             )
         else:
             self.weights = torch.ones(len(keep), dtype=torch.float64)
+        if self.buckets is not None:
+            self._setup_buckets()
         if self.image_size is None:
             first = next(r for r in (self.dataset[i] for i in range(len(self.dataset))) if r is not None)
             self.image_size = first.image.size[0]
+
+    def _setup_buckets(self) -> None:
+        if self.image_size is None:
+            raise SchemaError(
+                "data.buckets needs data.image_size (or model.backbone.resolution): the side of the square "
+                "whose area every bucket keeps"
+            )
+        self.bucket_sizes = bucket_sizes(self.image_size, self.buckets)
+        sizes = [self.table.image_size(i) for i in self.dataset.indices]
+        self.record_bucket = assign_buckets(sizes, self.bucket_sizes)
+        self.dataset.fit_to = [self.bucket_sizes[b] for b in self.record_bucket]
 
     def collate(self, batch: list[Record | CachedRecord | None]) -> dict:
         records = [r for r in batch if r is not None]  # a corrupt image was skipped and counted
@@ -268,6 +308,8 @@ class AttributeDataModule(L.LightningDataModule):
         if records and isinstance(records[0], CachedRecord):
             out["latent_mean"] = torch.stack([r.mean for r in records])
             out["latent_std"] = torch.stack([r.std for r in records])
+        elif self.buckets is not None:
+            out["pixels"] = bucket_pixels([r.image for r in records])
         else:
             out["pixels"] = torch.stack([to_pixels(r.image, self.image_size) for r in records])
         return out
@@ -294,6 +336,11 @@ class AttributeDataModule(L.LightningDataModule):
         """
         if self.latents is None:
             raise SchemaError("data.latents is not set")
+        if self.buckets is not None:
+            raise SchemaError(
+                "data.latents and data.buckets together are not supported (the cache holds one latent size); "
+                "leave one unset"
+            )
         if self.source.is_shards() or not isinstance(self.dataset, _Subset):
             raise SchemaError(
                 "data.latents caches a table source; with webdataset shards, encode the latents into the "
@@ -338,6 +385,14 @@ class AttributeDataModule(L.LightningDataModule):
         if isinstance(self.dataset, StreamingRebalancedDataset):
             return ShardLoader(self.dataset, collate_fn=self.collate, num_workers=self.num_workers)
         sampler = WeightedEpochSampler(self.weights, num_samples=self.samples_per_epoch, seed=self.seed)
+        if self.buckets is not None:
+            return EpochLoader(
+                self.dataset,
+                batch_sampler=BucketBatchSampler(sampler, self.record_bucket, self.batch_size),
+                collate_fn=self.collate,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
         return EpochLoader(
             self.dataset,
             batch_size=self.batch_size,

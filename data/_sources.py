@@ -263,6 +263,21 @@ class TableDataset(Dataset):
     def attributes(self, i: int) -> dict[str, str | None]:
         return {a: self.labels[a][i] for a in self.spec.names}
 
+    def image_size(self, i: int) -> tuple[int, int] | None:
+        """Record ``i``'s image ``(width, height)`` from its header (no decode); ``None`` where it
+        cannot be read (the record is skipped and counted when it is drawn)."""
+        value = self.table[int(i)][self.columns.image]
+        try:
+            if isinstance(value, Image.Image):
+                return value.size
+            data, path = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (None, value)
+            if isinstance(value, (bytes, bytearray)):
+                data = bytes(value)
+            with Image.open(io.BytesIO(data)) if data is not None else Image.open(path) as im:
+                return im.size
+        except Exception:  # noqa: BLE001 - unreadable here is unreadable at draw time too
+            return None
+
     def __getitem__(self, i: int) -> Record | None:
         row = self.table[int(i)]
         try:
