@@ -676,7 +676,7 @@ def levers(opt: Options, *, log=print) -> dict:
     ``opt.levers_out`` (a finished run is skipped), each adapter judged by :func:`sd_compare_config`
     beside the base model and the inference-time baselines (their images shared with ``pair``'s cache)."""
     from fairtune.cli import load_spec, read_status, run_sweep
-    from fairtune.eval import MethodConfig, compare_methods
+    from fairtune.eval import MethodConfig, compare_methods, seed_summary
 
     color_probe(opt, log=log)
     spec = load_spec(opt.levers_spec)
@@ -696,29 +696,58 @@ def levers(opt: Options, *, log=print) -> dict:
         name: {**row, "train_seconds": _train_seconds(runs[name]) if name in runs else None}
         for name, row in _summaries(metrics).items()
     }
+    # over training seeds: each arm's mean and 95% t-interval (the per-seed rows stay in methods)
+    keys = [k for k, _, _ in PAIR_COLUMNS] + ["train_seconds"]
+    arms = {}
+    if len(seeds) > 1:
+        for arm in dict.fromkeys(r.arm for r in spec.runs):
+            rows = [methods[f"{arm}_s{s}"] for s in seeds if f"{arm}_s{s}" in methods]
+            arms[arm] = {"seeds": len(rows), **{k: seed_summary([m.get(k) for m in rows]) for k in keys}}
     return {
         **_results_head(spec, opt.levers_spec, opt),
         "seeds": seeds,
         "methods": methods,
+        **({"arms": arms} if arms else {}),
     }
 
 
 def levers_markdown(r: dict) -> str:
     """The levers' table (benchmarks/results/<spec name>.md)."""
     cols = [*PAIR_COLUMNS, ("train_seconds", "train s", 0)]
+    arms = r.get("arms") or {}
     lines = [
         "# ColoredDigits-SD: the three levers as `fairtune fit` trains them "
         "(`python benchmarks/colored_digits_sd.py levers`)",
         "",
         f"Spec `{r['spec']}` ({r['steps']} steps per adapter, training seeds "
-        f"{', '.join(map(str, r['seeds']))}: one run per seed, a direction rather than an interval), "
-        f"judged by `{r['compare']}`: N = {r['n_per_prompt']} per prompt, the hue judge at 32 px; "
-        "target uniform.",
+        f"{', '.join(map(str, r['seeds']))}"
+        + (
+            ": each lever's mean over the seeds [95% t-interval], then every run"
+            if arms
+            else ": one run per seed, a direction rather than an interval"
+        )
+        + f"), judged by `{r['compare']}`: N = {r['n_per_prompt']} per prompt, the hue judge at 32 px; "
+        "target uniform. The base model and the baselines do not depend on the training seed.",
         "",
-        "| method | " + " | ".join(c for _, c, _ in cols) + " |",
-        "|---|" + "---|" * len(cols),
+        "| method | " + ("seeds | " if arms else "") + " | ".join(c for _, c, _ in cols) + " |",
+        "|---|" + "---|" * (len(cols) + (1 if arms else 0)),
     ]
-    for name, m in r["methods"].items():
+    if arms:
+        fixed = {n: m for n, m in r["methods"].items() if m.get("train_seconds") is None}
+        for name, m in fixed.items():
+            lines.append(f"| {name} | | " + " | ".join(cell(m.get(k), d) for k, _, d in cols) + " |")
+        for arm, a in arms.items():
+            lines.append(
+                f"| {arm} | {a['seeds']} | "
+                + " | ".join(interval_cell(a.get(k), d) for k, _, d in cols)
+                + " |"
+            )
+        lines += ["", "Every run:", "", "| run | " + " | ".join(c for _, c, _ in cols) + " |",
+                  "|---|" + "---|" * len(cols)]  # fmt: skip
+        runs = {n: m for n, m in r["methods"].items() if n not in fixed}
+    else:
+        runs = r["methods"]
+    for name, m in runs.items():
         lines.append(f"| {name} | " + " | ".join(cell(m.get(k), d) for k, _, d in cols) + " |")
     return "\n".join(lines) + "\n"
 
