@@ -31,7 +31,7 @@ import yaml
 
 from _common import FAIRNESS_COLUMNS, RESULTS, ROOT, ensure_assets, interval_cell, write_results
 from fairtune.cli import load_spec, read_status, run_sweep
-from fairtune.eval import Goal, check_goal, seed_summary
+from fairtune.eval import Goal, check_goal, check_goals, seed_summary
 
 OUT = ROOT / "runs" / "bench"
 SPECS = ROOT / "benchmarks" / "specs"
@@ -46,16 +46,16 @@ CLASSES = {"three_class": SPECS / "three_class.yaml", "joint": SPECS / "joint.ya
 FINAL_SEEDS = [1, 2, 3]
 TARGET_30_70 = "configs/targets/red30_blue70.yaml"
 
-# Issue 15's goals, per target: (metric, bound, kind). ``max``: value <= bound; ``fid``: fidelity >=
-# base - bound; ``frechet``: Fréchet <= bound x base.
+# Issue 15's goals, per target, as a sweep spec writes them (every trained arm against its base row),
+# checked by the one goal check, fairtune.eval.check_goals.
 GOALS = [
-    ("mean_dev_seen", 0.04, "max"),
-    ("worst_dev_seen", 0.10, "max"),
-    ("mean_dev_heldout", 0.06, "max"),
-    ("mean_dev_paraphrase", 0.06, "max"),
-    ("fidelity", 0.01, "fid"),
-    ("frechet", 1.10, "frechet"),
-    ("undetermined_rate", 0.005, "max"),
+    {"metric": "mean_dev_seen", "max": 0.04},
+    {"metric": "worst_dev_seen", "max": 0.10},
+    {"metric": "mean_dev_heldout", "max": 0.06},
+    {"metric": "mean_dev_paraphrase", "max": 0.06},
+    {"metric": "fidelity", "relative_to": "base", "min": -0.01},
+    {"metric": "frechet", "relative_to": "base", "as": "ratio", "max": 1.10},
+    {"metric": "undetermined_rate", "max": 0.005},
 ]
 COLUMNS = [
     *FAIRNESS_COLUMNS,
@@ -84,25 +84,26 @@ def table(arms: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]:
 
 
 def check(row: dict[str, dict], base: dict[str, dict]) -> list[dict]:
-    """Issue 15's goals for one arm's means against its base row (checked by
-    :func:`fairtune.eval.check_goal`), each with ``ratio``, how close it is (1 = on the bound)."""
+    """Issue 15's goals for one arm's means against its base row (:data:`GOALS`, checked by
+    :func:`fairtune.eval.check_goals`), each with the arm's own ``value``, the goal as text and
+    ``ratio``, how close it is (1 = on the bound)."""
+    means = {
+        name: {k: (s or {}).get("mean") for k, s in r.items()} for name, r in (("arm", row), ("base", base))
+    }
     out = []
-    for key, bound, kind in GOALS:
-        v = (row.get(key) or {}).get("mean")
-        ref = (base.get(key) or {}).get("mean")
-        if v is None or (kind != "max" and ref is None):
+    for g, c in zip(GOALS, check_goals([{**g, "arm": "arm"} for g in GOALS], means)):
+        key = g["metric"]
+        v, ref = means["arm"].get(key), means["base"].get(key)
+        if c["met"] is None:
             out.append({"metric": key, "value": v, "goal": None, "met": None, "ratio": None})
             continue
-        if kind == "max":
-            goal, text, ratio = Goal(key, "<=", bound), f"≤ {bound}", v / bound
-        elif kind == "fid":
-            goal, text = Goal(key, ">=", ref - bound), f"≥ {ref - bound:.3f} (base − {bound})"
-            ratio = max(0.0, ref - v) / bound
+        if "relative_to" not in g:
+            text, ratio = f"≤ {g['max']}", v / g["max"]
+        elif g.get("as") == "ratio":
+            text, ratio = f"≤ {g['max'] * ref:.1f} ({g['max']} × base)", v / (g["max"] * ref)
         else:
-            goal, text = Goal(key, "<=", bound * ref), f"≤ {bound * ref:.1f} ({bound} × base)"
-            ratio = v / (bound * ref)
-        met = check_goal(goal, v)["met"]
-        out.append({"metric": key, "value": v, "goal": text, "met": met, "ratio": float(ratio)})
+            text, ratio = f"≥ {ref + g['min']:.3f} (base − {-g['min']})", max(0.0, ref - v) / -g["min"]
+        out.append({"metric": key, "value": v, "goal": text, "met": c["met"], "ratio": float(ratio)})
     return out
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from fairtune.data import atomic_path, atomic_write_text
-from fairtune.eval import Goal, check_goal, t_interval
+from fairtune.eval import Goal, t_interval
+from fairtune.eval import check_goals as check_goals_of
 
 from ._sweep_spec import RunSpec, Spec, SweepError, read_status, run_states
 
@@ -278,20 +279,11 @@ def write_slurm(spec: Spec, spec_path: Path, out: Path) -> dict[str, Path]:
 def check_goals(spec: Spec, rows: list[dict]) -> list[dict]:
     """The spec's goals against the arms' means: per goal its value, whether it is met, and by how much
     it is missed (``value`` is ``arm − relative_to`` or ``arm / relative_to`` when a reference arm is
-    named; the check is :func:`fairtune.eval.check_goal`)."""
-    means = {r["arm_name"]: r for r in rows}
-    out = []
-    for g in spec.goals:
-        m = g["metric"]
-        v = (means.get(g["arm"]) or {}).get(f"{m}_mean")
-        ref_arm = g.get("relative_to")
-        if ref_arm is not None and v is not None:
-            ref = (means.get(ref_arm) or {}).get(f"{m}_mean")
-            ratio = g.get("as", "difference") == "ratio"
-            v = None if ref is None or (ratio and ref == 0) else (v / ref if ratio else v - ref)
-        c = check_goal(Goal.from_mapping(g), v)
-        out.append({**g, "value": v, "met": c["met"], "missed_by": c["missed_by"]})
-    return out
+    named; the check is :func:`fairtune.eval.check_goals`)."""
+    means = {
+        r["arm_name"]: {k.removesuffix("_mean"): v for k, v in r.items() if k.endswith("_mean")} for r in rows
+    }
+    return check_goals_of(spec.goals, means)
 
 
 def goal_lines(spec: Spec, rows: list[dict]) -> list[str]:

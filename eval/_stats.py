@@ -240,3 +240,27 @@ def check_goal(goal: Goal, value: float | None, halfwidth: float | None = None) 
     parts = [met] + ([hw_met] if goal.max_halfwidth is not None else [])
     all_met = None if any(p is None for p in parts) else all(parts)
     return {"met": met, "missed_by": missed, "halfwidth_met": hw_met, "all_met": all_met}
+
+
+def check_goals(goals: Sequence[Mapping], means: Mapping[str, Mapping[str, float | None]]) -> list[dict]:
+    """Goals written as a sweep spec writes them against arms' values: each goal
+    ``{arm, metric, max | min[, relative_to[, as: ratio]]}`` is checked (:func:`check_goal`) on
+    ``means[arm][metric]``, or with ``relative_to`` on ``arm − reference`` (``as: ratio``: ``arm /
+    reference``).
+
+    Returns:
+        Per goal: the goal's fields, ``value`` (what was checked: the difference or ratio where a
+        reference is named; ``None`` where a value is missing), ``met`` and ``missed_by``.
+    """
+    out = []
+    for g in goals:
+        m = g["metric"]
+        v = (means.get(g["arm"]) or {}).get(m)
+        ref_arm = g.get("relative_to")
+        if ref_arm is not None and not _missing(v):
+            ref = (means.get(ref_arm) or {}).get(m)
+            ratio = g.get("as", "difference") == "ratio"
+            v = None if _missing(ref) or (ratio and ref == 0) else (v / ref if ratio else v - ref)
+        c = check_goal(Goal.from_mapping(g), v)
+        out.append({**g, "value": v, "met": c["met"], "missed_by": c["missed_by"]})
+    return out

@@ -14,6 +14,7 @@ from fairtune.eval import (
     bootstrap_means,
     bootstrap_shares,
     check_goal,
+    check_goals,
     half_width,
     percentile_interval,
     prediction_interval,
@@ -56,6 +57,24 @@ def test_goal_checks_both_ways_with_an_optional_half_width_bound():
     assert check_goal(at_most, 0.03)["all_met"] is True
     with pytest.raises(ValueError, match="op must be"):
         Goal("x", "<", 1.0)
+
+
+def test_goals_written_as_a_spec_writes_them_against_a_reference_arm():
+    means = {"base": {"fidelity": 0.99, "frechet": 50.0}, "arm": {"fidelity": 0.975, "frechet": 54.0,
+             "mean_dev_seen": 0.03}, "empty": {}}  # fmt: skip
+    goals = [
+        {"arm": "arm", "metric": "mean_dev_seen", "max": 0.04},
+        {"arm": "arm", "metric": "fidelity", "relative_to": "base", "min": -0.01},
+        {"arm": "arm", "metric": "frechet", "relative_to": "base", "as": "ratio", "max": 1.10},
+        {"arm": "empty", "metric": "fidelity", "relative_to": "base", "min": -0.01},
+        {"arm": "arm", "metric": "frechet", "relative_to": "empty", "as": "ratio", "max": 1.10},
+    ]
+    seen, fid, fre, no_arm, no_ref = check_goals(goals, means)
+    assert seen["met"] is True and seen["value"] == 0.03
+    assert fid["value"] == pytest.approx(-0.015) and fid["met"] is False
+    assert fid["missed_by"] == pytest.approx(0.005)
+    assert fre["value"] == pytest.approx(1.08) and fre["met"] is True and fre["arm"] == "arm"
+    assert no_arm["met"] is None and no_ref["met"] is None and no_ref["value"] is None
 
 
 def test_bootstrap_pieces():
