@@ -40,6 +40,7 @@ from fairtune.eval import (
     mix_endpoints,
     mix_markdown,
     neutral_shares,
+    plot_requests,
     verify_mix,
 )
 from fairtune.models import LORA_WEIGHT_NAME, Backbone, BackboneConfig
@@ -237,6 +238,7 @@ def markdown(p: dict) -> str:
         f"| 9 (never named) | {_f(s['heldout']['mean_abs_error'])} | {_f(s['heldout']['worst_abs_error'])} | "
         f"{s['heldout']['n']} |",
         "",
+        *((f"![requested against landed per digit]({p['plot']})", "") if p.get("plot") else ()),
         "## Each adapter alone (endpoints): "
         + (f"{classes[0]} share per digit" if len(classes) == 2 else "its own ink's share per digit"),
         "",
@@ -311,6 +313,8 @@ def main() -> None:
     args = CLI(Options, as_positional=False)
     payload = run(args)
     name = result_name(args)
+    rows = [r for c in payload["checks"].values() for r in c["rows"]]
+    payload["plot"] = plot_requests(rows, Path(args.results) / f"{name}.png").name
     write_results(name, payload, markdown(payload), args.results)
 
 

@@ -392,7 +392,15 @@ def _class_adapter_dial(
 ) -> dict:
     from fairtune.models import LORA_WEIGHT_NAME
 
-    from ._mix import expand_mix_request, mix_endpoints, mix_markdown, mixes_for, print_mix, verify_mix
+    from ._mix import (
+        expand_mix_request,
+        mix_endpoints,
+        mix_markdown,
+        mixes_for,
+        plot_requests,
+        print_mix,
+        verify_mix,
+    )
 
     for c, d in class_adapters.items():
         if not (Path(d) / LORA_WEIGHT_NAME).is_file():
@@ -419,12 +427,13 @@ def _class_adapter_dial(
         **common,
     )  # fmt: skip
     table = mix_markdown(result)
+    plot_requests(result["rows"], Path(out) / "request.png")
     _append_report(
         Path(out),
         "Requested mixes (class adapters)",
         f"Each concept generated with its class adapters drawn in the solved shares, "
         f"{generation.n_per_prompt} images per prompt from seed {result['generation']['seed']} on (fresh "
-        f"seeds unless set). Figures: `request.json`.\n\n{table}\n",
+        f"seeds unless set). Figures: `request.json`.\n\n![requested mixes](request.png)\n\n{table}\n",
     )
     print(table)
     return {"endpoints": endpoints, "request": result}

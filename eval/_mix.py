@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -285,6 +286,47 @@ def neutral_shares(metrics: Mapping, method: str) -> dict[str, dict]:
     per = cut["methods"][method]["per_concept"]
     cut["methods"][method]["per_concept"] = {k: r for k, r in per.items() if r.get("role") != "explicit"}
     return concept_shares(cut, method)
+
+
+def plot_requests(rows: Sequence[Mapping], path: Path, *, title: str | None = None) -> Path:
+    """One panel per concept: each requested share (x) against the share that landed (y, its 95%
+    interval as a bar), a colour per class, the diagonal dotted (landed = requested). ``rows``:
+    :func:`verify_mix`'s, of one request or of several."""
+    from matplotlib.figure import Figure
+
+    from ._report import _class_colors
+
+    concepts = list(dict.fromkeys(r["concept"] for r in rows))
+    classes = list(dict.fromkeys(r["class"] for r in rows))
+    colors = _class_colors(classes)
+    ncols = min(5, len(concepts))
+    nrows = math.ceil(len(concepts) / ncols)
+    fig = Figure(figsize=(2.6 * ncols, 2.4 * nrows + 0.5))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax, concept in zip(axes.flat, concepts):
+        ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=1)
+        for k, c in enumerate(classes):
+            pts = [r for r in rows if r["concept"] == concept and r["class"] == c and r["landed"] is not None]
+            if not pts:
+                continue
+            x = np.array([r["requested"] for r in pts])
+            y = np.array([r["landed"] for r in pts])
+            err = np.array([[r["landed"] - r["low"] for r in pts], [r["high"] - r["landed"] for r in pts]])
+            ax.errorbar(x, y, yerr=err, fmt="o", color=colors[k], label=c, markersize=3, capsize=2)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(concept, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("requested", fontsize=7)
+        ax.set_ylabel("landed", fontsize=7)
+    for ax in list(axes.flat)[len(concepts) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6, loc="upper left")
+    title = title or "requested against landed share (95% interval; dotted: landed = requested)"
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return Path(path)
 
 
 def mix_markdown(result: Mapping) -> str:

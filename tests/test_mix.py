@@ -273,7 +273,9 @@ def test_dial_with_class_adapters_solves_and_checks_a_request(backbone, adapter_
     assert (
         "digit 9: red adapter" in printed
         and "## Requested mixes (class adapters)" in (out / "report.md").read_text()
+        and "![requested mixes](request.png)" in (out / "report.md").read_text()
     )
+    assert (out / "request.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["generation"]["seed"] == GEN.seed + GEN.n_per_prompt  # fresh seeds
     assert row["low"] <= row["landed"] <= row["high"] and row["abs_error"] == pytest.approx(
         abs(row["landed"] - want)
