@@ -90,6 +90,8 @@ class Options:
         pair_out: ``pair``: the sweep's folder (its training runs and the comparisons).
         pair_seeds: ``pair``: the spec's seeds to train and judge (``None``: all).
         pair_n_per_prompt: ``pair``: images per prompt and method.
+        pair_calibration_n: ``pair``: images per neutral prompt and adapter that calibrate the pair's
+            draw (:func:`calibrated_pair`); ``0``: no calibrated pair.
         levers_spec: ``levers``: the sweep spec of the lever arms (one adapter each).
         levers_out: ``levers``: the sweep's folder.
     """
@@ -118,6 +120,7 @@ class Options:
     pair_out: Path = ROOT / "runs" / "colored-digits-sd32-pair"
     pair_seeds: list[int] | None = None
     pair_n_per_prompt: int = 128
+    pair_calibration_n: int = 64
     levers_spec: Path = ROOT / "benchmarks" / "specs" / "colored_digits_sd_levers.yaml"
     levers_out: Path = ROOT / "runs" / "colored-digits-sd32-levers"
 
@@ -561,6 +564,58 @@ def _results_head(spec, spec_path: Path, opt: Options) -> dict:
     }
 
 
+CALIBRATION_SEED = 1_000_000
+"""The calibration's first image seed: far from the comparison's (0 to N − 1), so the draw is never
+fitted to the images that score it."""
+
+
+def calibrated_pair(cfg, opt: Options, cache: Path):
+    """The pair with its draw calibrated per concept, as ``fairtune dial --class_adapters --request``
+    does it: each adapter alone on every neutral prompt (seen, named, held-out digits;
+    ``opt.pair_calibration_n`` images from :data:`CALIBRATION_SEED` on), judged by the shipped CLIP
+    zero-shot (the comparison's *second* judge, never the hue judge that scores the comparison), and per
+    concept the share of images each adapter draws so that the CLIP-judged mix is the target's
+    (:func:`fairtune.eval.mixes_for`). A concept the calibration did not see (none here) keeps the
+    target's draw.
+
+    Returns:
+        The comparison's ``class_pair`` method as ``class_pair_calibrated`` with that ``mix``, and the
+        calibration (per concept: the endpoints and the solved draw).
+    """
+    import copy
+    import dataclasses
+
+    from fairtune.eval import JudgeConfig, mix_endpoints, mixes_for
+    from fairtune.models import Backbone
+
+    pair = next(m for m in cfg.methods if m.kind == "class_adapters")
+    clip = cfg.judges.second
+    classes = list(clip.prompts)
+    judges = JudgeConfig(kind="clip", attribute=cfg.target.attributes[0], classes=classes, clip=clip)
+    if cfg.target.proportions != "uniform":
+        raise ValueError("calibrated_pair: a uniform target only (the SD comparison's)")
+    gen = dataclasses.replace(
+        cfg.generation, n_per_prompt=opt.pair_calibration_n, seed=CALIBRATION_SEED, batch_size=None
+    )
+    neutral = [g for g in cfg.prompts if g.role in ("seen", "named", "heldout")]
+    backbone = Backbone.from_config(copy.deepcopy(cfg.backbone))
+    ends = mix_endpoints(
+        class_adapters=pair.class_adapters, prompts=neutral, out=cache, backbone=backbone, judges=judges,
+        generation=gen, adapter_scale=pair.adapter_scale, progress=False,
+    )  # fmt: skip
+    mixes = mixes_for(ends, {"*": dict.fromkeys(ends["classes"], 1 / len(ends["classes"]))})
+    method = dataclasses.replace(
+        pair, name="class_pair_calibrated", mix={c: r["mix"] for c, r in mixes.items()}
+    )
+    calibration = {
+        "judge": "CLIP zero-shot (the comparison's second judge)",
+        "n_per_prompt": opt.pair_calibration_n,
+        "seeds": f"{CALIBRATION_SEED}..{CALIBRATION_SEED + opt.pair_calibration_n - 1}",
+        "concepts": {c: {"endpoints": ends["concepts"][c]["share"], **r} for c, r in mixes.items()},
+    }
+    return method, calibration
+
+
 def pair(opt: Options, *, log=print) -> dict:
     """The demo's class adapters on ColoredDigits-SD (:data:`PAIR_SPEC`, trained by the sweep runner
     into ``opt.pair_out``: a finished run is skipped, a cut-off one resumes), each seed's pair judged by
@@ -577,6 +632,7 @@ def pair(opt: Options, *, log=print) -> dict:
     run_sweep(dataclasses.replace(spec, runs=runs), opt.pair_out, workers=1, aggregate=False)
     methods: dict[str, dict] = {}
     per_seed: dict[int, dict] = {}
+    per_seed_cal: dict[int, dict] = {}
     for seed in sorted({r.seed for r in runs}):
         dirs = {r.arm: opt.pair_out / "runs" / r.hash for r in runs if r.seed == seed}
         if any(read_status(d).get("state") != "done" for d in dirs.values()):
@@ -587,9 +643,14 @@ def pair(opt: Options, *, log=print) -> dict:
         # baselines' images are cached per seed (by what generates them), shared by every spec (a
         # pair's images too, under one name: judging another spec's pair regenerates this one's)
         key = "-".join(sorted(d.name for d in dirs.values())) + f"-n{opt.pair_n_per_prompt}-x{pair_scale():g}"
+        key += f"-cal{opt.pair_calibration_n}" if opt.pair_calibration_n else ""
         cache = opt.pair_out / "compare" / f"{key}.json"
         if not cache.is_file():
             cfg = sd_compare_config(opt, {a: d / "adapter" for a, d in dirs.items()})
+            calibration = None
+            if opt.pair_calibration_n:
+                method, calibration = calibrated_pair(cfg, opt, opt.pair_out / "compare" / f"calibrate-{key}")
+                cfg.methods.insert(2, method)
             if seed != min(r.seed for r in runs):
                 cfg.methods = [m for m in cfg.methods if m.kind == "class_adapters"]
             metrics, _ = compare_methods(
@@ -597,13 +658,20 @@ def pair(opt: Options, *, log=print) -> dict:
             )
             row = _summaries(metrics)
             train_s = sum(_train_seconds(d) or float("nan") for d in dirs.values())
-            atomic_write_json(cache, {"methods": row, "train_seconds": train_s}, indent=2)
+            atomic_write_json(
+                cache, {"methods": row, "train_seconds": train_s, "calibration": calibration}, indent=2
+            )
         got = json.loads(cache.read_text())
         per_seed[seed] = {**got["methods"]["class_pair"], "train_seconds": got["train_seconds"]}
-        methods.update({k: v for k, v in got["methods"].items() if k != "class_pair"})
+        if "class_pair_calibrated" in got["methods"]:
+            per_seed_cal[seed] = {
+                **got["methods"]["class_pair_calibrated"],
+                "calibration": got["calibration"],
+            }
+        methods.update({k: v for k, v in got["methods"].items() if not k.startswith("class_pair")})
     keys = [k for k, _, _ in PAIR_COLUMNS] + ["train_seconds"]
     summary = {k: seed_summary([row.get(k) for row in per_seed.values()]) for k in keys}
-    return {
+    out = {
         **_results_head(spec, opt.pair_spec, opt),
         "adapter_scale": pair_scale(),
         "seeds": sorted(per_seed),
@@ -611,6 +679,14 @@ def pair(opt: Options, *, log=print) -> dict:
         "per_seed": {str(k): v for k, v in per_seed.items()},
         "methods": methods,
     }
+    if per_seed_cal:
+        out["class_pair_calibrated"] = {
+            k: seed_summary([row.get(k) for row in per_seed_cal.values()])
+            for k in keys
+            if k != "train_seconds"
+        }
+        out["per_seed_calibrated"] = {str(k): v for k, v in per_seed_cal.items()}
+    return out
 
 
 def pair_markdown(r: dict) -> str:
@@ -638,12 +714,35 @@ def pair_markdown(r: dict) -> str:
             for name, m in r["methods"].items()}  # fmt: skip
     pair_row = f"| class_pair | {len(r['seeds'])} | " + " | ".join(cells) + " |"
     lines += [rows.pop("base")] if "base" in rows else []
-    lines += [pair_row, *rows.values()]
+    lines += [pair_row]
+    cal = r.get("class_pair_calibrated")
+    if cal:
+        cells = [interval_cell(cal.get(k), d) for k, _, d in PAIR_COLUMNS]
+        lines.append(
+            f"| class_pair_calibrated | {len(r['per_seed_calibrated'])} | " + " | ".join(cells) + " |"
+        )
+    lines += [*rows.values()]
     header = "| seed | " + " | ".join(c for _, c, _ in PAIR_COLUMNS) + " | train s |"
     lines += ["", "class_pair per seed:", "", header, "|---" * (len(PAIR_COLUMNS) + 2) + "|"]
     for seed, row in r["per_seed"].items():
         lines.append(f"| {seed} | " + " | ".join(cell(row.get(k), d) for k, _, d in PAIR_COLUMNS)
                      + f" | {cell(row.get('train_seconds'), 0)} |")  # fmt: skip
+    if cal:
+        some = next(iter(r["per_seed_calibrated"].values()))["calibration"]
+        lines += [
+            "",
+            "class_pair_calibrated: the same adapters, each image's adapter drawn per concept in the shares "
+            f"that give the target's mix as the {some['judge']} judges each adapter alone "
+            f"({some['n_per_prompt']} images per neutral prompt and adapter, seeds {some['seeds']}, never "
+            "the comparison's): `fairtune dial --class_adapters --request` with that judge. Per seed:",
+            "",
+            "| seed | " + " | ".join(c for _, c, _ in PAIR_COLUMNS) + " | red adapter's draw, digits 0-9 |",
+            "|---" * (len(PAIR_COLUMNS) + 2) + "|",
+        ]
+        for seed, row in r["per_seed_calibrated"].items():
+            draws = ", ".join(f"{c['mix']['red']:.2f}" for c in row["calibration"]["concepts"].values())
+            lines.append(f"| {seed} | " + " | ".join(cell(row.get(k), d) for k, _, d in PAIR_COLUMNS)
+                         + f" | {draws} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
