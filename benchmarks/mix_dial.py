@@ -244,14 +244,15 @@ def markdown(p: dict) -> str:
         "",
     ]
     base = _base_shares(p) if p["options"]["include_base"] else None
+    base_head = "base" if len(classes) == 2 else f"base ({'/'.join(classes)})"
     lines += [
-        "| digit | " + " | ".join(f"{c} adapter" for c in classes) + (" | base |" if base else " |"),
+        "| digit | " + " | ".join(f"{c} adapter" for c in classes) + (f" | {base_head} |" if base else " |"),
         "|---|" + "---|" * (len(classes) + (1 if base else 0)),
     ]
     for concept, rec in ends["concepts"].items():
         cells = [_f(rec["share"][c][classes[0] if len(classes) == 2 else c], 2) for c in ends["adapters"]]
         if base:
-            cells.append(_f(base.get(concept), 2))
+            cells.append(base.get(concept, ""))
         lines.append(f"| {concept} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -292,10 +293,16 @@ def markdown(p: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _base_shares(p: dict) -> dict[str, float | None]:
-    metrics = json.loads((Path(p["options"]["out"]) / "metrics.json").read_text())
-    first = p["endpoints"]["classes"][0]
-    return {c: r["share"][first] for c, r in neutral_shares(metrics, "base").items()}
+def _base_shares(p: dict) -> dict[str, str]:
+    """Per concept, the base model's cell: its first class's share (two classes) or every class's,
+    ``0.70/0.15/0.15`` in the classes' order. Read from the endpoints' comparison, or from the payload
+    where an earlier rendering stored it (``base_shares``)."""
+    if "base_shares" not in p:
+        metrics = json.loads((Path(p["options"]["out"]) / "metrics.json").read_text())
+        p["base_shares"] = {c: r["share"] for c, r in neutral_shares(metrics, "base").items()}
+    classes = p["endpoints"]["classes"]
+    shown = classes[:1] if len(classes) == 2 else classes
+    return {c: "/".join(_f(s[k], 2) for k in shown) if s else "" for c, s in p["base_shares"].items()}
 
 
 def result_name(args: Options) -> str:
