@@ -1,5 +1,7 @@
 """ColoredDigits-Bias evaluation of one backbone: neutral prompts per digit, the benchmark's judges,
-the one scoring engine. Used by the sweep's judge function and the benchmarks."""
+and the comparison's own per-method path (:func:`~fairtune.eval.generate_method`, then
+:func:`~fairtune.eval.judge_method` and its scoring engine). Used by the sweep's judge function and the
+benchmarks."""
 
 from __future__ import annotations
 
@@ -12,22 +14,23 @@ from typing import Literal
 import numpy as np
 import torch
 
-from fairtune.data import AttributeSpec, Target, TargetConfig
+from fairtune.data import GROUP_SEP, AttributeSpec, Target, TargetConfig
 from fairtune.eval import (
     GenerationConfig,
     JudgePanel,
+    MethodConfig,
+    MethodImages,
     PromptEntry,
     PromptGroup,
-    generate,
+    generate_method,
+    judge_method,
     load_reference_images,
     prompt_grid,
-    score_judged,
 )
 from fairtune.models import (
     LORA_WEIGHT_NAME,
     Backbone,
     BackboneConfig,
-    ClassAdapterMix,
     TinyUNetConfig,
     load_adapter,
 )
@@ -68,8 +71,35 @@ def digit_entries(digits: Sequence[int], seen: Sequence[int], prompt: str) -> li
     ]
 
 
-def _target_of(target: Sequence[float] | Mapping[str, Sequence[float]]):
-    return lambda c: target[c] if isinstance(target, Mapping) else target
+def _as_target(target: Target | Sequence[float] | Mapping[str, Sequence[float]], panel: JudgePanel) -> Target:
+    """A target given as one vector over the panel's classes, or one per concept (``"digit 3"``), as the
+    :class:`~fairtune.data.Target` the comparison's path scores against."""
+    if isinstance(target, Target):
+        return target
+    classes = list(panel.classes)
+    # a joint panel ("color+background") judges groups "red+dark": each attribute's classes, in order
+    names = panel.attribute.split(GROUP_SEP)
+    spec = {a: list(dict.fromkeys(g.split(GROUP_SEP)[i] for g in classes)) for i, a in enumerate(names)}
+    per = dict(target) if isinstance(target, Mapping) else {}
+    first = next(iter(per.values())) if per else target
+    cfg = TargetConfig(
+        attributes=names,
+        proportions=dict(zip(classes, map(float, first))),
+        per_concept={c: dict(zip(classes, map(float, v))) for c, v in per.items()} or None,
+    )
+    out = Target(cfg, AttributeSpec(spec))
+    if list(out.groups) != classes:
+        raise ValueError(f"the panel's groups {classes} are not the product of {spec} in order")
+    return out
+
+
+def _panel(judges: Judges | JudgePanel, color_judge: str, reference: torch.Tensor | None) -> JudgePanel:
+    if isinstance(judges, JudgePanel):
+        return judges
+    return colored_digits_panel(judges, color_judge=color_judge, reference=reference)
+
+
+_COST = ("unet_evals_per_image", "unet_evals_per_image_formula", "unet_calls", "seconds", "sec_per_image")
 
 
 def judge_digit_images(
@@ -78,40 +108,36 @@ def judge_digit_images(
     digits: Sequence[int],
     n_per_prompt: int,
     judges: Judges | JudgePanel,
-    target: Sequence[float] | Mapping[str, Sequence[float]],
+    target: Target | Sequence[float] | Mapping[str, Sequence[float]],
     color_judge: str = "hue",
     reference: torch.Tensor | None = None,
     seen: Sequence[int] = tuple(range(8)),
     prompt: str = "a handwritten digit {d}",
 ) -> dict:
-    """Per-digit colour metrics, fidelity and (with ``reference``) the Fréchet distance.
+    """Per-digit colour metrics, fidelity and (with ``reference``) the Fréchet distance of images
+    generated elsewhere, scored by :func:`~fairtune.eval.judge_method` (without its cost figures: no
+    generation was timed here).
 
     Args:
         images: ``len(digits) * n_per_prompt`` images in digit-major order.
         digits: The digit of each block of images.
         n_per_prompt: Images per digit.
         judges: The ColoredDigits-Bias judges (or a panel built from them).
-        target: The colour target, one vector or per concept (``"digit 3"``).
+        target: The colour target: a :class:`~fairtune.data.Target`, one vector, or one per concept
+            (``"digit 3"``).
         color_judge: ``hue`` or ``cnn``.
         reference: Held-out real images for the Fréchet distance.
         seen: Digits trained on; the rest count as held-out concepts.
         prompt: The neutral prompt (recorded with each concept).
     """
-    panel = (
-        judges
-        if isinstance(judges, JudgePanel)
-        else colored_digits_panel(judges, color_judge=color_judge, reference=reference)
-    )
-    judged = panel.judge(images, progress=False)
-    return score_judged(
-        judged,
-        digit_entries(digits, seen, prompt),
-        n_per_prompt=n_per_prompt,
-        target_of=_target_of(target),
-        classes=panel.classes,
-        concept_index=panel.concept_index,
-        reference_features=panel.reference_features(progress=False),
-    )
+    panel = _panel(judges, color_judge, reference)
+    entries = digit_entries(digits, seen, prompt)
+    res = MethodImages(images, [e.prompt for e in entries for _ in range(n_per_prompt)], None, 0.0, 0, 0, 0)
+    out = judge_method(res, entries, panel=panel, target=_as_target(target, panel), n_per_prompt=n_per_prompt,
+                       progress=False)  # fmt: skip
+    for k in _COST:
+        out["summary"].pop(k, None)
+    return out
 
 
 def evaluate_backbone_on_digits(
@@ -120,30 +146,32 @@ def evaluate_backbone_on_digits(
     *,
     digits: Sequence[int] = tuple(range(10)),
     seen: Sequence[int] = tuple(range(8)),
-    target: Sequence[float] | Mapping[str, Sequence[float]] = (0.5, 0.5),
+    target: Target | Sequence[float] | Mapping[str, Sequence[float]] = (0.5, 0.5),
     generation: GenerationConfig | None = None,
     reference: torch.Tensor | None = None,
     prompt: str = "a handwritten digit {d}",
     color_judge: str = "hue",
+    method: MethodConfig | None = None,
 ) -> dict:
-    """Generate ``n_per_prompt`` images per digit from a neutral prompt, judge and score them."""
+    """Generate ``n_per_prompt`` images per digit from a neutral prompt, judge and score them: the
+    comparison's per-method path (:func:`~fairtune.eval.generate_method`, then
+    :func:`~fairtune.eval.judge_method`), so the figures, their cost (UNet evaluations and seconds per
+    image) included, are those ``fairtune compare`` gives the same method.
+
+    Args:
+        method: What generates (``None``: ``backbone`` as it is, kind ``base``); kind
+            ``class_adapters`` draws each image's adapter from the target's mix.
+    """
     gen = generation or GenerationConfig()
-    prompts = [prompt.format(d=d) for d in digits]
-    images, seconds = generate(backbone.sample, prompts, gen)
-    out = judge_digit_images(
-        images,
-        digits=digits,
-        n_per_prompt=gen.n_per_prompt,
-        judges=judges,
-        target=target,
-        color_judge=color_judge,
-        reference=reference,
-        seen=seen,
-        prompt=prompt,
+    panel = _panel(judges, color_judge, reference)
+    tgt = _as_target(target, panel)
+    entries = digit_entries(digits, seen, prompt)
+    res = generate_method(
+        backbone, method or MethodConfig("run"), entries, generation=gen, target=tgt, progress=False
     )
-    out["summary"]["sec_per_image"] = seconds / len(images)
+    out = judge_method(res, entries, panel=panel, target=tgt, n_per_prompt=gen.n_per_prompt, progress=False)
     out["generation"] = asdict(gen)
-    out["images"] = images
+    out["images"] = res.images
     return out
 
 
@@ -250,13 +278,16 @@ def judge_colored_digits(
         and not (run_dir / "adapter" / LORA_WEIGHT_NAME).is_file()
     ):
         raise ValueError(f"{run_dir}: adapter_scale={adapter_scale} but no adapter to scale")
+    method = None
     if class_adapters is not None:
         if len(target.attributes) != 1 or target.config.per_concept:
             raise ValueError("class_adapters: one attribute and one mix for every concept only")
-        mix = dict(zip(target.groups, target.proportions(None)))
-        bb = ClassAdapterMix(
-            Backbone.from_config(BackboneConfig(**bcfg)), class_adapters, mix=mix, scale=adapter_scale
-        )
+        # each image's adapter drawn from the target's mix, stratified per prompt, as compare draws it
+        method = MethodConfig(
+            "run", kind="class_adapters", class_adapters={c: str(d) for c, d in class_adapters.items()},
+            adapter_scale=adapter_scale,
+        )  # fmt: skip
+        bb = Backbone.from_config(BackboneConfig(**bcfg))
     elif (run_dir / "adapter" / LORA_WEIGHT_NAME).is_file():
         if bcfg.get("pretrained") is None:
             raise ValueError(
@@ -301,18 +332,10 @@ def judge_colored_digits(
         seed=seed,
         batch_size=batch_size,
     )
-    targets = {f"digit {d}": target.proportions(f"digit {d}") for d in {*digits, *(paraphrase_digits or [])}}
     ev = evaluate_backbone_on_digits(
-        bb,
-        panel,
-        digits=digits,
-        seen=seen,
-        target=targets,
-        generation=gen,
-        reference=ref,
-        prompt=prompt,
-        color_judge=color_judge,
-    )
+        bb, panel, digits=digits, seen=seen, target=target, generation=gen, reference=ref, prompt=prompt,
+        color_judge=color_judge, method=method,
+    )  # fmt: skip
     out = {
         k: float(v)
         for k, v in ev["summary"].items()
@@ -321,16 +344,9 @@ def judge_colored_digits(
     if paraphrase:
         pd = list(seen if paraphrase_digits is None else paraphrase_digits)
         para = evaluate_backbone_on_digits(
-            bb,
-            panel,
-            digits=pd,
-            seen=pd,
-            target=targets,
-            generation=gen,
-            reference=None,
-            prompt=paraphrase,
-            color_judge=color_judge,
-        )["summary"]
+            bb, panel, digits=pd, seen=pd, target=target, generation=gen, reference=None, prompt=paraphrase,
+            color_judge=color_judge, method=method,
+        )["summary"]  # fmt: skip
         out["mean_dev_paraphrase"] = float(para["mean_dev_seen"])
         out["worst_dev_paraphrase"] = float(para["worst_dev_seen"])
         out["undetermined"] += para["undetermined"]
@@ -338,17 +354,9 @@ def judge_colored_digits(
         out["undetermined_rate"] = out["undetermined"] / max(out["n_images"], 1)
     if explicit and len(target.attributes) == 1:
         follow = explicit_follow(
-            bb,
-            panel,
-            explicit,
-            seen,
-            list(target.groups),
-            n=explicit_n,
-            seed=seed,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            batch_size=batch_size,
-        )
+            bb, panel, explicit, seen, list(target.groups), n=explicit_n, seed=seed, steps=steps,
+            guidance_scale=guidance_scale, batch_size=batch_size, method=method, target=target,
+        )  # fmt: skip
         out["explicit_follow"] = float(np.mean(list(follow.values())))
         out["explicit_follow_min"] = float(min(follow.values()))
     for role, ds in (("named", named), ("unnamed", [d for d in digits if d not in seen and d not in named])):
@@ -381,21 +389,29 @@ def explicit_follow(
     steps: int = 25,
     guidance_scale: float = 2.0,
     batch_size: int | None = None,
+    method: MethodConfig | None = None,
+    target: Target | None = None,
 ) -> dict[str, float]:
     """Whether prompts that name a class keep it: for each digit and class, ``n`` images of
-    ``template.format(cls=..., d=...)`` and the share the judge places in that class (undetermined
-    images count as not following). Keyed ``"<cls> digit <d>"``."""
-    prompts = [template.format(cls=c, d=d) for d in digits for c in classes]
+    ``template.format(cls=..., d=...)`` (generated by ``method`` as the comparison generates it:
+    ``None``, ``backbone`` as it is) and the share the judge places in that class (undetermined
+    images count as not following). Keyed ``"<cls> digit <d>"``. ``target``: what ``method`` draws from
+    (``class_adapters``); ``None``: uniform over ``classes``."""
+    entries = [
+        PromptEntry(key=f"{c} digit {d}", group="explicit", role="explicit", concept=concept_name(d),
+                    prompt=template.format(cls=c, d=d), names=c)
+        for d in digits for c in classes
+    ]  # fmt: skip
     gen = GenerationConfig(
         n_per_prompt=n, steps=steps, guidance_scale=guidance_scale, seed=seed, batch_size=batch_size
     )
-    images, _ = generate(backbone.sample, prompts, gen)
-    labels = np.asarray(panel._batched(panel.attribute_fn, images, "explicit", False)).reshape(
-        len(prompts), n
-    )
-    keys = [f"{c} digit {d}" for d in digits for c in classes]
+    if target is None:
+        target = _as_target([1 / len(classes)] * len(classes), panel)
+    res = generate_method(backbone, method or MethodConfig("run"), entries, generation=gen, target=target,
+                          progress=False)  # fmt: skip
+    labels = np.asarray(panel.attribute_labels(res.images, desc="explicit")).reshape(len(entries), n)
     idx = [ci for _ in digits for ci in range(len(classes))]
-    return {k: float((row == ci).mean()) for k, row, ci in zip(keys, labels, idx)}
+    return {e.key: float((row == ci).mean()) for e, row, ci in zip(entries, labels, idx)}
 
 
 __all__ = [

@@ -85,10 +85,16 @@ class JudgePanel:
             out.append(torch.as_tensor(fn(images[i : i + self.batch_size])).cpu())
         return torch.cat(out).numpy()
 
+    def attribute_labels(
+        self, images: torch.Tensor, *, desc: str = "judge", progress: bool = False
+    ) -> np.ndarray:
+        """The attribute judge's label of each image (``-1``: undetermined)."""
+        return self._batched(self.attribute_fn, images, f"{desc}: {self.attribute}", progress)
+
     def judge(self, images: torch.Tensor, *, desc: str = "judge", progress: bool = True) -> dict:
         """Attribute labels, concept labels (or ``None``) and Fréchet features (or ``None``)."""
         return {
-            "attribute": self._batched(self.attribute_fn, images, f"{desc}: {self.attribute}", progress),
+            "attribute": self.attribute_labels(images, desc=desc, progress=progress),
             "concept": None
             if self.concept_fn is None
             else self._batched(self.concept_fn, images, f"{desc}: concept", progress),
