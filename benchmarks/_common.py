@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fairtune.data import format_number
+from fairtune.eval import check_goals, half_width
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,6 +59,40 @@ def interval_cell(s: dict | None, digits: int) -> str:
     if s.get("ci") is None:
         return f"{s['mean']:.{digits}f}"
     return f"{s['mean']:.{digits}f} [{s['ci'][0]:.{digits}f}, {s['ci'][1]:.{digits}f}]"
+
+
+def goal_rows(goals: list[dict], row: dict[str, dict], base: dict[str, dict]) -> list[dict]:
+    """An issue's goals, written as a sweep spec writes them (``relative_to: base`` for those against the
+    base row), checked by :func:`fairtune.eval.check_goals` on one arm's seed summaries: per goal the
+    metric, the arm's own ``value`` (metric ``<key>_halfwidth``: the half-width of ``<key>``'s interval
+    over seeds), the goal as the report writes it, ``met``, and ``ratio``, how close (1 = on the bound)."""
+
+    def means(r: dict[str, dict]) -> dict[str, float | None]:
+        out = {k: (s or {}).get("mean") for k, s in r.items()}
+        return out | {f"{k}_halfwidth": half_width((s or {}).get("ci")) for k, s in r.items()}
+
+    m = {"arm": means(row), "base": means(base)}
+    rows = []
+    for g, c in zip(goals, check_goals([{**g, "arm": "arm"} for g in goals], m)):
+        key = g["metric"]
+        v, ref = m["arm"].get(key), m["base"].get(key)
+        if c["met"] is None:
+            rows.append({"metric": key, "value": v, "goal": None, "met": None, "ratio": None})
+            continue
+        if "relative_to" not in g:
+            bound = g.get("max", g.get("min"))
+            text = (
+                ("half-width " if key.endswith("_halfwidth") else "")
+                + ("≤ " if "max" in g else "≥ ")
+                + f"{bound}"
+            )
+            ratio = v / bound if "max" in g else bound / v if v else float("inf")
+        elif g.get("as") == "ratio":
+            text, ratio = f"≤ {g['max'] * ref:.1f} ({g['max']} × base)", v / (g["max"] * ref)
+        else:
+            text, ratio = f"≥ {ref + g['min']:.3f} (base − {-g['min']})", max(0.0, ref - v) / -g["min"]
+        rows.append({"metric": key, "value": v, "goal": text, "met": c["met"], "ratio": float(ratio)})
+    return rows
 
 
 def spec_steps(spec) -> int | None:

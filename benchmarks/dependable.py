@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from _common import RESULTS, ROOT, cell, interval_cell, spec_steps, write_results
+from _common import RESULTS, ROOT, cell, goal_rows, interval_cell, spec_steps, write_results
 from fairtune.colored_digits._demo import CHECKED as DEMO_CHECKED
-from fairtune.eval import Goal, check_goal, half_width, seed_summary
+from fairtune.eval import seed_summary
 
 SPEC = ROOT / "benchmarks" / "specs" / "dependable.yaml"
 NAME = "dependable"
@@ -56,17 +56,19 @@ COLUMNS = [
 # Issue 24's goals: (metric, bound, kind). ``max``: mean <= bound; ``min``: mean >= bound; ``halfwidth``:
 # the mean's 95% interval half-width <= bound; ``fid``: fidelity >= base - bound; ``frechet``:
 # <= bound x base.
+# Issue 24's goals, as a sweep spec writes them (``relative_to: base``: against the base row), each
+# with its kind as the results name it; checked by _common.goal_rows (fairtune.eval.check_goals).
 GOALS = [
-    ("mean_dev_seen", 0.04, "max"),
-    ("mean_dev_seen", 0.01, "halfwidth"),
-    ("worst_dev_seen", 0.10, "max"),
-    ("mean_dev_paraphrase", 0.06, "max"),
-    ("mean_dev_named", 0.06, "max"),
-    ("mean_dev_unnamed", 0.10, "max"),
-    ("explicit_follow", 0.98, "min"),
-    ("fidelity", 0.01, "fid"),
-    ("frechet", 1.10, "frechet"),
-    ("undetermined_rate", 0.005, "max"),
+    ({"metric": "mean_dev_seen", "max": 0.04}, "max"),
+    ({"metric": "mean_dev_seen_halfwidth", "max": 0.01}, "halfwidth"),
+    ({"metric": "worst_dev_seen", "max": 0.10}, "max"),
+    ({"metric": "mean_dev_paraphrase", "max": 0.06}, "max"),
+    ({"metric": "mean_dev_named", "max": 0.06}, "max"),
+    ({"metric": "mean_dev_unnamed", "max": 0.10}, "max"),
+    ({"metric": "explicit_follow", "min": 0.98}, "min"),
+    ({"metric": "fidelity", "relative_to": "base", "min": -0.01}, "fid"),
+    ({"metric": "frechet", "relative_to": "base", "as": "ratio", "max": 1.10}, "frechet"),
+    ({"metric": "undetermined_rate", "max": 0.005}, "max"),
 ]
 NOTE = (
     "Columns: mean and 95% Student-t interval over training seeds (one seed: the value). dev = max over "
@@ -136,33 +138,15 @@ def floor_note(row: dict) -> str:
     return text
 
 
-def _goal(key: str, bound: float, kind: str, ref: float | None) -> tuple[Goal, str]:
-    """One row of :data:`GOALS` as a :class:`fairtune.eval.Goal` (its bound resolved against the base
-    row's mean ``ref``) and the bound as the report writes it."""
-    if kind in ("max", "halfwidth", "min"):
-        goal = Goal(key, ">=" if kind == "min" else "<=", bound)
-        return goal, ("half-width " if kind == "halfwidth" else "") + goal.text
-    if kind == "fid":
-        return Goal(key, ">=", ref - bound), f"≥ {ref - bound:.3f} (base − {bound})"
-    return Goal(key, "<=", bound * ref), f"≤ {bound * ref:.1f} ({bound} × base)"
-
-
 def goal_checks(row: dict, base: dict) -> list[dict]:
-    """Issue 24's goals for one arm's summary against the base row (checked by
-    :func:`fairtune.eval.check_goal`; a ``halfwidth`` goal on the half-width of the mean's interval)."""
-    out = []
-    for key, bound, kind in GOALS:
-        s = row.get(key) or {}
-        v, ref = s.get("mean"), (base.get(key) or {}).get("mean")
-        if kind == "halfwidth":
-            v = half_width(s.get("ci"))
-        if v is None or (kind in ("fid", "frechet") and ref is None):
-            out.append({"metric": key, "kind": kind, "value": v, "goal": None, "met": None})
-            continue
-        goal, text = _goal(key, bound, kind, ref)
-        met = check_goal(goal, v)["met"]
-        out.append({"metric": key, "kind": kind, "value": float(v), "goal": text, "met": met})
-    return out
+    """Issue 24's goals (:data:`GOALS`) for one arm's summary against the base row
+    (:func:`goal_rows`; the ``halfwidth`` goal on the half-width of the mean's interval)."""
+    rows = goal_rows([g for g, _ in GOALS], row, base)
+    return [
+        {"metric": r["metric"].removesuffix("_halfwidth"), "kind": kind,
+         "value": None if r["value"] is None else float(r["value"]), "goal": r["goal"], "met": r["met"]}
+        for (_, kind), r in zip(GOALS, rows)
+    ]  # fmt: skip
 
 
 def table_lines(rows: dict[str, dict], columns=COLUMNS) -> list[str]:

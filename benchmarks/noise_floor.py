@@ -29,9 +29,9 @@ from typing import Literal
 import numpy as np
 import yaml
 
-from _common import FAIRNESS_COLUMNS, RESULTS, ROOT, ensure_assets, interval_cell, write_results
+from _common import FAIRNESS_COLUMNS, RESULTS, ROOT, ensure_assets, goal_rows, interval_cell, write_results
 from fairtune.cli import load_spec, read_status, run_sweep
-from fairtune.eval import Goal, check_goal, check_goals, seed_summary
+from fairtune.eval import Goal, check_goal, seed_summary
 
 OUT = ROOT / "runs" / "bench"
 SPECS = ROOT / "benchmarks" / "specs"
@@ -84,27 +84,8 @@ def table(arms: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict]]:
 
 
 def check(row: dict[str, dict], base: dict[str, dict]) -> list[dict]:
-    """Issue 15's goals for one arm's means against its base row (:data:`GOALS`, checked by
-    :func:`fairtune.eval.check_goals`), each with the arm's own ``value``, the goal as text and
-    ``ratio``, how close it is (1 = on the bound)."""
-    means = {
-        name: {k: (s or {}).get("mean") for k, s in r.items()} for name, r in (("arm", row), ("base", base))
-    }
-    out = []
-    for g, c in zip(GOALS, check_goals([{**g, "arm": "arm"} for g in GOALS], means)):
-        key = g["metric"]
-        v, ref = means["arm"].get(key), means["base"].get(key)
-        if c["met"] is None:
-            out.append({"metric": key, "value": v, "goal": None, "met": None, "ratio": None})
-            continue
-        if "relative_to" not in g:
-            text, ratio = f"≤ {g['max']}", v / g["max"]
-        elif g.get("as") == "ratio":
-            text, ratio = f"≤ {g['max'] * ref:.1f} ({g['max']} × base)", v / (g["max"] * ref)
-        else:
-            text, ratio = f"≥ {ref + g['min']:.3f} (base − {-g['min']})", max(0.0, ref - v) / -g["min"]
-        out.append({"metric": key, "value": v, "goal": text, "met": c["met"], "ratio": float(ratio)})
-    return out
+    """Issue 15's goals (:data:`GOALS`) for one arm's means against its base row (:func:`goal_rows`)."""
+    return goal_rows(GOALS, row, base)
 
 
 def closeness(goals: list[dict]) -> float:
