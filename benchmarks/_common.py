@@ -79,20 +79,29 @@ def goal_rows(goals: list[dict], row: dict[str, dict], base: dict[str, dict]) ->
         if c["met"] is None:
             rows.append({"metric": key, "value": v, "goal": None, "met": None, "ratio": None})
             continue
+        at_most = "max" in g
+        bound = g["max"] if at_most else g["min"]
+        op = "≤" if at_most else "≥"
         if "relative_to" not in g:
-            bound = g.get("max", g.get("min"))
-            text = (
-                ("half-width " if key.endswith("_halfwidth") else "")
-                + ("≤ " if "max" in g else "≥ ")
-                + f"{bound}"
-            )
-            ratio = v / bound if "max" in g else bound / v if v else float("inf")
+            text = ("half-width " if key.endswith("_halfwidth") else "") + f"{op} {bound}"
+            ratio = _closeness(v, bound, at_most)
         elif g.get("as") == "ratio":
-            text, ratio = f"≤ {g['max'] * ref:.1f} ({g['max']} × base)", v / (g["max"] * ref)
+            text, ratio = f"{op} {bound * ref:.1f} ({bound} × base)", _closeness(v, bound * ref, at_most)
+        elif not at_most and bound < 0:  # e.g. fidelity at least base − 0.01: how much of the margin is used
+            text, ratio = f"≥ {ref + bound:.3f} (base − {-bound})", max(0.0, ref - v) / -bound
         else:
-            text, ratio = f"≥ {ref + g['min']:.3f} (base − {-g['min']})", max(0.0, ref - v) / -g["min"]
+            sign = "+" if bound >= 0 else "−"
+            text = f"{op} {ref + bound:.3f} (base {sign} {abs(bound)})"
+            ratio = _closeness(v, ref + bound, at_most)
         rows.append({"metric": key, "value": v, "goal": text, "met": c["met"], "ratio": float(ratio)})
     return rows
+
+
+def _closeness(v: float, bound: float, at_most: bool) -> float:
+    """How close ``v`` is to its bound: ``v / bound`` for an upper bound, ``bound / v`` for a lower one
+    (1 = on the bound, above 1 = past it; ``inf`` where the division has no meaning)."""
+    num, den = (v, bound) if at_most else (bound, v)
+    return num / den if den else float("inf")
 
 
 def spec_steps(spec) -> int | None:

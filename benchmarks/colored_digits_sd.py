@@ -832,7 +832,8 @@ def levers_markdown(r: dict) -> str:
         "|---|" + "---|" * (len(cols) + (1 if arms else 0)),
     ]
     if arms:
-        fixed = {n: m for n, m in r["methods"].items() if m.get("train_seconds") is None}
+        trained = {f"{a}_s{seed}" for a in arms for seed in r["seeds"]}
+        fixed = {n: m for n, m in r["methods"].items() if n not in trained}
         for name, m in fixed.items():
             lines.append(f"| {name} | | " + " | ".join(cell(m.get(k), d) for k, _, d in cols) + " |")
         for arm, a in arms.items():

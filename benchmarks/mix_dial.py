@@ -195,7 +195,7 @@ def requests_of(classes: list[str], shares: list[float]) -> list[tuple[str, str,
 def _request_label(check: dict, key: str) -> str:
     """``red 0.10`` (two classes) or ``red 0.10, blue 0.45, green 0.45``."""
     request = check.get("request")
-    if not request or len(request) < 3:
+    if not request:  # results written before requests were kept: two classes, red first
         return f"red {key}" if " " not in key else key
     return ", ".join(f"{c} {s:.2f}" for c, s in request.items())
 
@@ -321,7 +321,8 @@ def main() -> None:
     payload = run(args)
     name = result_name(args)
     rows = [r for c in payload["checks"].values() for r in c["rows"]]
-    payload["plot"] = plot_requests(rows, Path(args.results) / f"{name}.png").name
+    if rows:
+        payload["plot"] = plot_requests(rows, Path(args.results) / f"{name}.png").name
     write_results(name, payload, markdown(payload), args.results)
 
 

@@ -25,6 +25,7 @@ from fairtune.eval import (
     generate_method,
     judge_method,
     load_reference_images,
+    method_backbone,
     prompt_grid,
 )
 from fairtune.models import (
@@ -71,9 +72,14 @@ def digit_entries(digits: Sequence[int], seen: Sequence[int], prompt: str) -> li
     ]
 
 
-def _as_target(target: Target | Sequence[float] | Mapping[str, Sequence[float]], panel: JudgePanel) -> Target:
+def _as_target(
+    target: Target | Sequence[float] | Mapping[str, Sequence[float]],
+    panel: JudgePanel,
+    concepts: Sequence[str] = (),
+) -> Target:
     """A target given as one vector over the panel's classes, or one per concept (``"digit 3"``), as the
-    :class:`~fairtune.data.Target` the comparison's path scores against."""
+    :class:`~fairtune.data.Target` the comparison's path scores against (a mapping must name every one
+    of ``concepts``)."""
     if isinstance(target, Target):
         return target
     classes = list(panel.classes)
@@ -81,6 +87,12 @@ def _as_target(target: Target | Sequence[float] | Mapping[str, Sequence[float]],
     names = panel.attribute.split(GROUP_SEP)
     spec = {a: list(dict.fromkeys(g.split(GROUP_SEP)[i] for g in classes)) for i, a in enumerate(names)}
     per = dict(target) if isinstance(target, Mapping) else {}
+    for where, v in [("target", target)] if not per else per.items():
+        if len(v) != len(classes):
+            raise ValueError(f"{where}: {len(v)} proportions for the panel's {len(classes)} groups {classes}")
+    missing = [c for c in concepts if per and c not in per]
+    if missing:
+        raise ValueError(f"the target names no proportions for {missing}")
     first = next(iter(per.values())) if per else target
     cfg = TargetConfig(
         attributes=names,
@@ -133,7 +145,8 @@ def judge_digit_images(
     panel = _panel(judges, color_judge, reference)
     entries = digit_entries(digits, seen, prompt)
     res = MethodImages(images, [e.prompt for e in entries for _ in range(n_per_prompt)], None, 0.0, 0, 0, 0)
-    out = judge_method(res, entries, panel=panel, target=_as_target(target, panel), n_per_prompt=n_per_prompt,
+    tgt = _as_target(target, panel, [e.concept for e in entries])
+    out = judge_method(res, entries, panel=panel, target=tgt, n_per_prompt=n_per_prompt,
                        progress=False)  # fmt: skip
     for k in _COST:
         out["summary"].pop(k, None)
@@ -164,10 +177,11 @@ def evaluate_backbone_on_digits(
     """
     gen = generation or GenerationConfig()
     panel = _panel(judges, color_judge, reference)
-    tgt = _as_target(target, panel)
     entries = digit_entries(digits, seen, prompt)
+    tgt = _as_target(target, panel, [e.concept for e in entries])
+    method = method or MethodConfig("run")
     res = generate_method(
-        backbone, method or MethodConfig("run"), entries, generation=gen, target=tgt, progress=False
+        method_backbone(backbone, method), method, entries, generation=gen, target=tgt, progress=False
     )
     out = judge_method(res, entries, panel=panel, target=tgt, n_per_prompt=gen.n_per_prompt, progress=False)
     out["generation"] = asdict(gen)
@@ -407,8 +421,10 @@ def explicit_follow(
     )
     if target is None:
         target = _as_target([1 / len(classes)] * len(classes), panel)
-    res = generate_method(backbone, method or MethodConfig("run"), entries, generation=gen, target=target,
-                          progress=False)  # fmt: skip
+    method = method or MethodConfig("run")
+    res = generate_method(
+        method_backbone(backbone, method), method, entries, generation=gen, target=target, progress=False
+    )
     labels = np.asarray(panel.attribute_labels(res.images, desc="explicit")).reshape(len(entries), n)
     idx = [ci for _ in digits for ci in range(len(classes))]
     return {e.key: float((row == ci).mean()) for e, row, ci in zip(entries, labels, idx)}

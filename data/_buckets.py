@@ -3,9 +3,11 @@
 Without buckets every image is resized to one square side, which squashes a wide or tall image. With
 them each record goes to the bucket (a width x height of about the square's area, sides a multiple of
 ``step``) nearest its aspect ratio, is resized to cover it and centre-cropped to it, and every batch
-holds one bucket's records. The batches are cut from the sampler's own draw, in its order (each drawn
-record waits in its bucket's queue until the queue holds a batch), so the rebalanced mix the sampler
-draws is the mix the model trains on, less the partial batches left in the queues at the epoch's end.
+holds one bucket's records. The batches are cut from the sampler's own draws, in their order, epoch
+after epoch as one stream (each drawn record waits in its bucket's queue until the queue holds a
+batch, across an epoch's end if need be), so every drawn record is trained on and the rebalanced mix
+the sampler draws is the mix the model trains on; an epoch is the same number of batches as without
+buckets.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def bucket_sizes(side: int, cfg: BucketConfig) -> list[tuple[int, int]]:
     for w in range(cfg.step, side * side // cfg.step + 1, cfg.step):
         h = (side * side // w) // cfg.step * cfg.step
         if h >= cfg.step and max(w / h, h / w) <= cfg.max_aspect:
-            sizes.add((w, h))
+            sizes |= {(w, h), (h, w)}  # both orientations, as kohya's
     return sorted(sizes, key=lambda s: (s[0] / s[1], -s[0] * s[1]))
 
 
@@ -87,12 +89,15 @@ def fit_to_bucket(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of one bucket each, cut from a :class:`WeightedEpochSampler`'s draw in its order.
+    """Batches of one bucket each, cut from a :class:`WeightedEpochSampler`'s draws in their order.
 
-    Each rank cuts its own part of the epoch's draw; every rank then yields as many batches as the rank
-    with the fewest (ranks compute each other's draws, a function of seed and epoch), so DDP ranks never
-    wait on one another at the epoch's end. ``skip`` (whole batches, set by the loader of a resumed run)
-    is skipped once.
+    This rank's draws of epoch 0, 1, 2, ... form one stream; each drawn record joins its bucket's queue,
+    and a queue that holds ``batch_size`` records is a batch. Epoch ``e`` is batches ``e·B`` to
+    ``(e + 1)·B − 1`` of that stream, ``B`` being the batches an epoch of the sampler fills without
+    buckets (``draws // batch_size``): the same on every rank and in every epoch, so DDP ranks and
+    Lightning's epoch length agree. A record still queued at an epoch's end is trained on in a later
+    one: nothing drawn is dropped. Everything is a function of the sampler's seed, so a resumed run
+    (``skip``: whole batches of its epoch, set by the loader) yields what an uninterrupted one does.
 
     Args:
         sampler: The epoch's weighted draw (``rank``, ``world_size``, ``epoch``, ``epoch_draw()``).
@@ -105,39 +110,49 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.buckets = np.asarray(buckets)
         self.batch_size = batch_size
         self.skip = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._queues: dict[int, list[int]] = {}
+        self._ready: list[list[int]] = []  # batches from self._first on
+        self._first = 0  # stream index of self._ready[0]
+        self._next_draw = 0  # the next epoch whose draw joins the stream
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
-    def batches_of(self, draw: Sequence[int]) -> list[list[int]]:
-        """The full batches ``draw`` fills, in the order they fill."""
-        queues: dict[int, list[int]] = {}
-        out = []
-        for i in draw:
-            q = queues.setdefault(int(self.buckets[i]), [])
-            q.append(int(i))
-            if len(q) == self.batch_size:
-                out.append(q.copy())
-                q.clear()
-        return out
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
 
-    def _epoch_batches(self) -> list[list[int]]:
-        epoch = self.sampler.epoch
-        if self._cache is None or self._cache[0] != epoch:
-            draw = self.sampler.epoch_draw().numpy()
-            world = self.sampler.world_size
-            per_rank = [self.batches_of(draw[r::world]) for r in range(world)]
-            n = min(len(b) for b in per_rank)
-            self._cache = (epoch, per_rank[self.sampler.rank][:n])
-        return self._cache[1]
+    def _draw(self, epoch: int) -> np.ndarray:
+        saved = self.sampler.epoch
+        self.sampler.epoch = epoch
+        try:
+            return self.sampler.epoch_draw().numpy()[self.sampler.rank :: self.sampler.world_size]
+        finally:
+            self.sampler.epoch = saved
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """Epoch ``epoch``'s batches (see the class)."""
+        per = len(self)
+        lo, hi = epoch * per, (epoch + 1) * per
+        if lo < self._first:  # an earlier epoch than the stream kept: rebuild it from the start
+            self._reset()
+        while self._first + len(self._ready) < hi:
+            for i in self._draw(self._next_draw):
+                q = self._queues.setdefault(int(self.buckets[i]), [])
+                q.append(int(i))
+                if len(q) == self.batch_size:
+                    self._ready.append(q.copy())
+                    q.clear()
+            self._next_draw += 1
+        drop = lo - self._first  # batches of earlier epochs are not needed again
+        self._ready, self._first = self._ready[drop:], lo
+        return self._ready[: hi - lo]
 
     def __iter__(self) -> Iterator[list[int]]:
         skip, self.skip = self.skip, 0
-        return iter(self._epoch_batches()[skip:])
-
-    def __len__(self) -> int:
-        return len(self._epoch_batches())
+        return iter(self.epoch_batches(self.sampler.epoch)[skip:])
 
 
 def bucket_pixels(images: Sequence[Image.Image]) -> torch.Tensor:

@@ -293,7 +293,7 @@ class AttributeDataModule(L.LightningDataModule):
                 "whose area every bucket keeps"
             )
         self.bucket_sizes = bucket_sizes(self.image_size, self.buckets)
-        sizes = [self.table.image_size(i) for i in self.dataset.indices]
+        sizes = self.table.image_sizes(self.dataset.indices)
         self.record_bucket = assign_buckets(sizes, self.bucket_sizes)
         self.dataset.fit_to = [self.bucket_sizes[b] for b in self.record_bucket]
 

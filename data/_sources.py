@@ -263,10 +263,20 @@ class TableDataset(Dataset):
     def attributes(self, i: int) -> dict[str, str | None]:
         return {a: self.labels[a][i] for a in self.spec.names}
 
-    def image_size(self, i: int) -> tuple[int, int] | None:
-        """Record ``i``'s image ``(width, height)`` from its header (no decode); ``None`` where it
-        cannot be read (the record is skipped and counted when it is drawn)."""
-        value = self.table[int(i)][self.columns.image]
+    def image_sizes(self, indices: Sequence[int], *, chunk: int = 1024) -> list[tuple[int, int] | None]:
+        """Each record's image ``(width, height)`` from its header (no decode; the image column read
+        ``chunk`` rows at a time); ``None`` where it cannot be read (the record is skipped and counted
+        when it is drawn)."""
+        col = self.table.select_columns([self.columns.image])
+        out: list[tuple[int, int] | None] = []
+        indices = [int(i) for i in indices]
+        for start in range(0, len(indices), chunk):
+            values = col.select(indices[start : start + chunk])[self.columns.image]
+            out += [self._header_size(v) for v in values]
+        return out
+
+    @staticmethod
+    def _header_size(value) -> tuple[int, int] | None:
         try:
             if isinstance(value, Image.Image):
                 return value.size

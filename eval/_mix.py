@@ -291,8 +291,15 @@ def neutral_shares(metrics: Mapping, method: str) -> dict[str, dict]:
 def plot_requests(rows: Sequence[Mapping], path: Path, *, title: str | None = None) -> Path:
     """One panel per concept: each requested share (x) against the share that landed (y, its 95%
     interval as a bar), a colour per class, the diagonal dotted (landed = requested). ``rows``:
-    :func:`verify_mix`'s, of one request or of several."""
+    :func:`verify_mix`'s, of one request or of several.
+
+    Raises:
+        ValueError: No rows.
+    """
     from matplotlib.figure import Figure
+
+    if not rows:
+        raise ValueError("plot_requests: no rows to plot")
 
     from ._report import _class_colors
 
