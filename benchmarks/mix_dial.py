@@ -286,7 +286,7 @@ def markdown(p: dict) -> str:
     t = p["train_seconds"]
     lines += [
         "Training: " + ", ".join(f"{c} adapter {_f(x, 0)} s" for c, x in t.items())
-        + " (each the demo's arm at its step budget, trained in parallel with other runs). Wall time here: "
+        + " (each the demo's arm at its step budget, on a machine other jobs shared). Wall time here: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in p["seconds"].items())
         + f" ({p['threads']} torch threads).",
     ]  # fmt: skip
