@@ -592,8 +592,6 @@ def calibrated_pair(cfg, opt: Options, cache: Path):
     clip = cfg.judges.second
     classes = list(clip.prompts)
     judges = JudgeConfig(kind="clip", attribute=cfg.target.attributes[0], classes=classes, clip=clip)
-    if cfg.target.proportions != "uniform":
-        raise ValueError("calibrated_pair: a uniform target only (the SD comparison's)")
     gen = dataclasses.replace(
         cfg.generation, n_per_prompt=opt.pair_calibration_n, seed=CALIBRATION_SEED, batch_size=None
     )
@@ -603,7 +601,9 @@ def calibrated_pair(cfg, opt: Options, cache: Path):
         class_adapters=pair.class_adapters, prompts=neutral, out=cache, backbone=backbone, judges=judges,
         generation=gen, adapter_scale=pair.adapter_scale, progress=False,
     )  # fmt: skip
-    mixes = mixes_for(ends, {"*": dict.fromkeys(ends["classes"], 1 / len(ends["classes"]))})
+    props = cfg.target.proportions  # the comparison's target, for every concept
+    uniform = dict.fromkeys(ends["classes"], 1 / len(ends["classes"]))
+    mixes = mixes_for(ends, {"*": uniform if props == "uniform" else dict(props)})
     method = dataclasses.replace(
         pair, name="class_pair_calibrated", mix={c: r["mix"] for c, r in mixes.items()}
     )

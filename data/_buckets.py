@@ -17,7 +17,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Sampler
 
@@ -153,12 +152,3 @@ class BucketBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         skip, self.skip = self.skip, 0
         return iter(self.epoch_batches(self.sampler.epoch)[skip:])
-
-
-def bucket_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
-    """Bucketed images (one size) to a ``(B, 3, H, W)`` tensor in [-1, 1]."""
-    sizes = {im.size for im in images}
-    if len(sizes) > 1:
-        raise ValueError(f"a bucketed batch mixes image sizes {sorted(sizes)}")
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images]) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2)

@@ -17,7 +17,6 @@ from ._buckets import (
     BucketBatchSampler,
     BucketConfig,
     assign_buckets,
-    bucket_pixels,
     bucket_sizes,
     fit_to_bucket,
 )
@@ -60,10 +59,12 @@ class SourceConfig:
         return expand_shards(str(self.path).split("::"))
 
 
-def to_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """PIL image to a ``(3, size, size)`` tensor in [-1, 1] (resized with bicubic where needed)."""
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
+def to_pixels(image: Image.Image, size: int | tuple[int, int]) -> torch.Tensor:
+    """PIL image to a ``(3, H, W)`` tensor in [-1, 1], resized with bicubic where needed to ``size``: a
+    square side, or ``(width, height)``."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if image.size != size:
+        image = image.resize(size, Image.BICUBIC)
     arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1)
 
@@ -309,7 +310,7 @@ class AttributeDataModule(L.LightningDataModule):
             out["latent_mean"] = torch.stack([r.mean for r in records])
             out["latent_std"] = torch.stack([r.std for r in records])
         elif self.buckets is not None:
-            out["pixels"] = bucket_pixels([r.image for r in records])
+            out["pixels"] = torch.stack([to_pixels(r.image, r.image.size) for r in records])  # one bucket
         else:
             out["pixels"] = torch.stack([to_pixels(r.image, self.image_size) for r in records])
         return out
