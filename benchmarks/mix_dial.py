@@ -220,8 +220,8 @@ def markdown(p: dict) -> str:
     lines = [
         "# Any mix after deployment: class adapters drawn per image",
         "",
-        f"Adapters: `{spec}` (seed {o['seed']}), one per ink, each the demo's arm trained toward "
-        f"that ink alone, fused at scale {o.get('adapter_scale', 1.0):g}. "
+        f"Adapters: `{spec}` (seed {o['seed']}), one per ink, each trained toward that ink alone (the "
+        f"spec says how), fused at scale {o.get('adapter_scale', 1.0):g}. "
         f'"a handwritten digit {{d}}", N = {o["n_per_prompt"]} per digit, '
         f"{o['steps']} DDIM steps, "
         f"guidance {o['guidance_scale']}, hue judge. Endpoints on seeds 0-{o['n_per_prompt'] - 1}; each "
@@ -271,6 +271,23 @@ def markdown(p: dict) -> str:
             f"{_f(m['fidelity'])} | "
             f"{_f(m['frechet'], 1)} | {_f(m['unet_evals_per_image'], 0)} |"
         )
+    fid = _endpoint_fidelity(p)
+    methods = [m for m in ends["metrics"] if m in fid]
+    if methods:
+        lines += [
+            "",
+            "Fidelity per prompt, each alone (endpoints): the share of images the digit judge reads as "
+            "the prompt's digit. The base model's rows of explicit prompts show how well it draws each "
+            "ink itself.",
+            "",
+            "| prompt | " + " | ".join(methods) + " |",
+            "|---|" + "---|" * len(methods),
+        ]
+    for key in fid[methods[0]] if methods else ():
+        group, concept = key.split("/", 1)
+        named = group.removeprefix("explicit_")
+        prompt = f"a {named} … {concept}" if group.startswith("explicit_") else f"{concept} ({group})"
+        lines.append(f"| {prompt} | " + " | ".join(_f(fid[m].get(key), 2) for m in methods) + " |")
     lines += [
         "",
         "Each request routes every prompt that names an ink to that ink's adapter alone, whatever the mix "
@@ -286,11 +303,26 @@ def markdown(p: dict) -> str:
     t = p["train_seconds"]
     lines += [
         "Training: " + ", ".join(f"{c} adapter {_f(x, 0)} s" for c, x in t.items())
-        + " (each the demo's arm at its step budget, on a machine other jobs shared). Wall time here: "
+        + " (each at its spec's step budget, on a machine other jobs may have shared). Wall time here: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in p["seconds"].items())
         + f" ({p['threads']} torch threads).",
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _endpoint_fidelity(p: dict) -> dict[str, dict[str, float | None]]:
+    """Per endpoint method, each prompt's fidelity (``"seen/digit 0"``, ``"explicit_blue/digit 5"``),
+    read from the endpoints' comparison, or from the payload where it is stored (``endpoint_fidelity``)."""
+    if "endpoint_fidelity" not in p:
+        path = Path(p["options"]["out"]) / "metrics.json"
+        if not path.is_file():  # a payload rendered before the table existed, its comparison gone
+            return {}
+        metrics = json.loads(path.read_text())
+        p["endpoint_fidelity"] = {
+            m: {k: r.get("fidelity") for k, r in v["per_concept"].items()}
+            for m, v in metrics["methods"].items()
+        }
+    return p["endpoint_fidelity"]
 
 
 def _base_shares(p: dict) -> dict[str, str]:
