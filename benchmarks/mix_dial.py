@@ -283,11 +283,11 @@ def markdown(p: dict) -> str:
             "| prompt | " + " | ".join(methods) + " |",
             "|---|" + "---|" * len(methods),
         ]
-    for key in fid[methods[0]] if methods else ():
-        group, concept = key.split("/", 1)
-        named = group.removeprefix("explicit_")
-        prompt = f"a {named} … {concept}" if group.startswith("explicit_") else f"{concept} ({group})"
-        lines.append(f"| {prompt} | " + " | ".join(_f(fid[m].get(key), 2) for m in methods) + " |")
+        for key in fid[methods[0]]:
+            group, concept = key.split("/", 1)
+            named = group.removeprefix("explicit_")
+            prompt = f"a {named} … {concept}" if group.startswith("explicit_") else f"{concept} ({group})"
+            lines.append(f"| {prompt} | " + " | ".join(_f(fid[m].get(key), 2) for m in methods) + " |")
     lines += [
         "",
         "Each request routes every prompt that names an ink to that ink's adapter alone, whatever the mix "
@@ -310,14 +310,19 @@ def markdown(p: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _endpoints_comparison(p: dict) -> dict | None:
+    """The endpoints' comparison (``<out>/metrics.json``), or ``None`` where it is gone."""
+    path = Path(p["options"]["out"]) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _endpoint_fidelity(p: dict) -> dict[str, dict[str, float | None]]:
     """Per endpoint method, each prompt's fidelity (``"seen/digit 0"``, ``"explicit_blue/digit 5"``),
     read from the endpoints' comparison, or from the payload where it is stored (``endpoint_fidelity``)."""
     if "endpoint_fidelity" not in p:
-        path = Path(p["options"]["out"]) / "metrics.json"
-        if not path.is_file():  # a payload rendered before the table existed, its comparison gone
+        metrics = _endpoints_comparison(p)
+        if metrics is None:  # a payload rendered before the table existed, its comparison gone
             return {}
-        metrics = json.loads(path.read_text())
         p["endpoint_fidelity"] = {
             m: {k: r.get("fidelity") for k, r in v["per_concept"].items()}
             for m, v in metrics["methods"].items()
@@ -330,7 +335,9 @@ def _base_shares(p: dict) -> dict[str, str]:
     ``0.70/0.15/0.15`` in the classes' order. Read from the endpoints' comparison, or from the payload
     where an earlier rendering stored it (``base_shares``)."""
     if "base_shares" not in p:
-        metrics = json.loads((Path(p["options"]["out"]) / "metrics.json").read_text())
+        metrics = _endpoints_comparison(p)
+        if metrics is None:
+            raise FileNotFoundError(f"mix_dial: no endpoints' comparison in {p['options']['out']}")
         p["base_shares"] = {c: r["share"] for c, r in neutral_shares(metrics, "base").items()}
     classes = p["endpoints"]["classes"]
     shown = classes[:1] if len(classes) == 2 else classes
